@@ -1,0 +1,155 @@
+"""Install, upgrade and remove the PgQue engine.
+
+The engine is the set of plain ``.sql`` files in ``sqlalchemy_pgque/sql``, run in name
+order in one transaction. Installing is idempotent: running it again keeps queues,
+subscriptions, cursors and queued events, and upgrades functions in place. A PgQue SQL
+file of the user's choosing can be installed instead with ``sql_path``.
+
+Command line::
+
+    python -m sqlalchemy_pgque.schema install --url postgresql+psycopg://...
+    python -m sqlalchemy_pgque.schema sql > pgque.sql     # the script, for psql or review
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from .errors import EngineNotInstalled, ForeignSchemaError
+
+__all__ = [
+    "engine_build",
+    "engine_sql",
+    "install",
+    "installed_version",
+    "uninstall",
+]
+
+_FOREIGN_MARKER = "not created by sqlalchemy-pgque"
+
+
+def engine_sql() -> str:
+    """The bundled engine as one SQL script, in install order."""
+    sql_dir = resources.files("sqlalchemy_pgque") / "sql"
+    names = sorted(p.name for p in sql_dir.iterdir() if p.name.endswith(".sql"))
+    return "\n".join((sql_dir / name).read_text(encoding="utf-8") for name in names)
+
+
+def _run_script(conn: Connection, script: str) -> None:
+    # The driver cursor runs a parameterless multi-statement script in one round trip,
+    # inside the transaction SQLAlchemy has open on this connection.
+    dbapi_conn = conn.connection.driver_connection
+    assert dbapi_conn is not None
+    with dbapi_conn.cursor() as cur:
+        cur.execute(script)
+
+
+def install(
+    conn: Connection,
+    sql_path: str | os.PathLike[str] | None = None,
+    *,
+    take_over: bool = False,
+) -> None:
+    """Install or upgrade the engine on ``conn``, in its transaction.
+
+    ``sql_path`` installs that PgQue SQL file instead of the bundled engine.
+    ``take_over=True`` allows replacing the functions of a ``pgque`` schema that
+    another tool created; without it such a schema raises :class:`ForeignSchemaError`.
+    The caller commits (``engine.begin()`` does); an error leaves the database as it was.
+    """
+    script = Path(sql_path).read_text(encoding="utf-8") if sql_path else engine_sql()
+    with conn.begin_nested() if conn.in_transaction() else conn.begin():
+        if take_over:
+            conn.execute(text("SET LOCAL pgque.take_over = 'on'"))
+        try:
+            _run_script(conn, script)
+        except DBAPIError as exc:
+            if _FOREIGN_MARKER in str(exc.orig):
+                raise ForeignSchemaError(str(exc.orig).splitlines()[0]) from exc
+            raise
+
+
+def uninstall(conn: Connection) -> None:
+    """Remove the engine (``pgque.uninstall()``): every queue and event is dropped.
+
+    The roles ``pgque_reader``, ``pgque_writer`` and ``pgque_admin`` are kept, since
+    they are shared by every database of the cluster. Does nothing if not installed.
+    """
+    with conn.begin_nested() if conn.in_transaction() else conn.begin():
+        if installed_version(conn) is not None:
+            conn.execute(text("SELECT pgque.uninstall()"))
+
+
+def installed_version(conn: Connection) -> str | None:
+    """``pgque.version()`` of the installed engine, or ``None`` when not installed."""
+    present = conn.execute(
+        text(
+            "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'pgque' AND p.proname = 'version'"
+        )
+    ).first()
+    if present is None:
+        return None
+    return conn.execute(text("SELECT pgque.version()")).scalar_one()  # type: ignore[no-any-return]
+
+
+def engine_build(conn: Connection) -> str | None:
+    """Which implementation is installed: our build string, or ``None`` for another engine."""
+    comment = conn.execute(
+        text("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'pgque'")
+    ).scalar()
+    if comment is None or not str(comment).startswith("sqlalchemy-pgque "):
+        return None
+    return str(comment)
+
+
+def require_installed(conn: Connection) -> str:
+    """Return the installed version or raise :class:`EngineNotInstalled`."""
+    version = installed_version(conn)
+    if version is None:
+        raise EngineNotInstalled()
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sqlalchemy_pgque.schema", description="Manage the PgQue engine."
+    )
+    parser.add_argument("command", choices=["install", "uninstall", "version", "sql"])
+    parser.add_argument("--url", default=os.environ.get("DATABASE_URL"), help="SQLAlchemy URL")
+    parser.add_argument("--sql-path", help="install this PgQue SQL file instead of the bundled one")
+    parser.add_argument("--take-over", action="store_true", help="replace a foreign pgque schema")
+    args = parser.parse_args(argv)
+    if args.command == "sql":
+        sys.stdout.write(engine_sql())
+        return 0
+    if not args.url:
+        parser.error("give --url or set DATABASE_URL")
+    engine = create_engine(args.url)
+    try:
+        with engine.begin() as conn:
+            if args.command == "install":
+                install(conn, args.sql_path, take_over=args.take_over)
+                print(f"pgque {installed_version(conn)} installed")
+            elif args.command == "uninstall":
+                uninstall(conn)
+                print("pgque uninstalled")
+            else:
+                print(installed_version(conn) or "not installed")
+    except ForeignSchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

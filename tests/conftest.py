@@ -1,0 +1,155 @@
+"""Test databases: a real PostgreSQL, never a mock.
+
+``PGQUE_TEST_DSN`` (libpq string or URL) selects a running server; without it an
+embedded PostgreSQL 18 is started for the session. The engine is installed once into
+a template database (``PGQUE_SCHEMA_SQL`` installs that SQL file instead of the
+bundled engine) and every test gets its own clone, so tests never see each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL
+
+from sqlalchemy_pgque import schema
+
+
+@dataclass(frozen=True)
+class Server:
+    """How to reach the test server: a libpq base string plus its major version."""
+
+    base_dsn: str
+    major: int
+
+    def dsn(self, dbname: str) -> str:
+        return conninfo.make_conninfo(self.base_dsn, dbname=dbname)
+
+    def url(self, dbname: str) -> URL:
+        params = conninfo.conninfo_to_dict(self.dsn(dbname))
+        host = str(params.pop("host", "") or "")
+        query = {k: str(v) for k, v in params.items()
+                 if k not in {"user", "password", "port", "dbname"}}
+        if host.startswith("/"):
+            query["host"] = host
+            host = ""
+        return URL.create(
+            "postgresql+psycopg",
+            username=str(params.get("user")) if params.get("user") else None,
+            password=str(params.get("password")) if params.get("password") else None,
+            host=host or None,
+            port=int(params["port"]) if params.get("port") else None,
+            database=dbname,
+            query=query,
+        )
+
+    def admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(self.dsn("postgres"), autocommit=True)
+
+
+@dataclass(frozen=True)
+class Database:
+    """One test database: ``url`` for SQLAlchemy, ``dsn`` for psycopg / pgque-py."""
+
+    name: str
+    url: URL
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    configured = os.environ.get("PGQUE_TEST_DSN")
+    if configured:
+        base = configured.replace("postgresql+psycopg://", "postgresql://")
+        embedded = None
+    else:
+        from sqlalchemy_pgque.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres().start()
+        base = embedded.dsn
+    with psycopg.connect(conninfo.make_conninfo(base, dbname="postgres")) as conn:
+        major = conn.info.server_version // 10000
+    try:
+        yield Server(base, major)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+_clone_counter = itertools.count()
+_PREFIX = f"pgque_t{os.getpid()}"
+
+
+def _create_database(server: Server, name: str, template: str | None = None) -> None:
+    stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        stmt = sql.SQL("{} TEMPLATE {}").format(stmt, sql.Identifier(template))
+        if server.major >= 15:
+            # A file copy beats WAL-logging the whole template for small databases.
+            stmt = sql.SQL("{} STRATEGY FILE_COPY").format(stmt)
+    with server.admin() as conn:
+        conn.execute(stmt)
+
+
+def _drop_database(server: Server, name: str) -> None:
+    with server.admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> Iterator[str]:
+    name = f"{_PREFIX}_tmpl"
+    _drop_database(pg_server, name)
+    _create_database(pg_server, name)
+    engine = create_engine(pg_server.url(name))
+    try:
+        with engine.begin() as conn:
+            schema.install(conn, os.environ.get("PGQUE_SCHEMA_SQL") or None)
+    finally:
+        engine.dispose()
+    yield name
+    _drop_database(pg_server, name)
+
+
+def _fresh(server: Server, template: str | None) -> Iterator[Database]:
+    name = f"{_PREFIX}_{next(_clone_counter)}"
+    _create_database(server, name, template)
+    try:
+        yield Database(name, server.url(name), server.dsn(name))
+    finally:
+        _drop_database(server, name)
+
+
+@pytest.fixture
+def db(pg_server: Server, template_db: str) -> Iterator[Database]:
+    """A fresh database with the engine installed."""
+    yield from _fresh(pg_server, template_db)
+
+
+@pytest.fixture
+def empty_db(pg_server: Server) -> Iterator[Database]:
+    """A fresh database without the engine."""
+    yield from _fresh(pg_server, None)
+
+
+@pytest.fixture
+def engine(db: Database) -> Iterator[Engine]:
+    eng = create_engine(db.url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def conn(db: Database) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """An autocommit psycopg connection to ``db``: each statement is its own transaction."""
+    with psycopg.connect(db.dsn, autocommit=True) as c:
+        yield c
