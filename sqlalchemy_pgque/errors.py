@@ -7,11 +7,23 @@ SQLAlchemy exception, so the SQL and its parameters stay available for debugging
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DBAPIError
+
 __all__ = [
+    "BatchNotFound",
+    "ConsumerNotSubscribed",
     "EngineNotInstalled",
     "ForeignSchemaError",
+    "InvalidName",
+    "MessageNotInBatch",
+    "PayloadError",
+    "PermissionDenied",
     "PgqueError",
+    "QueueNotFound",
+    "translate",
 ]
+
+PGQUE_ROLES = ("pgque_reader", "pgque_writer", "pgque_admin")
 
 
 class PgqueError(Exception):
@@ -28,7 +40,118 @@ class EngineNotInstalled(PgqueError):
             "op.pgque_install() in an Alembic migration, or sqlalchemy_pgque.schema.install(conn)"
         )
         super().__init__(f"{message} ({detail})" if detail else message)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[EngineNotInstalled], tuple[str]]:
+        return (type(self), (self.detail,))
 
 
 class ForeignSchemaError(PgqueError):
     """A ``pgque`` schema created by something else (e.g. upstream PgQue) is present."""
+
+
+class InvalidName(PgqueError, ValueError):
+    """A queue, consumer or subconsumer name that PgQue cannot accept."""
+
+
+class QueueNotFound(PgqueError):
+    """The queue does not exist: create it (``op.pgque_create_queue`` or ``pgque.create_queue``)."""
+
+
+class ConsumerNotSubscribed(PgqueError):
+    """The consumer is not subscribed to the queue: subscribe it first."""
+
+
+class BatchNotFound(PgqueError):
+    """The batch id is unknown or the batch is already finished."""
+
+
+class MessageNotInBatch(PgqueError):
+    """``nack`` was given a message that does not belong to the batch it names."""
+
+
+class PayloadError(PgqueError, ValueError):
+    """A payload that cannot be encoded as JSON for PostgreSQL's ``jsonb``."""
+
+
+class PermissionDenied(PgqueError):
+    """The database role lacks the pgque role needed for the call."""
+
+    def __init__(self, detail: str, required_role: str | None = None) -> None:
+        if required_role is not None:
+            advice = f"needs the {required_role} role: GRANT {required_role} TO <user>"
+        else:
+            advice = (
+                "needs a pgque role (pgque_reader to consume, pgque_writer to send, "
+                "pgque_admin to manage queues and tick): GRANT <role> TO <user>"
+            )
+        super().__init__(f"permission denied: the database user {advice} ({detail})")
+        self.detail = detail
+        self.required_role = required_role
+
+    def __reduce__(self) -> tuple[type[PermissionDenied], tuple[str, str | None]]:
+        return (type(self), (self.detail, self.required_role))
+
+
+# Substrings of the engine's error texts (spec §6.2: stable leading words), lower-cased.
+_MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
+    ("queue not found", QueueNotFound),
+    ("no such event queue", QueueNotFound),
+    ("no such queue", QueueNotFound),
+    ("event queue not created yet", QueueNotFound),
+    ("not subscriber to queue", ConsumerNotSubscribed),
+    ("consumer not registered", ConsumerNotSubscribed),
+    ("consumer not found", ConsumerNotSubscribed),
+    ("batch not found", BatchNotFound),
+    ("cannot find data for batch", BatchNotFound),
+    ("not found in batch", MessageNotInBatch),
+    ("queue name too long", InvalidName),
+    ("must not contain dot", InvalidName),
+    ("name must not be empty", InvalidName),
+)
+
+_UNDEFINED_FUNCTION = "42883"
+_UNDEFINED_TABLE = "42P01"
+_UNDEFINED_OBJECT = "42704"
+_INVALID_SCHEMA_NAME = "3F000"
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _sqlstate(orig: BaseException) -> str | None:
+    # psycopg exposes ``sqlstate``; psycopg2 and asyncpg adapters use ``pgcode``.
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def translate(
+    exc: DBAPIError, *, required_role: str | None = None, queue: str | None = None
+) -> PgqueError | None:
+    """Map a database error raised by a pgque call to a :class:`PgqueError`.
+
+    Returns ``None`` when the error is not one the engine defines; the caller then
+    re-raises the original exception. ``required_role`` names the pgque role the
+    failed call needs, for the :class:`PermissionDenied` message; ``queue`` names the
+    queue the call was about, for :class:`QueueNotFound`.
+    """
+    orig = exc.orig
+    if orig is None:
+        return None
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    state = _sqlstate(orig)
+    lowered = detail.lower()
+    if state in (_UNDEFINED_FUNCTION, _UNDEFINED_TABLE, _UNDEFINED_OBJECT, _INVALID_SCHEMA_NAME):
+        if "pgque" in lowered:
+            return EngineNotInstalled(detail)
+        return None
+    if state == _INSUFFICIENT_PRIVILEGE:
+        return PermissionDenied(detail, required_role)
+    for needle, error_class in _MESSAGE_MAP:
+        if needle in lowered:
+            if error_class is QueueNotFound and queue is not None:
+                return QueueNotFound(
+                    f"queue {queue!r} does not exist; create it with "
+                    f"op.pgque_create_queue({queue!r}) in an Alembic migration or "
+                    f"SELECT pgque.create_queue({queue!r}) ({detail})"
+                )
+            return error_class(detail)
+    return None

@@ -19,6 +19,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import psycopg
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -70,10 +71,13 @@ def install(
             conn.execute(text("SET LOCAL pgque.take_over = 'on'"))
         try:
             _run_script(conn, script)
-        except DBAPIError as exc:
-            if _FOREIGN_MARKER in str(exc.orig):
-                raise ForeignSchemaError(str(exc.orig).splitlines()[0]) from exc
-            raise
+        except psycopg.Error as exc:
+            # The script ran on the driver cursor, so wrap the driver error the way
+            # SQLAlchemy would have for a statement it executed itself.
+            wrapped = DBAPIError.instance(script[:200], None, exc, psycopg.Error)
+            if _FOREIGN_MARKER in str(exc):
+                raise ForeignSchemaError(str(exc).splitlines()[0]) from wrapped
+            raise wrapped from exc
 
 
 def uninstall(conn: Connection) -> None:
@@ -103,7 +107,10 @@ def installed_version(conn: Connection) -> str | None:
 def engine_build(conn: Connection) -> str | None:
     """Which implementation is installed: our build string, or ``None`` for another engine."""
     comment = conn.execute(
-        text("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'pgque'")
+        text(
+            "SELECT obj_description(oid, 'pg_namespace') "
+            "FROM pg_namespace WHERE nspname = 'pgque'"
+        )
     ).scalar()
     if comment is None or not str(comment).startswith("sqlalchemy-pgque "):
         return None

@@ -100,7 +100,9 @@ def _create_database(server: Server, name: str, template: str | None = None) -> 
 
 def _drop_database(server: Server, name: str) -> None:
     with server.admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,195 @@
+"""Autogenerate: compare declared queues with the database, and hide the engine's tables.
+
+The comparator runs at the ``"schema"`` level ahead of Alembic's own comparators. It
+removes the ``pgque`` schema from the schemas Alembic reflects (so the engine's tables
+never appear as tables to drop), then, when ``env.py`` passed a registry with
+``context.configure(..., pgque_registry=registry)``, appends the PgQue operations that
+bring the database in line with it. See the package docstring for the rules.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from alembic.autogenerate.compare import comparators
+from alembic.operations.ops import UpgradeOps
+from alembic.util import CommandError, DispatchPriority, PriorityDispatchResult
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from sqlalchemy_pgque import schema
+from sqlalchemy_pgque.queue import Queue
+
+from .filters import ENGINE_SCHEMA
+from .ops import (
+    QUEUE_PARAMETERS,
+    CreateQueueOp,
+    DropQueueOp,
+    InstallOp,
+    PgqueOperation,
+    SetQueueConfigOp,
+    SubscribeOp,
+    UnsubscribeOp,
+    UnsubscribeSubconsumerOp,
+    parameter_name,
+)
+from .toimpl import quote_literal
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+
+__all__ = ["compare_queues", "diff_queues"]
+
+
+@dataclass
+class _QueueState:
+    settings: dict[str, str | None] = field(default_factory=dict)
+    non_default: dict[str, str | None] = field(default_factory=dict)
+    consumers: list[str] = field(default_factory=list)
+    subconsumers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _read_state(conn: Connection) -> dict[str, _QueueState]:
+    columns = ", ".join(
+        f"queue_{param}::text, queue_{param} IS DISTINCT FROM "
+        f"CAST({quote_literal(default)} AS {type_})"
+        for param, (type_, default) in QUEUE_PARAMETERS.items()
+    )
+    state: dict[str, _QueueState] = {}
+    for row in conn.execute(text(f"SELECT queue_name, {columns} FROM pgque.queue")):
+        queue = state[row[0]] = _QueueState()
+        for i, param in enumerate(QUEUE_PARAMETERS):
+            value, changed = row[1 + 2 * i], row[2 + 2 * i]
+            queue.settings[param] = value
+            if changed:
+                queue.non_default[param] = value
+    subscriptions = conn.execute(
+        text(
+            "SELECT q.queue_name, c.co_name, s.sub_role, s.sub_id"
+            " FROM pgque.subscription s"
+            " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
+            " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
+            " ORDER BY q.queue_name, c.co_name"
+        )
+    ).all()
+    mains: dict[tuple[str, int], str] = {}
+    for queue_name, consumer, role, sub_id in subscriptions:
+        if role != "coop_member":
+            state[queue_name].consumers.append(consumer)
+            mains[(queue_name, sub_id)] = consumer
+    for queue_name, consumer, role, sub_id in subscriptions:
+        if role == "coop_member":
+            main = mains[(queue_name, sub_id)]
+            state[queue_name].subconsumers.setdefault(main, []).append(
+                consumer.removeprefix(main + ".")
+            )
+    return state
+
+
+def _same_setting(conn: Connection, queue: str, param: str, value: str) -> bool:
+    type_, _ = QUEUE_PARAMETERS[param]
+    try:
+        with conn.begin_nested():
+            return bool(
+                conn.execute(
+                    text(
+                        f"SELECT queue_{param} IS NOT DISTINCT FROM CAST(:value AS {type_})"
+                        " FROM pgque.queue WHERE queue_name = :queue"
+                    ),
+                    {"value": value, "queue": queue},
+                ).scalar_one()
+            )
+    except DBAPIError as exc:
+        raise CommandError(
+            f"queue {queue!r}: declared {param}={value!r} is not a valid {type_}: "
+            f"{str(exc.orig).strip().splitlines()[0]}"
+        ) from exc
+
+
+def _remove_consumer(queue: str, consumer: str, state: _QueueState) -> list[PgqueOperation]:
+    # A cooperative consumer can be unsubscribed only after its subconsumers.
+    removals: list[PgqueOperation] = [
+        UnsubscribeSubconsumerOp(queue, consumer, sub)
+        for sub in state.subconsumers.get(consumer, [])
+    ]
+    removals.append(UnsubscribeOp(queue, consumer))
+    return removals
+
+
+def diff_queues(
+    conn: Connection, registry: Iterable[Queue], *, manage_all: bool = False
+) -> list[PgqueOperation]:
+    """The operations that turn the database's PgQue state into the declared one."""
+    declared = sorted(registry, key=lambda q: q.name)
+    operations: list[PgqueOperation] = []
+    if schema.installed_version(conn) is None:
+        if not declared:
+            return []
+        operations.append(InstallOp())
+        current: dict[str, _QueueState] = {}
+    else:
+        current = _read_state(conn)
+    for queue in declared:
+        try:
+            settings = {parameter_name(k): v for k, v in queue.config.items()}
+        except ValueError as exc:
+            raise CommandError(f"queue {queue.name!r}: {exc}") from exc
+        state = current.get(queue.name)
+        if state is None:
+            operations.append(CreateQueueOp(queue.name, settings))
+            operations.extend(SubscribeOp(queue.name, c) for c in queue.consumers)
+            continue
+        for param, value in settings.items():
+            if not _same_setting(conn, queue.name, param, value):
+                operations.append(
+                    SetQueueConfigOp(queue.name, param, value, previous=state.settings[param])
+                )
+        operations.extend(
+            SubscribeOp(queue.name, c) for c in queue.consumers if c not in state.consumers
+        )
+        for consumer in state.consumers:
+            if consumer not in queue.consumers:
+                operations.extend(_remove_consumer(queue.name, consumer, state))
+    if manage_all:
+        names = {q.name for q in declared}
+        for queue_name, state in sorted(current.items()):
+            if queue_name in names:
+                continue
+            for consumer in state.consumers:
+                operations.extend(_remove_consumer(queue_name, consumer, state))
+            operations.append(DropQueueOp(queue_name, config=state.non_default))
+    return operations
+
+
+# The comparator may be registered twice, globally on import and as the "pgque" plugin
+# when env.py enables it; each comparison fills one UpgradeOps, so remember those.
+_compared: weakref.WeakSet[UpgradeOps] = weakref.WeakSet()
+
+
+def compare_queues(
+    autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: set[str | None]
+) -> PriorityDispatchResult:
+    """The ``"schema"`` comparator: hide the engine schema, then diff the registry."""
+    schemas.discard(ENGINE_SCHEMA)
+    if upgrade_ops in _compared:
+        return PriorityDispatchResult.CONTINUE
+    _compared.add(upgrade_ops)
+    registry = autogen_context.opts.get("pgque_registry")
+    if registry is None or autogen_context.connection is None:
+        return PriorityDispatchResult.CONTINUE
+    upgrade_ops.ops.extend(
+        diff_queues(
+            autogen_context.connection,
+            registry,
+            manage_all=bool(autogen_context.opts.get("pgque_manage_all", False)),
+        )
+    )
+    return PriorityDispatchResult.CONTINUE
+
+
+comparators.dispatch_for("schema", priority=DispatchPriority.FIRST, qualifier="postgresql")(
+    compare_queues
+)

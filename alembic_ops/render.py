@@ -1,0 +1,63 @@
+"""How autogenerate writes the PgQue operations into a revision file.
+
+By default an operation renders as ``op.pgque_create_queue('orders')`` and the revision
+imports ``alembic_ops`` (which registers ``op.pgque_*``). With
+``context.configure(..., pgque_render_functions=True)`` it renders the typed helper
+functions instead, ``pgque.create_queue('orders')`` with ``import alembic_ops as pgque``,
+for projects that type-check their migrations.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from alembic.autogenerate.render import renderers
+
+from .ops import (
+    CreateQueueOp,
+    DropQueueOp,
+    GrantOp,
+    InstallOp,
+    PgqueOperation,
+    RevokeOp,
+    SetQueueConfigOp,
+    SubscribeOp,
+    SubscribeSubconsumerOp,
+    UninstallOp,
+    UnsubscribeOp,
+    UnsubscribeSubconsumerOp,
+)
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+
+__all__ = ["render_operation"]
+
+_OP_IMPORT = "import alembic_ops  # noqa: F401"
+_FUNCTIONS_IMPORT = "import alembic_ops as pgque"
+
+
+def render_operation(autogen_context: AutogenContext, operation: PgqueOperation) -> str:
+    """The Python source of ``operation``, adding the import it needs to the revision."""
+    if autogen_context.opts.get("pgque_render_functions", False):
+        autogen_context.imports.add(_FUNCTIONS_IMPORT)
+        return operation.source(prefix="pgque.", name=operation.op_name.removeprefix("pgque_"))
+    autogen_context.imports.add(_OP_IMPORT)
+    prefix = autogen_context.opts.get("alembic_module_prefix") or "op."
+    return operation.source(prefix=prefix)
+
+
+for _op_class in (
+    InstallOp,
+    UninstallOp,
+    CreateQueueOp,
+    DropQueueOp,
+    SubscribeOp,
+    UnsubscribeOp,
+    SubscribeSubconsumerOp,
+    UnsubscribeSubconsumerOp,
+    SetQueueConfigOp,
+    GrantOp,
+    RevokeOp,
+):
+    renderers.dispatch_for(_op_class)(render_operation)

@@ -1,0 +1,250 @@
+"""The SQL each PgQue operation runs.
+
+Every statement goes through ``operations.execute`` as finished SQL text with the
+values quoted in, so that ``alembic upgrade --sql`` prints a script psql can run and
+the online path runs exactly the same text. Only the portable PgQue 0.2 calls of
+ENGINE.md §6.3 are used, positionally, so the operations work on any PgQue 0.2 install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic.operations import Operations
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement, Executable
+
+from sqlalchemy_pgque import schema
+from sqlalchemy_pgque.errors import PgqueError
+
+from .ops import (
+    CreateQueueOp,
+    DropQueueOp,
+    GrantOp,
+    InstallOp,
+    PgqueOperation,
+    RevokeOp,
+    SetQueueConfigOp,
+    SubscribeOp,
+    SubscribeSubconsumerOp,
+    UninstallOp,
+    UnsubscribeOp,
+    UnsubscribeSubconsumerOp,
+)
+
+__all__ = ["PgqueMigrationError", "quote_identifier", "quote_literal"]
+
+
+class PgqueMigrationError(PgqueError):
+    """A PgQue operation failed in a migration; the migration's transaction rolls back.
+
+    The message names the operation, the engine's error and what to do about it; the
+    SQLAlchemy exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, operation: PgqueOperation, detail: str) -> None:
+        self.operation = operation
+        hint = _hint(detail)
+        super().__init__(
+            f"op.{operation.source(prefix='')} failed: {detail}" + (f" ({hint})" if hint else "")
+        )
+
+
+_HINTS = (
+    (
+        ("consumers still attached",),
+        "unsubscribe its consumers first with op.pgque_unsubscribe, or pass force=True",
+    ),
+    (
+        ("event queue not created yet", "queue not found", "no such event queue", "no such queue"),
+        "create the queue first with op.pgque_create_queue",
+    ),
+    (
+        ('schema "pgque" does not exist', "function pgque."),
+        "install the engine first with op.pgque_install()",
+    ),
+    (
+        ("permission denied",),
+        "run migrations as the owner of the pgque schema or a member of pgque_admin",
+    ),
+)
+
+
+def _hint(detail: str) -> str | None:
+    lowered = detail.lower()
+    for needles, hint in _HINTS:
+        if any(n in lowered for n in needles):
+            return hint
+    return None
+
+
+def quote_literal(value: str | int | bool | None) -> str:
+    """``value`` as a PostgreSQL literal, whatever ``standard_conforming_strings`` says."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    quoted = value.replace("'", "''")
+    if "\\" in quoted:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class VerbatimSQL(Executable, ClauseElement):
+    """SQL text sent as written: no bind parameters are parsed out of it.
+
+    ``text()`` would read ``:word`` inside a quoted value as a parameter. Online, ``%``
+    is doubled for drivers whose paramstyle needs it; offline it is printed unchanged.
+    """
+
+    inherit_cache = False
+
+    def __init__(self, sql: str, *, offline: bool) -> None:
+        self.sql = sql
+        self.offline = offline
+
+
+@compiles(VerbatimSQL)
+def _compile_verbatim(element: VerbatimSQL, compiler: SQLCompiler, **kw: Any) -> str:
+    if element.offline:
+        return element.sql
+    # SQLAlchemy's own hook for text that bypasses parameter parsing; it is untyped.
+    return compiler.post_process_text(element.sql)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _call(function: str, *args: str | int | bool | None) -> str:
+    return f"SELECT pgque.{function}({', '.join(quote_literal(a) for a in args)})"
+
+
+def _run(operations: Operations, operation: PgqueOperation, *statements: str) -> None:
+    offline = operations.get_context().as_sql
+    for sql in statements:
+        if offline:
+            operations.execute(VerbatimSQL(sql, offline=True))
+            continue
+        try:
+            operations.execute(VerbatimSQL(sql, offline=False))
+        except DBAPIError as exc:
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise PgqueMigrationError(operation, detail) from exc
+
+
+@Operations.implementation_for(InstallOp)
+def install(operations: Operations, operation: InstallOp) -> None:
+    if operations.get_context().as_sql:
+        script = (
+            Path(operation.sql_path).read_text(encoding="utf-8")
+            if operation.sql_path
+            else schema.engine_sql()
+        )
+        # Alembic appends its own terminator to every statement it prints.
+        operations.execute(VerbatimSQL(script.strip().rstrip(";"), offline=True))
+        return
+    # Online the installer runs the script on the migration's connection, inside a
+    # savepoint of its transaction, and recognises a foreign pgque schema.
+    try:
+        schema.install(operations.get_bind(), operation.sql_path)
+    except DBAPIError as exc:
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise PgqueMigrationError(operation, detail) from exc
+
+
+@Operations.implementation_for(UninstallOp)
+def uninstall(operations: Operations, operation: UninstallOp) -> None:
+    _run(operations, operation, _call("uninstall"))
+
+
+@Operations.implementation_for(CreateQueueOp)
+def create_queue(operations: Operations, operation: CreateQueueOp) -> None:
+    _run(
+        operations,
+        operation,
+        _call("create_queue", operation.name),
+        *(
+            _call("set_queue_config", operation.name, param, value)
+            for param, value in operation.config.items()
+        ),
+    )
+
+
+@Operations.implementation_for(DropQueueOp)
+def drop_queue(operations: Operations, operation: DropQueueOp) -> None:
+    _run(operations, operation, _call("drop_queue", operation.name, operation.force))
+
+
+@Operations.implementation_for(SubscribeOp)
+def subscribe(operations: Operations, operation: SubscribeOp) -> None:
+    _run(operations, operation, _call("subscribe", operation.queue, operation.consumer))
+
+
+@Operations.implementation_for(UnsubscribeOp)
+def unsubscribe(operations: Operations, operation: UnsubscribeOp) -> None:
+    _run(operations, operation, _call("unsubscribe", operation.queue, operation.consumer))
+
+
+@Operations.implementation_for(SubscribeSubconsumerOp)
+def subscribe_subconsumer(operations: Operations, operation: SubscribeSubconsumerOp) -> None:
+    args = (operation.queue, operation.consumer, operation.subconsumer)
+    _run(
+        operations,
+        operation,
+        _call("register_subconsumer", *args, True)
+        if operation.convert_normal
+        else _call("register_subconsumer", *args),
+    )
+
+
+@Operations.implementation_for(UnsubscribeSubconsumerOp)
+def unsubscribe_subconsumer(operations: Operations, operation: UnsubscribeSubconsumerOp) -> None:
+    statements = [
+        _call(
+            "unregister_subconsumer",
+            operation.queue,
+            operation.consumer,
+            operation.subconsumer,
+            operation.batch_handling,
+        )
+    ]
+    if operation.unsubscribe_if_last:
+        # PgQue turns the main consumer back into a normal one when its last
+        # subconsumer goes; only then is it unsubscribed.
+        statements.append(
+            "SELECT pgque.unsubscribe(q.queue_name, c.co_name)"
+            " FROM pgque.subscription s"
+            " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
+            " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
+            f" WHERE q.queue_name = {quote_literal(operation.queue)}"
+            f" AND c.co_name = {quote_literal(operation.consumer)}"
+            " AND s.sub_role = 'normal'"
+        )
+    _run(operations, operation, *statements)
+
+
+@Operations.implementation_for(SetQueueConfigOp)
+def set_queue_config(operations: Operations, operation: SetQueueConfigOp) -> None:
+    _run(
+        operations,
+        operation,
+        _call("set_queue_config", operation.queue, operation.param, operation.value),
+    )
+
+
+@Operations.implementation_for(GrantOp)
+def grant(operations: Operations, operation: GrantOp) -> None:
+    roles = ", ".join(operation.pgque_roles)
+    _run(operations, operation, f"GRANT {roles} TO {quote_identifier(operation.role)}")
+
+
+@Operations.implementation_for(RevokeOp)
+def revoke(operations: Operations, operation: RevokeOp) -> None:
+    roles = ", ".join(operation.pgque_roles)
+    _run(operations, operation, f"REVOKE {roles} FROM {quote_identifier(operation.role)}")

@@ -1,0 +1,225 @@
+"""Dedicated LISTEN connections shared by the consumer and the ticker.
+
+A LISTEN must live on a connection that stays open and idle between notifications,
+so it cannot come from a pool that hands connections to other work. The connection is
+taken out of the engine's own pool (``detach``) when the engine runs on psycopg, so
+whatever the application configured (connect_args, a ``creator``, connect events)
+applies to it too; other drivers fall back to a libpq string built from the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = [
+    "AsyncListener",
+    "Backoff",
+    "Listener",
+    "Waker",
+    "connect_autocommit",
+    "connect_autocommit_async",
+    "conninfo_from_url",
+    "first_line",
+]
+
+_LIBPQ_KEYWORDS = frozenset(
+    option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()
+)
+
+
+def conninfo_from_url(url: URL) -> str:
+    """A libpq connection string for ``url``, whatever its SQLAlchemy driver."""
+    params: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
+    for key, value in url.query.items():
+        if key in _LIBPQ_KEYWORDS:
+            params[key] = value if isinstance(value, str) else ",".join(value)
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+def connect_autocommit(engine: Engine) -> psycopg.Connection[Any]:
+    """A new autocommit psycopg connection owned by the caller (close it when done)."""
+    pooled = engine.raw_connection()
+    driver_conn = pooled.driver_connection
+    if isinstance(driver_conn, psycopg.Connection):
+        pooled.detach()
+        driver_conn.rollback()
+        driver_conn.autocommit = True
+        return driver_conn
+    pooled.close()
+    return psycopg.connect(conninfo_from_url(engine.url), autocommit=True)
+
+
+async def connect_autocommit_async(engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
+    """The asyncio counterpart of :func:`connect_autocommit`."""
+    pooled = await engine.raw_connection()
+    driver_conn = pooled.driver_connection
+    if isinstance(driver_conn, psycopg.AsyncConnection):
+        pooled.detach()
+        await driver_conn.rollback()
+        await driver_conn.set_autocommit(True)
+        return driver_conn
+    pooled.close()
+    return await psycopg.AsyncConnection.connect(
+        conninfo_from_url(engine.url), autocommit=True
+    )
+
+
+class Backoff:
+    """Delays between reconnection attempts: 0.1 s doubling up to 30 s."""
+
+    FIRST = 0.1
+    MAX = 30.0
+
+    def __init__(self) -> None:
+        self._delay = self.FIRST
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2, self.MAX)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = self.FIRST
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line log records."""
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
+def listen_statement(channel: str) -> sql.Composed:
+    """``LISTEN "<channel>"`` with the channel quoted (queue names keep their case)."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+class Waker:
+    """Wakes a thread blocked in :meth:`Listener.wait` from any thread or signal handler.
+
+    A socket pair rather than a pipe, so that ``select`` accepts it on every platform.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def wake(self) -> None:
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            # A full buffer already holds a pending wake-up; a closed one has no waiter.
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class Listener:
+    """An autocommit connection listening on channels, waited on with a timeout.
+
+    Only the thread that opened it may use it; other threads (and signal handlers)
+    interrupt a wait through the :class:`Waker`.
+    """
+
+    def __init__(self, connection: psycopg.Connection[Any], waker: Waker) -> None:
+        self.connection = connection
+        self._waker = waker
+
+    @classmethod
+    def open(cls, engine: Engine, channels: list[str], waker: Waker) -> Listener:
+        listener = cls(connect_autocommit(engine), waker)
+        try:
+            for channel in channels:
+                listener.listen(channel)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def listen(self, channel: str) -> None:
+        self.connection.execute(listen_statement(channel))
+
+    def pending(self) -> list[psycopg.Notify]:
+        """Notifications already received, without waiting."""
+        return list(self.connection.notifies(timeout=0))
+
+    def wait(self, timeout: float) -> list[psycopg.Notify]:
+        """Notifications, waiting up to ``timeout`` s for the first; ``[]`` on timeout or wake."""
+        received = self.pending()
+        if received or timeout <= 0:
+            return received
+        waker_fd = self._waker.fileno()
+        readable, _, _ = select.select([self.connection.fileno(), waker_fd], [], [], timeout)
+        if waker_fd in readable:
+            self._waker.drain()
+        return self.pending()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class AsyncListener:
+    """The asyncio counterpart of :class:`Listener`; a set ``wake_event`` ends a wait."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def open(cls, engine: AsyncEngine, channels: list[str]) -> AsyncListener:
+        connection = await connect_autocommit_async(engine)
+        try:
+            for channel in channels:
+                await connection.execute(listen_statement(channel))
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(connection)
+
+    async def pending(self) -> list[psycopg.Notify]:
+        return [n async for n in self.connection.notifies(timeout=0)]
+
+    async def wait(self, timeout: float, wake_event: asyncio.Event) -> list[psycopg.Notify]:
+        received = await self.pending()
+        if received or timeout <= 0 or wake_event.is_set():
+            return received
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        fd = self.connection.fileno()
+        loop.add_reader(fd, on_readable)
+        woken: asyncio.Future[Any] = asyncio.ensure_future(wake_event.wait())
+        try:
+            await asyncio.wait({readable, woken}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(fd)
+            woken.cancel()
+            readable.cancel()
+        return await self.pending()
+
+    async def close(self) -> None:
+        await self.connection.close()

@@ -1,0 +1,655 @@
+"""Consumers: handlers for a queue's messages, run one short Session per batch.
+
+::
+
+    consumer = Consumer(SessionLocal, queue=orders_q, name="order_worker")
+
+    @consumer.on("order.created")
+    def ship(msg: Message, session: Session) -> None:
+        session.add(Shipment(order_id=msg.payload["order_id"]))
+
+    consumer.run()          # or: python -m sqlalchemy_pgque.worker myapp.workers:consumer
+
+:class:`AsyncConsumer` is the same over an ``async_sessionmaker`` or an ``AsyncEngine``
+with ``async def`` handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any, Literal, TypeVar
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import schema
+from ._listen import AsyncListener, Backoff, Listener, Waker, first_line
+from .errors import (
+    ConsumerNotSubscribed,
+    EngineNotInstalled,
+    PermissionDenied,
+    PgqueError,
+    QueueNotFound,
+)
+from .message import Message
+from .queue import MAX_MESSAGES, Queue
+
+__all__ = ["AsyncConsumer", "Consumer", "UnknownHandlerPolicy", "check_subscription"]
+
+log = logging.getLogger(__name__)
+
+UnknownHandlerPolicy = Literal["nack", "ack"]
+
+# Configuration problems: retrying cannot fix them, so run() raises them.
+_FATAL_ERRORS: tuple[type[PgqueError], ...] = (
+    EngineNotInstalled,
+    QueueNotFound,
+    ConsumerNotSubscribed,
+    PermissionDenied,
+)
+# Anything else the database or the network raises is retried with backoff.
+_RETRIED_ERRORS: tuple[type[BaseException], ...] = (
+    DBAPIError,
+    psycopg.Error,
+    PgqueError,
+    OSError,
+)
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+"""A handler function; the decorator hands it back unchanged."""
+
+
+@dataclass(frozen=True)
+class _Handler:
+    function: Callable[..., Any]
+    takes_session: bool
+
+
+def _takes_session(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` is ``(msg, session)`` rather than ``(msg)``."""
+    positional = 0
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return True
+        if parameter.kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            positional += 1
+    if positional == 0:
+        raise TypeError(f"handler {function!r} must accept (msg) or (msg, session)")
+    return positional >= 2
+
+
+class _BatchLost(Exception):
+    """``ack`` found no open batch: a cooperative peer took the batch over."""
+
+
+_QUEUE_EXISTS = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
+_PENDING_EVENTS = text(
+    "SELECT pending_events FROM pgque.get_consumer_info(:queue, :consumer) "
+    "WHERE consumer_name = :consumer"
+)
+_SUBSCRIBED = text(
+    "SELECT 1 FROM pgque.get_consumer_info(:queue, :consumer) WHERE consumer_name = :consumer"
+)
+
+
+def check_subscription(connection: Connection, queue: str, consumer: str) -> None:
+    """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound` or
+    :class:`ConsumerNotSubscribed` unless ``consumer`` can receive from ``queue``."""
+    schema.require_installed(connection)
+    if connection.execute(_QUEUE_EXISTS, {"queue": queue}).first() is None:
+        raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
+    if connection.execute(_SUBSCRIBED, {"queue": queue, "consumer": consumer}).first() is None:
+        raise ConsumerNotSubscribed(
+            f"consumer {consumer!r} is not subscribed to queue {queue!r}; subscribe it "
+            f"with Queue({queue!r}).subscribe(session, {consumer!r}) or op.pgque_subscribe()"
+        )
+
+
+class _ConsumerBase:
+    """Settings, handler registry and stop flag shared by both consumer classes."""
+
+    def __init__(
+        self,
+        *,
+        queue: Queue | str,
+        name: str,
+        max_messages: int,
+        poll_interval: float,
+        retry_after: float | timedelta,
+        unknown_handler_policy: UnknownHandlerPolicy,
+        subconsumer: str | None,
+        dead_interval: float | timedelta | None,
+    ) -> None:
+        if unknown_handler_policy not in ("nack", "ack"):
+            raise ValueError(
+                f"unknown_handler_policy must be 'nack' or 'ack', got {unknown_handler_policy!r}"
+            )
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
+        self.queue = queue if isinstance(queue, Queue) else Queue(queue)
+        self.name = name
+        self.max_messages = max_messages
+        self.poll_interval = poll_interval
+        self.retry_after = retry_after
+        self.unknown_handler_policy: UnknownHandlerPolicy = unknown_handler_policy
+        self.subconsumer = subconsumer
+        self.dead_interval = dead_interval
+        self.listening = threading.Event()
+        """Set while the consumer is connected and listening for ticks."""
+        self._handlers: dict[str, _Handler] = {}
+        self._stopping = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label})"
+
+    @property
+    def label(self) -> str:
+        """``queue/consumer`` (``queue/consumer.subconsumer`` in cooperative mode)."""
+        member = f".{self.subconsumer}" if self.subconsumer else ""
+        return f"{self.queue.name}/{self.name}{member}"
+
+    @property
+    def channel(self) -> str:
+        """The notify channel the engine signals new ticks of the queue on."""
+        return f"pgque_{self.queue.name}"
+
+    def on(self, *types: str) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated function as the handler of these message types.
+
+        ``"*"`` catches every type without its own handler. The function takes
+        ``(msg)`` or ``(msg, session)``, decided once here from its signature. Only a
+        handler that takes the session runs inside a SAVEPOINT, since only it can
+        write through the batch's transaction; SQLAlchemy emits that SAVEPOINT when
+        the handler first uses the session, so a handler that does not costs no round
+        trip.
+        """
+        if not types:
+            raise TypeError("on() needs at least one message type")
+
+        def register(function: HandlerT) -> HandlerT:
+            self._check_handler(function)
+            handler = _Handler(function, _takes_session(function))
+            for type_ in types:
+                if type_ in self._handlers:
+                    raise ValueError(f"{self!r} already has a handler for type {type_!r}")
+            for type_ in types:
+                self._handlers[type_] = handler
+            return function
+
+        return register
+
+    def _check_handler(self, function: Callable[..., Any]) -> None:
+        raise NotImplementedError
+
+    def _handler_for(self, message_type: str | None) -> _Handler | None:
+        handler = self._handlers.get(message_type) if message_type is not None else None
+        return handler if handler is not None else self._handlers.get("*")
+
+    def _receive(self, session: Session) -> list[Message]:
+        if self.subconsumer is None:
+            return self.queue.receive(session, self.name, self.max_messages)
+        return self.queue.receive_coop(
+            session, self.name, self.subconsumer, self.max_messages,
+            dead_interval=self.dead_interval,
+        )
+
+    def _behind(self, session: Session) -> bool:
+        """Whether ticks past the consumer's cursor hold events.
+
+        An empty receive only says the next tick's window was empty: a later window
+        may be ready, and its notification may have fired before we listened.
+        """
+        pending = session.execute(
+            _PENDING_EVENTS, {"queue": self.queue.name, "consumer": self.name}
+        ).scalar()
+        return bool(pending and pending > 0)
+
+    def _warn_if_truncated(self, messages: list[Message]) -> None:
+        if len(messages) >= self.max_messages:
+            log.warning(
+                "%s: batch %s filled max_messages=%d; events of the batch past that "
+                "limit are skipped by its ack (raise max_messages)",
+                self.label, messages[0].batch_id, self.max_messages,
+            )
+
+    def _nack(self, session: Session, message: Message, reason: str) -> None:
+        self.queue.nack(session, message, retry_after=self.retry_after, reason=reason)
+
+    def _nack_unknown(self, session: Session, message: Message) -> None:
+        log.warning("%s: no handler for type %r (message %s); nacked",
+                    self.label, message.type, message.msg_id)
+        self._nack(session, message, f"no handler for message type {message.type!r}")
+
+    def _ack(self, session: Session, batch_id: int) -> None:
+        if self.queue.ack(session, batch_id) == 0:
+            raise _BatchLost(batch_id)
+
+    def _log_handler_failure(self, message: Message, exc: BaseException) -> None:
+        log.error(
+            "%s: handler for %r failed on message %s (retry %s); nacked for retry in %s s",
+            self.label, message.type, message.msg_id, message.retry_count or 0,
+            _seconds(self.retry_after), exc_info=exc,
+        )
+
+    def _log_database_error(self, exc: BaseException, delay: float) -> None:
+        log.warning("%s: %s; retrying in %.1f s", self.label, first_line(exc), delay)
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class Consumer(_ConsumerBase):
+    """Runs handlers for the messages of one queue's consumer, a batch at a time.
+
+    :param session_factory: a ``sessionmaker`` (or any callable returning a
+        :class:`~sqlalchemy.orm.Session`), or an :class:`~sqlalchemy.Engine` to make
+        one from. The worker's ``--url`` rebinds it through :meth:`use_engine`.
+    :param queue: the :class:`~sqlalchemy_pgque.Queue` or its name.
+    :param name: the consumer name; it must be subscribed to the queue.
+    :param max_messages: receive limit per batch. PgQue's ``ack`` skips events of a
+        batch beyond what was received, so keep it above the largest batch.
+    :param poll_interval: seconds between receives when no tick notification arrives.
+    :param retry_after: delay before a nacked message comes back (seconds or timedelta).
+    :param unknown_handler_policy: ``"nack"`` (default) a message whose type has no
+        handler and no ``"*"`` handler, or ``"ack"`` it (drop it).
+    :param subconsumer: run as this member of a cooperative consumer group
+        (``receive_coop``), sharing the consumer's batches with the other members.
+    :param dead_interval: cooperative mode: take over a member's batch when that member
+        has been silent this long.
+
+    Each batch runs in one short Session and transaction: ``receive``, then each
+    message's handler, then ``ack``, then commit. A handler taking ``(msg, session)``
+    runs inside a SAVEPOINT; when it raises, its writes roll back and the message is
+    nacked (retried after ``retry_after``, dead-lettered after the queue's
+    ``max_retries``). The handlers' writes and the ack commit together: a crash
+    before the commit redelivers the whole batch with none of its writes. If a nack
+    fails, the batch is rolled back and redelivered rather than acked.
+
+    :meth:`run` blocks, waking on the queue's tick notifications (LISTEN) and at
+    least every ``poll_interval``, reconnecting with backoff after database errors,
+    until :meth:`stop` (from any thread) or SIGTERM / SIGINT; it finishes the batch in
+    progress first. Handlers must not commit the session themselves.
+    """
+
+    def __init__(
+        self,
+        session_factory: Callable[..., Session] | Engine,
+        *,
+        queue: Queue | str,
+        name: str,
+        max_messages: int = MAX_MESSAGES,
+        poll_interval: float = 1.0,
+        retry_after: float | timedelta = 60.0,
+        unknown_handler_policy: UnknownHandlerPolicy = "nack",
+        subconsumer: str | None = None,
+        dead_interval: float | timedelta | None = None,
+    ) -> None:
+        if isinstance(session_factory, (AsyncEngine, async_sessionmaker)):
+            raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
+        super().__init__(
+            queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
+            retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
+            subconsumer=subconsumer, dead_interval=dead_interval,
+        )
+        self._session_factory: Callable[..., Session] = (
+            sessionmaker(session_factory) if isinstance(session_factory, Engine)
+            else session_factory
+        )
+        self._engine_override: Engine | None = None
+        self._waker: Waker | None = None
+
+    def _check_handler(self, function: Callable[..., Any]) -> None:
+        if inspect.iscoroutinefunction(function):
+            raise TypeError(f"{function!r} is async: register it on an AsyncConsumer")
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine sessions are bound to, or ``None`` when it cannot be found."""
+        if self._engine_override is not None:
+            return self._engine_override
+        bind = getattr(self._session_factory, "kw", {}).get("bind")
+        if bind is None:
+            try:
+                with self._session_factory() as session:
+                    bind = session.get_bind()
+            except Exception:
+                return None
+        if isinstance(bind, Connection):
+            return bind.engine
+        return bind if isinstance(bind, Engine) else None
+
+    def use_engine(self, engine: Engine) -> None:
+        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
+        self._engine_override = engine
+
+    def _session(self) -> Session:
+        if self._engine_override is not None:
+            return self._session_factory(bind=self._engine_override)
+        return self._session_factory()
+
+    def check(self) -> None:
+        """Raise if the engine is missing, the queue does not exist or the consumer is
+        not subscribed: the configuration errors :meth:`run` cannot recover from."""
+        with self._session() as session:
+            check_subscription(session.connection(), self.queue.name, self.name)
+
+    def process_batch(self) -> int:
+        """Receive and handle one batch; return how many messages it had (0: none)."""
+        return self._process_batch()[0]
+
+    def _process_batch(self) -> tuple[int, bool]:
+        """``(messages handled, whether another batch may be ready at once)``."""
+        try:
+            with self._session() as session, session.begin():
+                messages = self._receive(session)
+                if not messages:
+                    return 0, self._behind(session)
+                self._warn_if_truncated(messages)
+                for message in messages:
+                    self._handle(session, message)
+                self._ack(session, messages[0].batch_id)
+        except _BatchLost as lost:
+            log.warning("%s: batch %s was taken over by another member; rolled back",
+                        self.label, lost.args[0])
+        return len(messages), True
+
+    def _handle(self, session: Session, message: Message) -> None:
+        handler = self._handler_for(message.type)
+        if handler is None:
+            if self.unknown_handler_policy == "nack":
+                self._nack_unknown(session, message)
+            return
+        try:
+            if handler.takes_session:
+                with session.begin_nested():
+                    handler.function(message, session)
+            else:
+                handler.function(message)
+        except Exception as exc:
+            self._log_handler_failure(message, exc)
+            self._nack(session, message, repr(exc))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in progress; safe from any thread."""
+        self._stopping.set()
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    def run(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Consume until :meth:`stop`, SIGTERM or SIGINT.
+
+        Signal handlers are installed when ``install_signal_handlers`` is true, or when
+        it is ``None`` and this is the main thread; the previous ones are restored on
+        return. Configuration errors (engine missing, queue unknown, consumer not
+        subscribed, missing role) are raised; other database errors are logged and
+        retried with exponential backoff from 0.1 s to 30 s.
+        """
+        engine = self.engine
+        if engine is None:
+            raise PgqueError(f"{self!r} has no engine: bind its sessionmaker or pass an Engine")
+        if install_signal_handlers is None:
+            install_signal_handlers = threading.current_thread() is threading.main_thread()
+        waker = self._waker = Waker()
+        with self._signals_stop_me(install_signal_handlers):
+            try:
+                self._consume(engine, waker)
+            finally:
+                self._waker = None
+                waker.close()
+                self._stopping.clear()
+
+    def _consume(self, engine: Engine, waker: Waker) -> None:
+        backoff = Backoff()
+        listener: Listener | None = None
+        log.info("%s: consuming", self.label)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if listener is None:
+                        listener = Listener.open(engine, [self.channel], waker)
+                        self.listening.set()
+                    _, more = self._process_batch()
+                    backoff.reset()
+                    if not more:
+                        listener.wait(self.poll_interval)
+                except _FATAL_ERRORS:
+                    raise
+                except _RETRIED_ERRORS as exc:
+                    self.listening.clear()
+                    if listener is not None:
+                        _close_quietly(listener.close)
+                        listener = None
+                    delay = backoff.next()
+                    self._log_database_error(exc, delay)
+                    self._stopping.wait(delay)
+        finally:
+            self.listening.clear()
+            if listener is not None:
+                _close_quietly(listener.close)
+            log.info("%s: stopped", self.label)
+
+    @contextmanager
+    def _signals_stop_me(self, install: bool) -> Iterator[None]:
+        if not install:
+            yield
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: %s received; finishing the current batch",
+                     self.label, signal.Signals(signum).name)
+            self.stop()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _close_quietly(close: Callable[[], object]) -> None:
+    try:
+        close()
+    except Exception:
+        log.debug("closing a broken connection failed", exc_info=True)
+
+
+class AsyncConsumer(_ConsumerBase):
+    """:class:`Consumer` for asyncio: ``async def`` handlers and an :class:`AsyncSession`.
+
+    :param session_factory: an ``async_sessionmaker`` or an
+        :class:`~sqlalchemy.ext.asyncio.AsyncEngine` to make one from.
+
+    The other parameters, the per-batch transaction, the SAVEPOINT around handlers
+    taking ``(msg, session)`` and the wake-up and reconnect behaviour are those of
+    :class:`Consumer`. ``await consumer.run()`` runs in the calling event loop;
+    :meth:`stop` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession] | AsyncEngine,
+        *,
+        queue: Queue | str,
+        name: str,
+        max_messages: int = MAX_MESSAGES,
+        poll_interval: float = 1.0,
+        retry_after: float | timedelta = 60.0,
+        unknown_handler_policy: UnknownHandlerPolicy = "nack",
+        subconsumer: str | None = None,
+        dead_interval: float | timedelta | None = None,
+    ) -> None:
+        if isinstance(session_factory, (Engine, sessionmaker)):
+            raise TypeError("use Consumer with an Engine or sessionmaker")
+        super().__init__(
+            queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
+            retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
+            subconsumer=subconsumer, dead_interval=dead_interval,
+        )
+        self._session_factory: async_sessionmaker[AsyncSession] = (
+            async_sessionmaker(session_factory) if isinstance(session_factory, AsyncEngine)
+            else session_factory
+        )
+        self._engine_override: AsyncEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_event: asyncio.Event | None = None
+
+    def _check_handler(self, function: Callable[..., Any]) -> None:
+        if not inspect.iscoroutinefunction(function):
+            raise TypeError(f"{function!r} is not async: AsyncConsumer handlers are async def")
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        """The async engine sessions are bound to, or ``None`` when it cannot be found."""
+        if self._engine_override is not None:
+            return self._engine_override
+        bind = self._session_factory.kw.get("bind")
+        return bind if isinstance(bind, AsyncEngine) else None
+
+    def use_engine(self, engine: AsyncEngine) -> None:
+        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
+        self._engine_override = engine
+
+    def _session(self) -> AsyncSession:
+        if self._engine_override is not None:
+            return self._session_factory(bind=self._engine_override)
+        return self._session_factory()
+
+    async def check(self) -> None:
+        """See :meth:`Consumer.check`."""
+        async with self._session() as session:
+            connection = await session.connection()
+            await connection.run_sync(check_subscription, self.queue.name, self.name)
+
+    async def process_batch(self) -> int:
+        """Receive and handle one batch; return how many messages it had (0: none)."""
+        return (await self._process_batch())[0]
+
+    async def _process_batch(self) -> tuple[int, bool]:
+        """``(messages handled, whether another batch may be ready at once)``."""
+        try:
+            async with self._session() as session, session.begin():
+                messages = await session.run_sync(self._receive)
+                if not messages:
+                    return 0, await session.run_sync(self._behind)
+                self._warn_if_truncated(messages)
+                for message in messages:
+                    await self._handle(session, message)
+                await session.run_sync(self._ack, messages[0].batch_id)
+        except _BatchLost as lost:
+            log.warning("%s: batch %s was taken over by another member; rolled back",
+                        self.label, lost.args[0])
+        return len(messages), True
+
+    async def _handle(self, session: AsyncSession, message: Message) -> None:
+        handler = self._handler_for(message.type)
+        if handler is None:
+            if self.unknown_handler_policy == "nack":
+                await session.run_sync(self._nack_unknown, message)
+            return
+        try:
+            if handler.takes_session:
+                async with session.begin_nested():
+                    await handler.function(message, session)
+            else:
+                await handler.function(message)
+        except Exception as exc:
+            self._log_handler_failure(message, exc)
+            await session.run_sync(self._nack, message, repr(exc))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in progress; safe from any thread."""
+        self._stopping.set()
+        loop, wake_event = self._loop, self._wake_event
+        if loop is not None and wake_event is not None:
+            try:
+                loop.call_soon_threadsafe(wake_event.set)
+            except RuntimeError:
+                pass  # the loop has already closed: run() has returned
+
+    async def run(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Consume until :meth:`stop`, SIGTERM or SIGINT; see :meth:`Consumer.run`.
+
+        Signal handlers go on the running loop (``loop.add_signal_handler``) when
+        ``install_signal_handlers`` is true, or ``None`` in the main thread.
+        """
+        engine = self.engine
+        if engine is None:
+            raise PgqueError(f"{self!r} has no engine: bind its async_sessionmaker")
+        loop = asyncio.get_running_loop()
+        self._wake_event = asyncio.Event()
+        self._loop = loop
+        if self._stopping.is_set():
+            self._wake_event.set()
+        if install_signal_handlers is None:
+            install_signal_handlers = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._consume(engine, self._wake_event)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            self._loop = None
+            self._wake_event = None
+            self._stopping.clear()
+
+    async def _consume(self, engine: AsyncEngine, wake_event: asyncio.Event) -> None:
+        backoff = Backoff()
+        listener: AsyncListener | None = None
+        log.info("%s: consuming", self.label)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if listener is None:
+                        listener = await AsyncListener.open(engine, [self.channel])
+                        self.listening.set()
+                    _, more = await self._process_batch()
+                    backoff.reset()
+                    if not more:
+                        await listener.wait(self.poll_interval, wake_event)
+                except _FATAL_ERRORS:
+                    raise
+                except _RETRIED_ERRORS as exc:
+                    self.listening.clear()
+                    if listener is not None:
+                        await _aclose_quietly(listener)
+                        listener = None
+                    delay = backoff.next()
+                    self._log_database_error(exc, delay)
+                    try:
+                        await asyncio.wait_for(wake_event.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            self.listening.clear()
+            if listener is not None:
+                await _aclose_quietly(listener)
+            log.info("%s: stopped", self.label)
+
+
+async def _aclose_quietly(listener: AsyncListener) -> None:
+    try:
+        await listener.close()
+    except Exception:
+        log.debug("closing a broken connection failed", exc_info=True)

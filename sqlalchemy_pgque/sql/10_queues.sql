@@ -1,0 +1,482 @@
+-- sqlalchemy-pgque engine: queue lifecycle, configuration and subscriptions.
+--
+-- Per-queue objects are named after the queue id, never the queue name, so any name
+-- (up to the 57-byte notify-channel budget) works without quoting trouble.
+
+-- 'schema.name' -> '"schema"."name"' with each part quoted only where needed.
+CREATE OR REPLACE FUNCTION pgque.quote_fqname(i_name text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+AS $$
+    SELECT CASE WHEN position('.' IN i_name) > 0
+                THEN quote_ident(split_part(i_name, '.', 1)) || '.'
+                     || quote_ident(substr(i_name, position('.' IN i_name) + 1))
+                ELSE quote_ident(i_name)
+           END;
+$$;
+
+-- last_value of a sequence: 1 both before and right after its first nextval, which is
+-- why a queue's very first event does not count towards the ticker threshold.
+CREATE OR REPLACE FUNCTION pgque.seq_getval(i_seq_name text)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    v bigint;
+BEGIN
+    EXECUTE 'SELECT last_value FROM ' || pgque.quote_fqname(i_seq_name) INTO v;
+    RETURN v;
+END
+$$;
+
+-- Raise a sequence to at least i_new_value; never moves it backwards.
+CREATE OR REPLACE FUNCTION pgque.seq_setval(i_seq_name text, i_new_value bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    cur bigint;
+BEGIN
+    cur := pgque.seq_getval(i_seq_name);
+    IF i_new_value IS NULL OR i_new_value <= cur THEN
+        RETURN cur;
+    END IF;
+    PERFORM setval(pgque.quote_fqname(i_seq_name)::regclass, i_new_value);
+    RETURN i_new_value;
+END
+$$;
+
+-- Copy the explicit privileges of one relation onto another (grantee by grantee).
+CREATE OR REPLACE FUNCTION pgque._grant_perms_from(
+    i_src_schema text, i_src_table text, i_dst_schema text, i_dst_table text)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    acl record;
+    granted integer := 0;
+BEGIN
+    FOR acl IN
+        SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                    ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS grantee_sql,
+               a.privilege_type,
+               a.is_grantable
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         CROSS JOIN LATERAL aclexplode(c.relacl) a
+         WHERE n.nspname = i_src_schema AND c.relname = i_src_table
+           AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT %s ON %I.%I TO %s%s', acl.privilege_type, i_dst_schema,
+                       i_dst_table, acl.grantee_sql,
+                       CASE WHEN acl.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        granted := granted + 1;
+    END LOOP;
+    RETURN granted;
+END
+$$;
+
+-- Give a queue's tables the privileges of event_template and its sequences read access
+-- for everyone (monitoring reads last_value) plus full use for the admin role.
+CREATE OR REPLACE FUNCTION pgque.grant_perms(x_queue_name text)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    q pgque.queue%ROWTYPE;
+    tbl text;
+    i integer;
+BEGIN
+    SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Queue not found';
+    END IF;
+    tbl := split_part(q.queue_data_pfx, '.', 2);
+    PERFORM pgque._grant_perms_from('pgque', 'event_template', 'pgque', tbl);
+    FOR i IN 0 .. q.queue_ntables - 1 LOOP
+        PERFORM pgque._grant_perms_from('pgque', 'event_template', 'pgque', tbl || '_' || i);
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON SEQUENCE %s, %s TO PUBLIC',
+                   pgque.quote_fqname(q.queue_event_seq), pgque.quote_fqname(q.queue_tick_seq));
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgque_admin') THEN
+        EXECUTE format('GRANT ALL ON SEQUENCE %s, %s TO pgque_admin',
+                       pgque.quote_fqname(q.queue_event_seq), pgque.quote_fqname(q.queue_tick_seq));
+    END IF;
+    RETURN 1;
+END
+$$;
+
+-- Event tables are insert-only and emptied by TRUNCATE: pack pages fully and keep
+-- autovacuum away from them.
+CREATE OR REPLACE FUNCTION pgque.tune_storage(i_queue_name text)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    q pgque.queue%ROWTYPE;
+    i integer;
+BEGIN
+    SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Queue not found';
+    END IF;
+    FOR i IN 0 .. q.queue_ntables - 1 LOOP
+        EXECUTE format('ALTER TABLE %s SET (fillfactor = 100, autovacuum_enabled = off, '
+                       'toast.autovacuum_enabled = off)',
+                       pgque.quote_fqname(q.queue_data_pfx || '_' || i));
+    END LOOP;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.create_queue(i_queue_name text)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    qid integer;
+    tbl text;
+    event_seq text;
+    tick_seq text;
+    i integer;
+BEGIN
+    IF i_queue_name IS NULL THEN
+        RAISE EXCEPTION 'Invalid NULL value';
+    END IF;
+    IF i_queue_name = '' THEN
+        RAISE EXCEPTION 'queue name must not be empty';
+    END IF;
+    -- The notify channel 'pgque_' || name must fit in a 63-byte identifier.
+    IF octet_length(i_queue_name) > 57 THEN
+        RAISE EXCEPTION 'queue name too long: % bytes (max 57). The notify channel pgque_<name> must fit in 63 bytes', octet_length(i_queue_name);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgque.queue WHERE queue_name = i_queue_name) THEN
+        RETURN 0;
+    END IF;
+
+    qid := nextval('pgque.queue_queue_id_seq');
+    tbl := 'pgque.event_' || qid;
+    event_seq := tbl || '_id_seq';
+    tick_seq := tbl || '_tick_seq';
+
+    -- A concurrent create of the same name wins; this one then reports "exists".
+    INSERT INTO pgque.queue (queue_id, queue_name, queue_data_pfx, queue_event_seq, queue_tick_seq)
+    VALUES (qid, i_queue_name, tbl, event_seq, tick_seq)
+    ON CONFLICT (queue_name) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+
+    EXECUTE 'CREATE SEQUENCE ' || event_seq;
+    EXECUTE 'CREATE SEQUENCE ' || tick_seq;
+    EXECUTE format('CREATE TABLE %s () INHERITS (pgque.event_template)', tbl);
+    FOR i IN 0 .. 2 LOOP
+        EXECUTE format('CREATE TABLE %s_%s () INHERITS (%s) '
+                       'WITH (fillfactor = 100, autovacuum_enabled = off, toast.autovacuum_enabled = off)',
+                       tbl, i, tbl);
+        EXECUTE format('ALTER TABLE %s_%s ALTER COLUMN ev_id SET DEFAULT nextval(%L)',
+                       tbl, i, event_seq);
+        EXECUTE format('CREATE INDEX event_%s_%s_txid_idx ON %s_%s (ev_txid)', qid, i, tbl, i);
+    END LOOP;
+    PERFORM pgque.grant_perms(i_queue_name);
+    PERFORM pgque.ticker(i_queue_name);
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.register_consumer_at(
+    x_queue_name text, x_consumer_name text, x_tick_pos bigint)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    qid integer;
+    cid integer;
+    sub record;
+    start_tick bigint;
+BEGIN
+    SELECT queue_id INTO qid FROM pgque.queue WHERE queue_name = x_queue_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Event queue not created yet';
+    END IF;
+    IF x_tick_pos IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgque.tick WHERE tick_queue = qid AND tick_id = x_tick_pos) THEN
+        RAISE EXCEPTION 'cannot reposition, tick not found: %', x_tick_pos;
+    END IF;
+
+    SELECT co_id INTO cid FROM pgque.consumer WHERE co_name = x_consumer_name;
+    IF NOT FOUND THEN
+        INSERT INTO pgque.consumer (co_name) VALUES (x_consumer_name)
+        ON CONFLICT (co_name) DO NOTHING;
+        SELECT co_id INTO cid FROM pgque.consumer WHERE co_name = x_consumer_name;
+    END IF;
+
+    SELECT * INTO sub FROM pgque.subscription
+     WHERE sub_queue = qid AND sub_consumer = cid FOR UPDATE;
+    IF FOUND THEN
+        IF x_tick_pos IS NOT NULL THEN
+            UPDATE pgque.subscription
+               SET sub_last_tick = x_tick_pos, sub_batch = NULL, sub_next_tick = NULL,
+                   sub_active = now()
+             WHERE sub_queue = qid AND sub_consumer = cid;
+        END IF;
+        RETURN 0;
+    END IF;
+
+    IF x_tick_pos IS NOT NULL THEN
+        start_tick := x_tick_pos;
+    ELSE
+        SELECT max(tick_id) INTO start_tick FROM pgque.tick WHERE tick_queue = qid;
+        IF start_tick IS NULL THEN
+            RAISE EXCEPTION 'No ticks for this queue.  Please run ticker on database.';
+        END IF;
+    END IF;
+    INSERT INTO pgque.subscription (sub_queue, sub_consumer, sub_last_tick)
+    VALUES (qid, cid, start_tick)
+    ON CONFLICT (sub_queue, sub_consumer) DO NOTHING;
+    -- Not found: a concurrent subscribe of the same pair committed first.
+    RETURN CASE WHEN FOUND THEN 1 ELSE 0 END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.register_consumer(x_queue_name text, x_consumer_id text)
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT pgque.register_consumer_at(x_queue_name, x_consumer_id, NULL);
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.subscribe(queue text, consumer text)
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT pgque.register_consumer_at(queue, consumer, NULL);
+$$;
+
+-- Removes one subscription row. Cooperative groups share one sub_id: a member leaves
+-- alone (the main is demoted to a normal consumer with the last one), while the main
+-- can go only once it has no members.
+CREATE OR REPLACE FUNCTION pgque.unregister_consumer(x_queue_name text, x_consumer_name text)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    sub record;
+    sharing integer;
+BEGIN
+    SELECT s.sub_id, s.sub_queue, s.sub_consumer, s.sub_role, s.sub_batch
+      INTO sub
+      FROM pgque.subscription s
+      JOIN pgque.queue q ON q.queue_id = s.sub_queue
+      JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+     WHERE q.queue_name = x_queue_name AND c.co_name = x_consumer_name
+       FOR UPDATE OF s;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+
+    IF sub.sub_role = 'coop_member' THEN
+        IF sub.sub_batch IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot unregister active cooperative subconsumer without forced batch handling: %/%',
+                x_queue_name, x_consumer_name;
+        END IF;
+        DELETE FROM pgque.subscription
+         WHERE sub_queue = sub.sub_queue AND sub_consumer = sub.sub_consumer;
+        DELETE FROM pgque.consumer c
+         WHERE c.co_id = sub.sub_consumer
+           AND NOT EXISTS (SELECT 1 FROM pgque.subscription s WHERE s.sub_consumer = c.co_id);
+        UPDATE pgque.subscription m
+           SET sub_role = 'normal'
+         WHERE m.sub_queue = sub.sub_queue AND m.sub_id = sub.sub_id AND m.sub_role = 'coop_main'
+           AND NOT EXISTS (SELECT 1 FROM pgque.subscription o
+                            WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
+                              AND o.sub_role = 'coop_member');
+        RETURN 1;
+    END IF;
+
+    IF sub.sub_role = 'coop_main' THEN
+        IF EXISTS (SELECT 1 FROM pgque.subscription o
+                    WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
+                      AND o.sub_role = 'coop_member' AND o.sub_batch IS NOT NULL) THEN
+            RAISE EXCEPTION 'cannot unregister cooperative consumer with active subconsumer batches: %/%',
+                x_queue_name, x_consumer_name;
+        END IF;
+        IF EXISTS (SELECT 1 FROM pgque.subscription o
+                    WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
+                      AND o.sub_role = 'coop_member') THEN
+            RAISE EXCEPTION 'cannot unregister cooperative main consumer with registered subconsumers: %/%',
+                x_queue_name, x_consumer_name;
+        END IF;
+    END IF;
+
+    SELECT count(*) INTO sharing FROM pgque.subscription
+     WHERE sub_queue = sub.sub_queue AND sub_id = sub.sub_id;
+    DELETE FROM pgque.retry_queue WHERE ev_owner = sub.sub_id AND ev_queue = sub.sub_queue;
+    DELETE FROM pgque.subscription
+     WHERE sub_queue = sub.sub_queue AND sub_consumer = sub.sub_consumer;
+    DELETE FROM pgque.consumer c
+     WHERE c.co_id = sub.sub_consumer
+       AND NOT EXISTS (SELECT 1 FROM pgque.subscription s WHERE s.sub_consumer = c.co_id);
+    RETURN sharing;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.unsubscribe(queue text, consumer text)
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT pgque.unregister_consumer(queue, consumer);
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.drop_queue(x_queue_name text, x_force boolean)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    q pgque.queue%ROWTYPE;
+    member_name text;
+BEGIN
+    SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'No such event queue';
+    END IF;
+
+    IF x_force THEN
+        -- Name order puts a cooperative main before its '<main>.<sub>' members, so a
+        -- group with members makes the drop fail instead of silently losing them.
+        FOR member_name IN
+            SELECT c.co_name FROM pgque.subscription s
+              JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+             WHERE s.sub_queue = q.queue_id
+             ORDER BY c.co_name
+        LOOP
+            PERFORM pgque.unregister_consumer(x_queue_name, member_name);
+        END LOOP;
+    ELSIF EXISTS (SELECT 1 FROM pgque.subscription WHERE sub_queue = q.queue_id) THEN
+        RAISE EXCEPTION 'cannot drop queue, consumers still attached';
+    END IF;
+
+    EXECUTE 'DROP TABLE ' || pgque.quote_fqname(q.queue_data_pfx) || ' CASCADE';
+    DELETE FROM pgque.tick WHERE tick_queue = q.queue_id;
+    DELETE FROM pgque.retry_queue WHERE ev_queue = q.queue_id;
+    EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_event_seq);
+    EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_tick_seq);
+    DELETE FROM pgque.queue WHERE queue_id = q.queue_id;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.drop_queue(x_queue_name text)
+RETURNS integer
+LANGUAGE sql
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT pgque.drop_queue(x_queue_name, false);
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.set_queue_config(
+    x_queue_name text, x_param_name text, x_param_value text)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    param text;
+    qid integer;
+    int_value bigint;
+    interval_value interval;
+BEGIN
+    IF x_queue_name IS NULL OR x_param_name IS NULL THEN
+        RAISE EXCEPTION 'Invalid NULL value';
+    END IF;
+    SELECT queue_id INTO qid FROM pgque.queue WHERE queue_name = x_queue_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'No such event queue';
+    END IF;
+
+    param := CASE WHEN x_param_name LIKE 'queue\_%' THEN substr(x_param_name, 7)
+                  ELSE x_param_name END;
+    IF param NOT IN ('ticker_max_count', 'ticker_max_lag', 'ticker_idle_period',
+                     'ticker_paused', 'rotation_period', 'external_ticker', 'max_retries') THEN
+        RAISE EXCEPTION 'cannot change parameter "%"', x_param_name;
+    END IF;
+
+    IF x_param_value IS NULL THEN
+        EXECUTE format('UPDATE pgque.queue SET %I = DEFAULT WHERE queue_id = $1', 'queue_' || param)
+            USING qid;
+        RETURN 1;
+    END IF;
+
+    IF param = 'max_retries' THEN
+        int_value := x_param_value::integer;
+        IF int_value < 0 THEN
+            RAISE EXCEPTION 'set_queue_config: max_retries must be >= 0, got %', int_value;
+        END IF;
+    ELSIF param = 'ticker_max_count' THEN
+        int_value := x_param_value::integer;
+        IF int_value <= 0 THEN
+            RAISE EXCEPTION 'set_queue_config: ticker_max_count must be > 0, got %', int_value;
+        END IF;
+    ELSIF param IN ('ticker_max_lag', 'ticker_idle_period', 'rotation_period') THEN
+        interval_value := x_param_value::interval;
+        IF interval_value <= interval '0' THEN
+            RAISE EXCEPTION 'set_queue_config: % must be > 0, got %', param, interval_value;
+        END IF;
+    END IF;
+
+    EXECUTE format('UPDATE pgque.queue SET %1$I = $1::%2$s WHERE queue_id = $2',
+                   'queue_' || param,
+                   CASE WHEN param IN ('max_retries', 'ticker_max_count') THEN 'integer'
+                        WHEN param IN ('ticker_paused', 'external_ticker') THEN 'boolean'
+                        ELSE 'interval' END)
+        USING x_param_value, qid;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgque.current_event_table(x_queue_name text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    q pgque.queue%ROWTYPE;
+BEGIN
+    SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Event queue not found';
+    END IF;
+    IF q.queue_disable_insert AND current_setting('session_replication_role') <> 'replica' THEN
+        RAISE EXCEPTION 'Writing to queue disabled';
+    END IF;
+    RETURN q.queue_data_pfx || '_' || q.queue_cur_table;
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION
+    pgque.register_consumer_at(text, text, bigint),
+    pgque.register_consumer(text, text),
+    pgque.subscribe(text, text),
+    pgque.unregister_consumer(text, text),
+    pgque.unsubscribe(text, text)
+TO pgque_reader;

@@ -1,0 +1,254 @@
+"""An in-process ticker and maintenance loop, for databases without pg_cron.
+
+PgQue delivers nothing until something calls ``pgque.ticker()``. :class:`Ticker` does
+that at the configured tick period, runs the retry mover and ``maint()`` every 30 s and
+``maint_rotate_tables_step2()`` in a later transaction, and, when woken by a commit
+(``Queue.send`` NOTIFYs ``sqlalchemy_pgque_wake`` with the queue name inside the
+producer's transaction), ticks that queue at once so its consumers get the event
+within milliseconds. Any number of processes may run one: a PostgreSQL advisory lock
+elects the single process that ticks, and another takes over when it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from ._listen import Backoff, Listener, Waker, connect_autocommit, first_line
+from .queue import WAKE_CHANNEL
+
+__all__ = ["TICKER_LOCK_KEY", "Ticker"]
+
+log = logging.getLogger(__name__)
+
+TICKER_LOCK_KEY = (0x70677175, 0x7469636B)
+"""``pg_try_advisory_lock(classid, objid)`` key held by the ticking process."""
+
+_DEFAULT_TICK_PERIOD = 0.1
+_RETRY_MOVER_BATCH = 10
+
+
+class Ticker:
+    """Ticks every queue of one database and runs its periodic maintenance.
+
+    :param engine: the database; the ticker keeps one dedicated connection from it.
+    :param tick_period: seconds between ``pgque.ticker()`` calls; ``None`` reads
+        ``pgque.config.tick_period_ms`` (100 ms by default).
+    :param maint_interval: seconds between maintenance rounds (``maint_retry_events()``
+        until it moves fewer than 10 rows, then ``maint()``, then
+        ``maint_rotate_tables_step2()`` in its own transaction).
+    :param rotate_step2_interval: seconds between extra ``maint_rotate_tables_step2()``
+        calls, so a rotation completes without waiting a full maintenance round.
+    :param wake: listen for commit wake-ups and tick the committed-to queue at once
+        (``force_next_tick`` in one transaction, ``ticker(queue)`` in the next).
+    :param coalesce_window: at most one wake-up tick per queue in this many seconds;
+        commits arriving closer together share the next tick, so a busy queue still
+        ticks in batches. The first commit after a quiet spell ticks immediately.
+    :param lock_retry_interval: how often a process that does not hold the ticker
+        lock tries to take it.
+
+    Ticks are plain PgQue 0.2 calls, so any PgQue install works. The periodic
+    ``ticker()`` remains the floor for producers that do not go through ``Queue.send``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        tick_period: float | None = None,
+        maint_interval: float = 30.0,
+        rotate_step2_interval: float = 10.0,
+        wake: bool = True,
+        coalesce_window: float = 0.005,
+        lock_retry_interval: float = 1.0,
+    ) -> None:
+        if tick_period is not None and tick_period <= 0:
+            raise ValueError(f"tick_period must be > 0, got {tick_period}")
+        self.engine = engine
+        self.tick_period = tick_period
+        self.maint_interval = maint_interval
+        self.rotate_step2_interval = rotate_step2_interval
+        self.wake = wake
+        self.coalesce_window = coalesce_window
+        self.lock_retry_interval = lock_retry_interval
+        self.leading = threading.Event()
+        """Set while this process holds the ticker lock and ticks."""
+        self._stopping = threading.Event()
+        self._waker: Waker | None = None
+
+    def __repr__(self) -> str:
+        return f"Ticker({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; safe from any thread or signal handler."""
+        self._stopping.set()
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    def run(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Tick until :meth:`stop`, SIGTERM or SIGINT, reconnecting after errors.
+
+        Signal handlers are installed when ``install_signal_handlers`` is true, or
+        when it is ``None`` and this is the main thread.
+        """
+        if install_signal_handlers is None:
+            install_signal_handlers = threading.current_thread() is threading.main_thread()
+        waker = self._waker = Waker()
+        with self._signals_stop_me(install_signal_handlers):
+            try:
+                self._run(waker)
+            finally:
+                self._waker = None
+                waker.close()
+                self._stopping.clear()
+
+    def _run(self, waker: Waker) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            connection: psycopg.Connection[Any] | None = None
+            try:
+                connection = connect_autocommit(self.engine)
+                connection.execute(
+                    "SELECT set_config('application_name', %s, false)",
+                    (f"sqlalchemy_pgque ticker {os.getpid()}",),
+                )
+                # Nothing this connection commits needs to wait for its WAL flush: a
+                # consumer's ack that depends on a tick commits later and flushes the
+                # WAL past it, and a tick, retry move or rotation lost whole in a crash
+                # is simply done again. The flush was most of a woken tick's latency.
+                connection.execute("SELECT set_config('synchronous_commit', 'off', false)")
+                if self._acquire_lock(connection, backoff):
+                    self._lead(Listener(connection, waker), backoff)
+            except (psycopg.Error, DBAPIError) as exc:
+                delay = backoff.next()
+                log.warning("ticker: %s; reconnecting in %.1f s", first_line(exc), delay)
+                self._stopping.wait(delay)
+            finally:
+                if self.leading.is_set():
+                    log.info("ticker: released the ticker lock")
+                self.leading.clear()
+                if connection is not None:
+                    _close_quietly(connection)
+
+    def _acquire_lock(self, connection: psycopg.Connection[Any], backoff: Backoff) -> bool:
+        """Wait for the lock on ``connection``; ``False`` when stopped first."""
+        while not self._stopping.is_set():
+            row = connection.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", TICKER_LOCK_KEY
+            ).fetchone()
+            backoff.reset()
+            if row is not None and row[0]:
+                return True
+            self._stopping.wait(self.lock_retry_interval)
+        return False
+
+    def _lead(self, listener: Listener, backoff: Backoff) -> None:
+        connection = listener.connection
+        period = self.tick_period or _configured_tick_period(connection)
+        if self.wake:
+            listener.listen(WAKE_CHANNEL)
+        self.leading.set()
+        log.info("ticker: holding the ticker lock; ticking every %.3f s%s", period,
+                 ", and on commit wake-ups" if self.wake else "")
+        now = time.monotonic()
+        next_tick = next_maint = now
+        next_step2 = now + self.rotate_step2_interval
+        last_wake_tick: dict[str, float] = {}
+        deferred: dict[str, float] = {}
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                connection.execute("SELECT pgque.ticker()")
+                backoff.reset()
+                next_tick += period
+                if next_tick <= now:
+                    next_tick = now + period
+            if now >= next_maint:
+                self._maintain(connection)
+                next_maint = time.monotonic() + self.maint_interval
+                next_step2 = time.monotonic() + self.rotate_step2_interval
+            elif now >= next_step2:
+                connection.execute("SELECT pgque.maint_rotate_tables_step2()")
+                next_step2 = now + self.rotate_step2_interval
+            for queue_name, due in list(deferred.items()):
+                if due <= now:
+                    del deferred[queue_name]
+                    last_wake_tick[queue_name] = now
+                    self._tick_now(connection, queue_name)
+            deadline = min(next_tick, next_maint, next_step2, *deferred.values())
+            woken = {n.payload for n in listener.wait(max(0.0, deadline - time.monotonic()))}
+            now = time.monotonic()
+            for queue_name in sorted(woken):
+                if queue_name in deferred:
+                    continue
+                ready_at = last_wake_tick.get(queue_name, -math.inf) + self.coalesce_window
+                if ready_at <= now:
+                    last_wake_tick[queue_name] = now
+                    self._tick_now(connection, queue_name)
+                else:
+                    deferred[queue_name] = ready_at
+
+    def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
+        """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""
+        try:
+            connection.execute("SELECT pgque.force_next_tick(%s)", (queue_name,))
+            connection.execute("SELECT pgque.ticker(%s)", (queue_name,))
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            # A paused, external or dropped queue: the periodic ticker decides for it.
+            log.debug("ticker: wake-up tick of %r skipped: %s", queue_name, first_line(exc))
+
+    def _maintain(self, connection: psycopg.Connection[Any]) -> None:
+        moved = _RETRY_MOVER_BATCH
+        while moved >= _RETRY_MOVER_BATCH and not self._stopping.is_set():
+            row = connection.execute("SELECT pgque.maint_retry_events()").fetchone()
+            moved = int(row[0]) if row and row[0] is not None else 0
+        connection.execute("SELECT pgque.maint()")
+        connection.execute("SELECT pgque.maint_rotate_tables_step2()")
+
+    @contextmanager
+    def _signals_stop_me(self, install: bool) -> Iterator[None]:
+        if not install:
+            yield
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.stop()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
+    try:
+        row = connection.execute("SELECT tick_period_ms FROM pgque.config").fetchone()
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error:
+        return _DEFAULT_TICK_PERIOD
+    return row[0] / 1000.0 if row and row[0] and row[0] > 0 else _DEFAULT_TICK_PERIOD
+
+
+def _close_quietly(connection: psycopg.Connection[Any]) -> None:
+    try:
+        connection.close()
+    except Exception:
+        log.debug("closing the ticker connection failed", exc_info=True)

@@ -1,0 +1,91 @@
+"""Helpers for the consumer, ticker and worker tests: queue setup and polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+T = TypeVar("T")
+
+Conn = psycopg.Connection[Any]
+
+HANDLED_TABLE = """
+CREATE TABLE handled (
+    msg_id bigint NOT NULL,
+    type text,
+    retry_count int NOT NULL,
+    handled_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def setup_queue(conn: Conn, queue: str = "q", consumer: str = "c",
+                **config: object) -> None:
+    """Create ``queue``, apply ``config`` (set_queue_config) and subscribe ``consumer``."""
+    conn.execute("SELECT pgque.create_queue(%s)", (queue,))
+    for param, value in config.items():
+        conn.execute("SELECT pgque.set_queue_config(%s, %s, %s)", (queue, param, str(value)))
+    conn.execute("SELECT pgque.subscribe(%s, %s)", (queue, consumer))
+
+
+def send(conn: Conn, queue: str, payload: str = "{}", type: str = "default") -> int:
+    row = conn.execute("SELECT pgque.send(%s, %s, %s::jsonb)", (queue, type, payload)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def send_many(conn: Conn, queue: str, count: int, type: str = "default") -> list[int]:
+    payloads = [f'{{"n": {i}}}' for i in range(count)]
+    row = conn.execute(
+        "SELECT pgque.send_batch(%s, %s, %s::jsonb[])", (queue, type, payloads)
+    ).fetchone()
+    assert row is not None
+    return [int(i) for i in row[0]]
+
+
+def tick(conn: Conn, queue: str) -> int:
+    """Tick ``queue`` now, whatever its thresholds (two transactions, autocommit)."""
+    conn.execute("SELECT pgque.force_next_tick(%s)", (queue,))
+    row = conn.execute("SELECT pgque.ticker(%s)", (queue,)).fetchone()
+    assert row is not None and row[0] is not None
+    return int(row[0])
+
+
+def move_retries(conn: Conn) -> int:
+    total, moved = 0, 1
+    while moved:
+        row = conn.execute("SELECT pgque.maint_retry_events()").fetchone()
+        assert row is not None
+        moved = int(row[0])
+        total += moved
+    return total
+
+
+def handled_counts(conn: Conn) -> dict[int, int]:
+    rows = conn.execute("SELECT msg_id, count(*) FROM handled GROUP BY msg_id").fetchall()
+    return {int(msg_id): int(n) for msg_id, n in rows}
+
+
+def open_batch(conn: Conn, queue: str, consumer: str) -> int | None:
+    row = conn.execute(
+        "SELECT current_batch FROM pgque.get_consumer_info(%s, %s) WHERE consumer_name = %s",
+        (queue, consumer, consumer),
+    ).fetchone()
+    assert row is not None, f"{consumer} is not subscribed to {queue}"
+    return None if row[0] is None else int(row[0])
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
+               what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,396 @@
+"""Consumer in-process: handlers, the per-batch transaction, wake-up and stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Database
+from consumer_support import (
+    HANDLED_TABLE,
+    Conn,
+    handled_counts,
+    move_retries,
+    open_batch,
+    send,
+    setup_queue,
+    tick,
+    wait_until,
+)
+from sqlalchemy import Engine, Integer, String, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqlalchemy_pgque import Message, Queue
+from sqlalchemy_pgque.consumer import Consumer
+from sqlalchemy_pgque.errors import MessageNotInBatch
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Shipment(Base):
+    __tablename__ = "shipment"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    msg_id: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String)
+
+
+@pytest.fixture
+def queue(conn: Conn, engine: Engine) -> Queue:
+    setup_queue(conn, "q", "c")
+    conn.execute(HANDLED_TABLE)
+    Base.metadata.create_all(engine)
+    return Queue("q")
+
+
+def record(msg: Message, session: Session) -> None:
+    session.execute(
+        text("INSERT INTO handled (msg_id, type, retry_count) VALUES (:id, :type, :retry)"),
+        {"id": msg.msg_id, "type": msg.type, "retry": msg.retry_count},
+    )
+
+
+def dead_letters(conn: Conn) -> list[tuple[int, str]]:
+    rows = conn.execute("SELECT ev_id, dl_reason FROM pgque.dead_letter ORDER BY ev_id")
+    return [(int(ev_id), str(reason)) for ev_id, reason in rows]
+
+
+def retry_rows(conn: Conn) -> list[int]:
+    return [int(r[0]) for r in conn.execute("SELECT ev_id FROM pgque.retry_queue ORDER BY ev_id")]
+
+
+def test_handlers_take_msg_or_msg_and_session(conn: Conn, engine: Engine, queue: Queue) -> None:
+    consumer = Consumer(sessionmaker(engine), queue=queue, name="c")
+    seen: list[tuple[int, Any]] = []
+
+    @consumer.on("note")
+    def note(msg: Message) -> None:
+        seen.append((msg.msg_id, msg.payload))
+
+    @consumer.on("write")
+    def write(msg: Message, session: Session) -> None:
+        record(msg, session)
+
+    noted = send(conn, "q", '{"a": 1}', "note")
+    written = [send(conn, "q", "{}", "write") for _ in range(3)]
+    tick(conn, "q")
+
+    assert consumer.process_batch() == 4
+    assert seen == [(noted, {"a": 1})]
+    assert handled_counts(conn) == dict.fromkeys(written, 1)
+    assert open_batch(conn, "q", "c") is None  # acked
+    assert consumer.process_batch() == 0
+
+
+def test_engine_is_accepted_and_catch_all_gets_other_types(
+    conn: Conn, engine: Engine, queue: Queue
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c")
+    specific: list[int] = []
+    caught: list[str] = []
+    consumer.on("a")(lambda msg: specific.append(msg.msg_id))
+    consumer.on("*")(lambda msg: caught.append(msg.type))
+
+    a = send(conn, "q", "{}", "a")
+    send(conn, "q", "{}", "b")
+    send(conn, "q", "{}", "c")
+    tick(conn, "q")
+
+    assert consumer.process_batch() == 3
+    assert specific == [a]
+    assert sorted(caught) == ["b", "c"]
+    assert retry_rows(conn) == []
+
+
+@pytest.mark.parametrize("policy", ["nack", "ack"])
+def test_unknown_type_policy(conn: Conn, engine: Engine, queue: Queue, policy: str) -> None:
+    consumer = Consumer(engine, queue="q", name="c", unknown_handler_policy=policy)  # type: ignore[arg-type]
+    consumer.on("known")(lambda msg: None)
+    send(conn, "q", "{}", "known")
+    unknown = send(conn, "q", "{}", "unknown")
+    tick(conn, "q")
+
+    assert consumer.process_batch() == 2
+    assert open_batch(conn, "q", "c") is None
+    assert retry_rows(conn) == ([unknown] if policy == "nack" else [])
+
+
+def test_raising_handler_rolls_back_its_writes_retries_then_dead_letters(
+    conn: Conn, engine: Engine, queue: Queue
+) -> None:
+    conn.execute("SELECT pgque.set_queue_config('q', 'max_retries', '1')")
+    consumer = Consumer(engine, queue="q", name="c", retry_after=0)
+    attempts: list[tuple[int, int]] = []
+
+    @consumer.on("job")
+    def job(msg: Message, session: Session) -> None:
+        record(msg, session)
+        session.add(Shipment(msg_id=msg.msg_id, note="orm write"))
+        session.flush()
+        session.add(Shipment(msg_id=msg.msg_id, note="pending at raise"))
+        attempts.append((msg.msg_id, msg.retry_count))
+        if msg.payload["fail"]:
+            raise ValueError(f"cannot ship {msg.msg_id}")
+
+    good = send(conn, "q", '{"fail": false}', "job")
+    bad = send(conn, "q", '{"fail": true}', "job")
+    tick(conn, "q")
+
+    assert consumer.process_batch() == 2
+    assert handled_counts(conn) == {good: 1}
+    shipments = conn.execute("SELECT msg_id, note FROM shipment ORDER BY id").fetchall()
+    assert shipments == [(good, "orm write"), (good, "pending at raise")]
+    assert retry_rows(conn) == [bad]
+    assert open_batch(conn, "q", "c") is None
+
+    assert move_retries(conn) == 1
+    tick(conn, "q")
+    assert consumer.process_batch() == 1
+    assert attempts == [(good, 0), (bad, 0), (bad, 1)]
+    assert handled_counts(conn) == {good: 1}
+    assert retry_rows(conn) == []
+    assert dead_letters(conn) == [(bad, f"ValueError('cannot ship {bad}')")]
+
+
+class _NackFails(Queue):
+    """A queue whose nack names a message outside the batch, so the engine refuses it."""
+
+    def nack(self, bind: Any, msg: Message, **kwargs: Any) -> int:
+        stray = Message(msg_id=-1, batch_id=msg.batch_id, type=msg.type, payload=msg.payload,
+                        retry_count=msg.retry_count, created_at=msg.created_at)
+        return super().nack(bind, stray, **kwargs)
+
+
+def test_failed_nack_rolls_back_the_whole_batch(conn: Conn, engine: Engine, queue: Queue) -> None:
+    consumer = Consumer(engine, queue=_NackFails("q"), name="c")
+
+    @consumer.on("job")
+    def job(msg: Message, session: Session) -> None:
+        record(msg, session)
+        if msg.payload["fail"]:
+            raise ValueError("boom")
+
+    ids = [send(conn, "q", '{"fail": false}', "job"), send(conn, "q", '{"fail": true}', "job")]
+    tick(conn, "q")
+
+    with pytest.raises(MessageNotInBatch):
+        consumer.process_batch()
+    assert handled_counts(conn) == {}
+    assert retry_rows(conn) == []
+
+    redelivered: list[int] = []
+    replay = Consumer(engine, queue="q", name="c")
+    replay.on("job")(lambda msg: redelivered.append(msg.msg_id))
+    assert replay.process_batch() == 2
+    assert redelivered == ids
+
+
+def test_handler_kinds_are_checked_at_registration(engine: Engine) -> None:
+    consumer = Consumer(engine, queue="q", name="c")
+
+    async def coroutine(msg: Message) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="AsyncConsumer"):
+        consumer.on("x")(coroutine)
+    with pytest.raises(TypeError, match=r"\(msg\)"):
+        consumer.on("x")(lambda: None)
+    consumer.on("x")(lambda msg: None)
+    with pytest.raises(ValueError, match="already has a handler"):
+        consumer.on("x")(lambda msg: None)
+    with pytest.raises(ValueError, match="unknown_handler_policy"):
+        Consumer(engine, queue="q", name="c", unknown_handler_policy="drop")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
+    started: list[tuple[Consumer, threading.Thread]] = []
+    yield started
+    for consumer, thread in started:
+        consumer.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def start(running: list[tuple[Consumer, threading.Thread]], consumer: Consumer) -> threading.Thread:
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    running.append((consumer, thread))
+    assert consumer.listening.wait(10)
+    return thread
+
+
+def test_tick_notification_wakes_the_consumer_long_before_its_poll_interval(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
+    consumer.on("*")(record)
+    start(running, consumer)
+
+    event_id = send(conn, "q")
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == {event_id: 1}, timeout=5, what="the handler")
+
+
+def test_backlog_of_batches_drains_without_waiting(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    ids = []
+    tick(conn, "q")  # an empty window first: the next ones must still be found
+    for _ in range(5):
+        ids += [send(conn, "q") for _ in range(3)]
+        tick(conn, "q")
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
+    consumer.on("*")(record)
+    start(running, consumer)
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=5,
+               what="the whole backlog")
+
+
+def test_stop_from_another_thread_returns_promptly(
+    engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
+    consumer.on("*")(lambda msg: None)
+    thread = start(running, consumer)
+    stopped_at = time.monotonic()
+    consumer.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped_at < 5
+    assert not consumer.listening.is_set()
+
+
+def test_stop_waits_for_the_batch_in_progress(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
+    entered, release = threading.Event(), threading.Event()
+
+    @consumer.on("*")
+    def slow(msg: Message, session: Session) -> None:
+        record(msg, session)
+        entered.set()
+        assert release.wait(10)
+
+    thread = start(running, consumer)
+    ids = [send(conn, "q"), send(conn, "q")]
+    tick(conn, "q")
+    assert entered.wait(10)
+    consumer.stop()
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+    assert open_batch(conn, "q", "c") is None
+
+
+def test_run_reconnects_after_its_connections_are_terminated(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
+    consumer.on("*")(record)
+    start(running, consumer)
+    first = send(conn, "q")
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == {first: 1}, what="the first event")
+
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    wait_until(lambda: not consumer.listening.is_set() or _listener_gone(conn),
+               what="the consumer to notice")
+    assert consumer.listening.wait(10)
+    second = send(conn, "q")
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == {first: 1, second: 1}, what="the second event")
+
+
+def _listener_gone(conn: Conn) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()"
+    ).fetchone()
+    return row is not None and row[0] == 0
+
+
+def test_check_reports_configuration_errors(conn: Conn, engine: Engine, queue: Queue) -> None:
+    from sqlalchemy_pgque.errors import ConsumerNotSubscribed, QueueNotFound
+
+    Consumer(engine, queue="q", name="c").check()
+    with pytest.raises(QueueNotFound, match="nope"):
+        Consumer(engine, queue="nope", name="c").check()
+    with pytest.raises(ConsumerNotSubscribed, match="stranger"):
+        Consumer(engine, queue="q", name="stranger").check()
+
+
+def test_sigterm_stops_run_in_the_main_thread_and_restores_the_handler(
+    conn: Conn, engine: Engine, queue: Queue
+) -> None:
+    consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
+    consumer.on("*")(record)
+    event_id = send(conn, "q")
+    tick(conn, "q")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_handled() -> None:
+        wait_until(lambda: handled_counts(conn) == {event_id: 1}, what="the event")
+        assert consumer.listening.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_handled, daemon=True)
+    killer.start()
+    consumer.run()
+    killer.join(10)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert open_batch(conn, "q", "c") is None
+
+
+def test_cooperative_members_handle_each_event_once(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    with Session(engine) as session, session.begin():
+        queue.unsubscribe(session, "c")
+        for member in ("a", "b"):
+            queue.subscribe_subconsumer(session, "group", member)
+    handled_by: dict[int, list[str]] = {}
+    lock = threading.Lock()
+
+    def member_handler(member: str) -> Any:
+        def handle(msg: Message, session: Session) -> None:
+            record(msg, session)
+            with lock:
+                handled_by.setdefault(msg.msg_id, []).append(member)
+        return handle
+
+    for member in ("a", "b"):
+        consumer = Consumer(engine, queue="q", name="group", subconsumer=member,
+                            poll_interval=30)
+        consumer.on("*")(member_handler(member))
+        start(running, consumer)
+    ids: list[int] = []
+    for _ in range(20):
+        ids += [send(conn, "q") for _ in range(5)]
+        tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="every event once")
+    assert all(len(members) == 1 for members in handled_by.values())
+
+
+def test_listen_connection_from_a_url_of_another_driver(db: Database) -> None:
+    from sqlalchemy_pgque._listen import conninfo_from_url
+
+    url = db.url.set(drivername="postgresql+asyncpg").update_query_dict(
+        {"prepared_statement_cache_size": "0", "application_name": "from_url"})
+    dsn = conninfo_from_url(url)
+    assert "prepared_statement_cache_size" not in dsn
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute("SELECT current_database(), current_setting('application_name')")
+        assert row.fetchone() == (db.name, "from_url")

@@ -1,0 +1,53 @@
+"""The public surface: a sorted ``__all__`` whose every name imports."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import sqlalchemy_pgque
+
+MODULES = [
+    "sqlalchemy_pgque",
+    "sqlalchemy_pgque.errors",
+    "sqlalchemy_pgque.functions",
+    "sqlalchemy_pgque.message",
+    "sqlalchemy_pgque.queue",
+]
+
+
+def isort_style(name: str) -> tuple[int, str]:
+    """The order ruff's RUF022 keeps: CONSTANTS, then Classes, then functions."""
+    return (0 if name.isupper() else 1 if name[:1].isupper() else 2, name)
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_all_is_sorted_and_importable(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    names = module.__all__
+    assert names == sorted(names, key=isort_style)
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert getattr(module, name) is not None
+
+
+def test_public_classes_live_at_the_package_path() -> None:
+    for name in sqlalchemy_pgque.__all__:
+        obj = getattr(sqlalchemy_pgque, name)
+        if isinstance(obj, type):
+            assert obj.__module__ == "sqlalchemy_pgque", name
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from sqlalchemy_pgque import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(sqlalchemy_pgque.__all__)
+
+
+def test_func_pgque_functions_are_registered() -> None:
+    from sqlalchemy import BigInteger, func, select
+
+    expr = func.pgque.send("orders", "created", {"id": 1})
+    assert isinstance(expr.type, BigInteger)
+    assert str(select(expr)).startswith("SELECT pgque.send(")

@@ -1,0 +1,214 @@
+"""Ticker in-process: periodic ticks, maintenance, commit wake-ups, the leader lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from consumer_support import Conn, send, setup_queue, tick, wait_until
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from sqlalchemy_pgque import Message, Queue
+from sqlalchemy_pgque.ticker import Ticker
+
+QUIET = {"ticker_max_lag": "1 hour", "ticker_idle_period": "1 hour"}
+
+
+def tick_ids(conn: Conn, queue: str = "q") -> list[int]:
+    return [int(r[0]) for r in conn.execute(
+        "SELECT t.tick_id FROM pgque.tick t JOIN pgque.queue q ON q.queue_id = t.tick_queue "
+        "WHERE q.queue_name = %s ORDER BY t.tick_id", (queue,))]
+
+
+@pytest.fixture
+def tickers() -> Iterator[Any]:
+    started: list[tuple[Ticker, threading.Thread]] = []
+
+    def start(ticker: Ticker) -> Ticker:
+        thread = threading.Thread(target=ticker.run, daemon=True)
+        thread.start()
+        started.append((ticker, thread))
+        return ticker
+
+    yield start
+    for ticker, thread in started:
+        ticker.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_periodic_ticks_follow_queue_thresholds(conn: Conn, engine: Engine, tickers: Any) -> None:
+    setup_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
+    ticker = tickers(Ticker(engine, tick_period=0.01, wake=False))
+    assert ticker.leading.wait(10)
+    before = tick_ids(conn)[-1]
+    send(conn, "q")
+    wait_until(lambda: tick_ids(conn)[-1] > before, timeout=5, what="a periodic tick")
+
+
+def test_maintenance_moves_due_retries_back(conn: Conn, engine: Engine, tickers: Any) -> None:
+    setup_queue(conn, "q", "c")
+    event_ids = [send(conn, "q") for _ in range(25)]
+    tick(conn, "q")
+    q = Queue("q")
+    with Session(engine) as session, session.begin():
+        messages = q.receive(session, "c")
+        for message in messages:
+            q.nack(session, message, retry_after=0)
+        q.ack(session, messages[0].batch_id)
+    assert _count(conn, "pgque.retry_queue") == 25
+
+    ticker = tickers(Ticker(engine, tick_period=0.05, maint_interval=3600, wake=False))
+    assert ticker.leading.wait(10)
+    # More than one call of the mover (it moves at most 10 rows per call).
+    wait_until(lambda: _count(conn, "pgque.retry_queue") == 0, timeout=5, what="the mover")
+    tick(conn, "q")
+    with Session(engine) as session, session.begin():
+        again = q.receive(session, "c")
+        q.ack(session, again[0].batch_id)
+    assert sorted(m.msg_id for m in again) == event_ids
+    assert {m.retry_count for m in again} == {1}
+
+
+def _count(conn: Conn, table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_commit_wakes_an_immediate_tick_of_that_queue(
+    conn: Conn, engine: Engine, tickers: Any
+) -> None:
+    setup_queue(conn, "q", "c", **QUIET)
+    setup_queue(conn, "other", "c", **QUIET)
+    ticker = tickers(Ticker(engine, tick_period=0.05))
+    assert ticker.leading.wait(10)
+    wait_until(lambda: len(tick_ids(conn)) >= 2 and len(tick_ids(conn, "other")) >= 2,
+               what="the first periodic round")
+    before, other_before = tick_ids(conn), tick_ids(conn, "other")
+
+    with Session(engine) as session, session.begin():
+        Queue("q").send(session, {"n": 1})
+    wait_until(lambda: len(tick_ids(conn)) == len(before) + 1, timeout=5, what="the woken tick")
+    assert [m.payload for m in receive_all(engine)] == [{"n": 1}]
+    assert tick_ids(conn, "other") == other_before
+
+
+def receive_all(engine: Engine) -> list[Message]:
+    """Every message in the ticked windows of consumer c on q (empty windows skipped)."""
+    received: list[Message] = []
+    with Session(engine) as session:
+        while True:
+            with session.begin():
+                pending = session.execute(text(
+                    "SELECT pending_events FROM pgque.get_consumer_info('q', 'c')")).scalar()
+                messages = Queue("q").receive(session, "c")
+                if messages:
+                    Queue("q").ack(session, messages[0].batch_id)
+                    received += messages
+                elif not pending:
+                    return received
+
+
+def test_wake_ups_close_together_share_ticks(conn: Conn, engine: Engine, tickers: Any) -> None:
+    setup_queue(conn, "q", "c", **QUIET)
+    window = 0.5
+    ticker = tickers(Ticker(engine, tick_period=0.05, coalesce_window=window))
+    assert ticker.leading.wait(10)
+    wait_until(lambda: len(tick_ids(conn)) >= 2, what="the first periodic round")
+    before = len(tick_ids(conn))
+
+    commits = 60
+    started = time.monotonic()
+    with Session(engine) as session:
+        for n in range(commits):
+            with session.begin():
+                Queue("q").send(session, {"n": n})
+    elapsed = time.monotonic() - started
+    received: list[int] = []
+
+    def drain() -> bool:
+        received.extend(m.payload["n"] for m in receive_all(engine))
+        return len(received) >= commits
+
+    # The last commit is covered by a tick at most one window later.
+    wait_until(drain, timeout=10, what="every commit to be ticked")
+    assert sorted(received) == list(range(commits))
+    wake_ticks = len(tick_ids(conn)) - before
+    assert 1 <= wake_ticks <= elapsed / window + 2 < commits
+
+
+def test_one_ticker_leads_and_another_takes_over(conn: Conn, engine: Engine,
+                                                 tickers: Any) -> None:
+    setup_queue(conn, "q", "c")
+    first = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
+    assert first.leading.wait(10)
+    second = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
+    wait_until(lambda: _ticker_sessions(conn) == 2, what="the second ticker to connect")
+    assert not second.leading.is_set()
+
+    first.stop()
+    assert second.leading.wait(10)
+    assert not first.leading.is_set()
+
+
+def _ticker_sessions(conn: Conn) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_ticker_reconnects_after_its_backend_is_terminated(
+    conn: Conn, engine: Engine, tickers: Any
+) -> None:
+    setup_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
+    ticker = tickers(Ticker(engine, tick_period=0.02))
+    assert ticker.leading.wait(10)
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name LIKE 'sqlalchemy_pgque ticker %' "
+        "AND datname = current_database()"
+    )
+    wait_until(lambda: _ticker_sessions(conn) == 1 and ticker.leading.is_set(), timeout=10,
+               what="the ticker to come back")
+    before = tick_ids(conn)[-1]
+    send(conn, "q")
+    wait_until(lambda: tick_ids(conn)[-1] > before, timeout=5, what="ticks after reconnecting")
+
+
+def test_stop_returns_promptly(engine: Engine, tickers: Any) -> None:
+    ticker = Ticker(engine, tick_period=1.0)
+    thread = threading.Thread(target=ticker.run, daemon=True)
+    thread.start()
+    assert ticker.leading.wait(10)
+    ticker.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not ticker.leading.is_set()
+
+
+def test_maintenance_rotates_tables_with_step_two_in_between(
+    conn: Conn, engine: Engine, tickers: Any
+) -> None:
+    conn.execute("SELECT pgque.create_queue('rot')")
+    conn.execute("SELECT pgque.set_queue_config('rot', 'rotation_period', '1 millisecond')")
+    ticker = tickers(Ticker(engine, tick_period=0.05, maint_interval=0.05,
+                            rotate_step2_interval=3600))
+    assert ticker.leading.wait(10)
+    tables_seen: set[int] = set()
+
+    def rotated_twice() -> bool:
+        row = conn.execute(
+            "SELECT queue_cur_table FROM pgque.queue WHERE queue_name = 'rot'").fetchone()
+        assert row is not None
+        tables_seen.add(int(row[0]))
+        return len(tables_seen) >= 3
+
+    # A second rotation needs maint_rotate_tables_step2() to have run after the first.
+    wait_until(rotated_twice, timeout=10, what="two rotations")

@@ -1,0 +1,355 @@
+"""The worker command as a real subprocess: atomic batches, signals, reconnects, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from conftest import Database
+from consumer_support import (
+    HANDLED_TABLE,
+    Conn,
+    handled_counts,
+    open_batch,
+    send,
+    send_many,
+    setup_queue,
+    tick,
+    wait_until,
+)
+from workers_app import BLOCK_KEY
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+class Worker:
+    """One ``python -m sqlalchemy_pgque.worker`` process with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sqlalchemy_pgque.worker", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
+    started: list[Worker] = []
+    url = db.url.render_as_string(hide_password=False)
+
+    def start(*targets: str, extra_args: tuple[str, ...] = (), with_url: bool = True,
+              **env_overrides: str) -> Worker:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
+        env.update(env_overrides)
+        args = [*targets, *extra_args]
+        if with_url:
+            args += ["--url", url]
+        worker = Worker(args, env, tmp_path / f"worker{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def listening(conn: Conn, channel: str = "pgque_q") -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query = %s",
+        (f'LISTEN "{channel}"',),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture
+def queue_q(conn: Conn) -> None:
+    setup_queue(conn, "q", "c")
+    conn.execute(HANDLED_TABLE)
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_sigkill_before_commit_redelivers_the_batch_without_its_writes(
+    conn: Conn, workers: Any
+) -> None:
+    ids = [send(conn, "q", '{"block": false}') for _ in range(2)]
+    ids.append(send(conn, "q", '{"block": true}'))
+    ids += [send(conn, "q", '{"block": false}') for _ in range(2)]
+    tick(conn, "q")
+    conn.execute("SELECT pg_advisory_lock(%s)", (BLOCK_KEY,))
+
+    first = workers("workers_app:consumer", APP_BLOCK="1")
+    wait_until(lambda: _waiting_on_block(conn), what="the handler to block mid-batch")
+    assert handled_counts(conn) == {}  # written, not committed
+    first.process.kill()
+    first.wait()
+    conn.execute("SELECT pg_advisory_unlock(%s)", (BLOCK_KEY,))
+
+    workers("workers_app:consumer")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="the redelivery")
+    wait_until(lambda: open_batch(conn, "q", "c") is None, what="the ack")
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+
+
+def _waiting_on_block(conn: Conn) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND objid = %s AND database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database())",
+        (BLOCK_KEY,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_sigterm_mid_stream_exits_zero_and_loses_nothing(conn: Conn, workers: Any) -> None:
+    ids: list[int] = []
+    for _ in range(30):
+        ids += send_many(conn, "q", 20)
+        tick(conn, "q")
+    worker = workers("workers_app:consumer", APP_HANDLER_DELAY="0.002")
+    wait_until(lambda: len(handled_counts(conn)) >= 40, what="some progress")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.output()
+    done = handled_counts(conn)
+    assert set(done.values()) == {1}
+    assert len(done) < len(ids), "the worker finished before SIGTERM: nothing was tested"
+    assert open_batch(conn, "q", "c") is None  # the batch in progress was acked
+
+    workers("workers_app:consumer")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="the rest")
+    assert "Traceback" not in worker.output()
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_listen_wakes_worker_well_inside_its_poll_interval(conn: Conn, workers: Any) -> None:
+    workers("workers_app:consumer", APP_POLL_INTERVAL="30")
+    wait_until(lambda: listening(conn), what="the worker's LISTEN")
+    event_id = send(conn, "q")
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == {event_id: 1}, timeout=5, what="the handler")
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_worker_reconnects_after_pg_terminate_backend(conn: Conn, workers: Any) -> None:
+    worker = workers("workers_app:consumer")
+    wait_until(lambda: listening(conn), what="the worker's LISTEN")
+    ids = send_many(conn, "q", 5)
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="the first events")
+
+    terminated = conn.execute(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()) t"
+    ).fetchone()
+    assert terminated is not None and terminated[0] >= 1
+    more = send_many(conn, "q", 5)
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids + more, 1), timeout=15,
+               what="events sent while reconnecting")
+    wait_until(lambda: listening(conn), what="the LISTEN to come back")
+    last = send_many(conn, "q", 5)
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids + more + last, 1),
+               what="events after the reconnect")
+    assert worker.process.poll() is None
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_several_consumers_run_in_one_process(conn: Conn, workers: Any) -> None:
+    setup_queue(conn, "q2", "c")
+    worker = workers("workers_app:both")
+    wait_until(lambda: listening(conn, "pgque_q") and listening(conn, "pgque_q2"),
+               what="both LISTENs")
+    a = send(conn, "q", "{}", "from_q")
+    b = send(conn, "q2", "{}", "from_q2")
+    tick(conn, "q")
+    tick(conn, "q2")
+    wait_until(lambda: sorted(conn.execute("SELECT type, msg_id FROM handled").fetchall())
+               == [("from_q", a), ("from_q2", b)], what="both consumers")
+    worker.signal(signal.SIGINT)
+    assert worker.wait() == 0, worker.output()
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_async_consumer_in_the_worker(conn: Conn, workers: Any) -> None:
+    worker = workers("workers_app:async_consumer")
+    wait_until(lambda: listening(conn), what="the worker's LISTEN")
+    ids = send_many(conn, "q", 3)
+    tick(conn, "q")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="the async handler")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.output()
+
+
+def _one_error_line(worker: Worker) -> str:
+    code = worker.wait()
+    output = worker.output()
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.usefixtures("queue_q")
+def test_configuration_errors_are_one_line(workers: Any, empty_db: Database) -> None:
+    assert "no_such_module" in _one_error_line(workers("no_such_module:consumer"))
+    assert "nope" in _one_error_line(workers("workers_app:nope"))
+    assert "not a Consumer" in _one_error_line(workers("workers_app:not_a_consumer"))
+    assert "module:attribute" in _one_error_line(workers("workers_app"))
+    assert "not subscribed" in _one_error_line(workers("workers_app:stranger"))
+    assert "bad database URL" in _one_error_line(
+        workers("workers_app:consumer", extra_args=("--url", "not a url"), with_url=False))
+    assert "is not PostgreSQL" in _one_error_line(
+        workers("workers_app:consumer", extra_args=("--url", "mysql://x@y/z"), with_url=False))
+    assert "not installed" in _one_error_line(workers(
+        "workers_app:consumer", with_url=False,
+        extra_args=("--url", empty_db.url.render_as_string(hide_password=False))))
+    assert "has no database" in _one_error_line(workers("workers_app:consumer", with_url=False))
+    unreachable = "postgresql+psycopg://nobody@127.0.0.1:1/nowhere?connect_timeout=2"
+    assert "cannot use the database" in _one_error_line(
+        workers("workers_app:consumer", extra_args=("--url", unreachable), with_url=False))
+
+
+def _ticker_holder(conn: Conn) -> str | None:
+    from sqlalchemy_pgque.ticker import TICKER_LOCK_KEY
+
+    row = conn.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
+        "AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database())",
+        (TICKER_LOCK_KEY[0] & 0xFFFFFFFF, TICKER_LOCK_KEY[1] & 0xFFFFFFFF),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _tick_ids(conn: Conn, queue: str) -> list[int]:
+    return [int(r[0]) for r in conn.execute(
+        "SELECT t.tick_id FROM pgque.tick t JOIN pgque.queue q ON q.queue_id = t.tick_queue "
+        "WHERE q.queue_name = %s ORDER BY t.tick_id", (queue,))]
+
+
+def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers: Any) -> None:
+    setup_queue(conn, "q", "c", ticker_max_lag="50 milliseconds")
+    conn.execute(HANDLED_TABLE)
+    first = workers("workers_app:consumer", extra_args=("--ticker",))
+    holder = wait_until(lambda: _ticker_holder(conn), what="a ticker to take the lock")
+    second = workers("workers_app:consumer", extra_args=("--ticker",))
+    wait_until(lambda: _ticker_count(conn) == 2, what="both tickers to connect")
+    assert _ticker_holder(conn) == holder
+    leader, follower = (first, second) if holder.endswith(f" {first.pid}") else (second, first)
+    assert holder.endswith(f" {leader.pid}")
+
+    ids = [send(conn, "q")]  # no commit wake-up: the periodic tick delivers it
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="a periodic tick")
+    assert "holding the ticker lock" in leader.output()
+    assert "holding the ticker lock" not in follower.output()
+
+    leader.process.kill()
+    leader.wait()
+    new_holder = wait_until(lambda: _ticker_holder(conn), timeout=15, what="the takeover")
+    assert new_holder.endswith(f" {follower.pid}")
+    before = _tick_ids(conn, "q")[-1]
+    ids.append(send(conn, "q"))
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="ticks after takeover")
+    assert _tick_ids(conn, "q")[-1] > before
+    assert "holding the ticker lock" in follower.output()
+
+
+def _ticker_count(conn: Conn) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_commit_wakes_the_ticker_and_a_rollback_does_not(
+    conn: Conn, workers: Any, db: Database
+) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from sqlalchemy_pgque import Queue
+
+    quiet = {"ticker_max_lag": "1 hour", "ticker_idle_period": "1 hour"}
+    setup_queue(conn, "q", "c", **quiet)
+    setup_queue(conn, "q2", "c", **quiet)
+    conn.execute(HANDLED_TABLE)
+    workers("workers_app:both", extra_args=("--ticker",))
+    wait_until(lambda: listening(conn, "pgque_q") and listening(conn, "pgque_q2")
+               and _ticker_holder(conn), what="the worker to listen and tick")
+    # A new queue ticks once more on the ticker's first round, then stays quiet.
+    wait_until(lambda: len(_tick_ids(conn, "q")) >= 2 and len(_tick_ids(conn, "q2")) >= 2,
+               what="the first periodic round")
+    ticks_before = _tick_ids(conn, "q")
+
+    engine = create_engine(db.url)
+    try:
+        with Session(engine) as session:
+            session.begin()
+            Queue("q").send(session, {"n": 1}, type="rolled_back")
+            session.flush()
+            session.rollback()
+        with Session(engine) as session, session.begin():
+            Queue("q2").send(session, {"n": 2}, type="barrier")
+        # Notifications arrive in commit order: once the later commit is handled, a
+        # wake-up from the rolled-back transaction would already have ticked q.
+        wait_until(lambda: [r[0] for r in conn.execute("SELECT type FROM handled")]
+                   == ["barrier"], timeout=5, what="the committed event on q2")
+        assert _tick_ids(conn, "q") == ticks_before
+
+        with Session(engine) as session, session.begin():
+            pending = Queue("q").send(session, {"n": 3}, type="committed")
+        wait_until(lambda: conn.execute("SELECT msg_id FROM handled WHERE type = 'committed'")
+                   .fetchall() == [(pending.event_id,)], timeout=5, what="the woken tick")
+        assert len(_tick_ids(conn, "q")) == len(ticks_before) + 1
+    finally:
+        engine.dispose()
+
+
+def test_worker_exits_one_when_a_consumer_fails_at_run_time(
+    conn: Conn, workers: Any
+) -> None:
+    setup_queue(conn, "q", "c")
+    conn.execute(HANDLED_TABLE)
+    worker = workers("workers_app:consumer")
+    wait_until(lambda: listening(conn), what="the worker's LISTEN")
+    conn.execute("SELECT pgque.unsubscribe('q', 'c')")
+    send(conn, "q")
+    tick(conn, "q")
+    assert worker.wait() == 1, worker.output()
+    assert "Not subscriber to queue: q/c" in worker.output()

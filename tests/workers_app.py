@@ -1,0 +1,68 @@
+"""Consumers for the worker subprocess tests (``python -m sqlalchemy_pgque.worker``).
+
+The session factory is unbound: the tests give the database with ``--url``. Behaviour
+switches come from environment variables, read when the worker imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqlalchemy_pgque import AsyncConsumer, Consumer, Message
+
+#: Advisory lock key a handler waits on for a message whose payload has "block": true,
+#: when APP_BLOCK=1: the test holds it to freeze the worker mid-batch.
+BLOCK_KEY = 4242
+
+SessionLocal = sessionmaker()
+
+_INSERT = text("INSERT INTO handled (msg_id, type, retry_count) VALUES (:id, :type, :retry)")
+
+
+def _row(msg: Message) -> dict[str, object]:
+    return {"id": msg.msg_id, "type": msg.type, "retry": msg.retry_count}
+
+
+def record(msg: Message, session: Session) -> None:
+    session.execute(_INSERT, _row(msg))
+    if os.environ.get("APP_BLOCK") == "1" and isinstance(msg.payload, dict) \
+            and msg.payload.get("block"):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": BLOCK_KEY})
+    delay = float(os.environ.get("APP_HANDLER_DELAY", "0"))
+    if delay:
+        time.sleep(delay)  # stands in for a handler's own work
+
+
+consumer = Consumer(
+    SessionLocal,
+    queue=os.environ.get("APP_QUEUE", "q"),
+    name="c",
+    poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
+)
+consumer.on("*")(record)
+
+other_queue = Consumer(SessionLocal, queue="q2", name="c",
+                       poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")))
+other_queue.on("*")(record)
+
+both = [consumer, other_queue]
+
+stranger = Consumer(SessionLocal, queue="q", name="stranger")
+
+not_a_consumer = 42
+
+
+async def record_async(msg: Message, session: AsyncSession) -> None:
+    await session.execute(_INSERT, _row(msg))
+
+
+async_consumer = AsyncConsumer(
+    async_sessionmaker(), queue="q", name="c",
+    poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
+)
+async_consumer.on("*")(record_async)
