@@ -32,20 +32,18 @@ import platform
 import pstats
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
 import sqlalchemy
-from psycopg import conninfo, sql
+from _common import payload, scratch_database, url_for
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqlalchemy_pgque import AsyncConsumer, Consumer, Message, schema
+from sqlalchemy_pgque import AsyncConsumer, Consumer, Message
 
 QUEUE = "bench_consume"
 BATCHES = 50
@@ -55,56 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "consumer.json"
 
 
 def payloads(start: int) -> list[str]:
-    """About 80 bytes of JSON each, varying like real traffic."""
-    return [
-        json.dumps({"order_id": 1_000_000 + n, "customer": f"cust-{n % 9973:05d}",
-                    "total": round(n * 0.37 % 1000, 2), "currency": "EUR"})
-        for n in range(start, start + BATCH_SIZE)
-    ]
-
-
-@contextmanager
-def scratch_database(dsn: str | None) -> Iterator[str]:
-    embedded = None
-    if dsn is None:
-        from sqlalchemy_pgque.embedded import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres().start()
-        dsn = embedded.dsn
-    name = f"pgque_bench_consumer_{os.getpid()}"
-    admin_dsn = conninfo.make_conninfo(dsn, dbname="postgres")
-    try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        try:
-            scratch = conninfo.make_conninfo(dsn, dbname=name)
-            with psycopg.connect(scratch) as conn:
-                conn.execute(schema.engine_sql().encode())
-                conn.execute("select pgque.create_queue(%s)", (QUEUE,))
-            yield scratch
-        finally:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("drop database if exists {} with (force)")
-                              .format(sql.Identifier(name)))
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
-def url_for(dsn: str) -> URL:
-    params = conninfo.conninfo_to_dict(dsn)
-    host = str(params.pop("host", "") or "")
-    query = {k: str(v) for k, v in params.items()
-             if k not in {"user", "password", "port", "dbname"}}
-    if host.startswith("/"):
-        query["host"], host = host, ""
-    return URL.create(
-        "postgresql+psycopg",
-        username=str(params["user"]) if params.get("user") else None,
-        password=str(params["password"]) if params.get("password") else None,
-        host=host or None, port=int(str(params["port"])) if params.get("port") else None,
-        database=str(params["dbname"]), query=query,
-    )
+    return [json.dumps(payload(n)) for n in range(start, start + BATCH_SIZE)]
 
 
 def build_backlog(dsn: str, consumer: str) -> None:
@@ -192,7 +141,8 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(VARIANTS), action="append")
     parser.add_argument("--profile", action="store_true", help="profile one 'msg' drain")
     args = parser.parse_args()
-    with scratch_database(args.dsn) as dsn:
+    with scratch_database(args.dsn, "consumer",
+                          setup=f"select pgque.create_queue('{QUEUE}')") as dsn:
         with psycopg.connect(dsn) as conn:
             server = conn.info.server_version
         if args.profile:
@@ -215,7 +165,8 @@ def main() -> None:
         "psycopg": psycopg.__version__,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "note": "shared 2-core machine; other work was running",
+        "note": "shared 2-core machine: other sessions' work may run alongside; "
+                "load_average is taken at the end of the run",
         "rounds": args.rounds,
         "events_per_second_median": {n: round(statistics.median(r)) for n, r in rates.items()},
         "events_per_second_rounds": {n: [round(x) for x in r] for n, r in rates.items()},

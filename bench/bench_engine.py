@@ -26,14 +26,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import conninfo, sql
+from _common import payload as common_payload
+from _common import scratch_database
+from psycopg import sql
 
 from sqlalchemy_pgque import schema
 
@@ -70,34 +71,7 @@ COPY = "copy bench_plain_event (ev_type, ev_data) from stdin"
 
 
 def payload(n: int) -> str:
-    """About 80 bytes of JSON, varying per event like real traffic."""
-    return json.dumps({"order_id": 1_000_000 + n, "customer": f"cust-{n % 9973:05d}",
-                       "total": round(n * 0.37 % 1000, 2), "currency": "EUR"})
-
-
-@contextmanager
-def scratch_database(dsn: str | None) -> Iterator[str]:
-    """The dsn of a fresh database on the given server (or on an embedded one)."""
-    embedded = None
-    if dsn is None:
-        from sqlalchemy_pgque.embedded import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres().start()
-        dsn = embedded.dsn
-    name = f"pgque_bench_{os.getpid()}"
-    admin_dsn = conninfo.make_conninfo(dsn, dbname="postgres")
-    try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        try:
-            yield conninfo.make_conninfo(dsn, dbname=name)
-        finally:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-                    sql.Identifier(name)))
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    return json.dumps(common_payload(n))
 
 
 def prepare_database(dsn: str, sql_path: str | None) -> None:
@@ -311,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    with scratch_database(args.dsn) as dsn:
+    with scratch_database(args.dsn, "engine", install=False) as dsn:
         prepare_database(dsn, args.sql_path)
         with psycopg.connect(dsn, autocommit=True) as conn:
             results: dict[str, Any] = {

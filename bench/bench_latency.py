@@ -30,20 +30,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import sqlalchemy
-from psycopg import conninfo, sql
+from _common import scratch_database, url_for
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqlalchemy_pgque import Consumer, Message, Queue, schema
+from sqlalchemy_pgque import Consumer, Message, Queue
 
 QUEUE = "bench_latency"
 RATE = 50.0
@@ -62,51 +59,6 @@ def note_arrival(msg: Message, session: Session) -> None:
     session.execute(
         text("INSERT INTO latency (msg_id, sent_at, handled_at) VALUES (:id, :sent, :handled)"),
         {"id": msg.msg_id, "sent": msg.payload["sent_at"], "handled": handled_at},
-    )
-
-
-@contextmanager
-def scratch_database(dsn: str | None) -> Iterator[str]:
-    embedded = None
-    if dsn is None:
-        from sqlalchemy_pgque.embedded import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres().start()
-        dsn = embedded.dsn
-    name = f"pgque_bench_latency_{os.getpid()}"
-    admin_dsn = conninfo.make_conninfo(dsn, dbname="postgres")
-    try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        try:
-            scratch = conninfo.make_conninfo(dsn, dbname=name)
-            with psycopg.connect(scratch) as conn:
-                conn.execute(schema.engine_sql().encode())
-                conn.execute("create table latency (msg_id bigint, sent_at float8, "
-                             "handled_at float8)")
-            yield scratch
-        finally:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("drop database if exists {} with (force)")
-                              .format(sql.Identifier(name)))
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
-def url_for(dsn: str) -> URL:
-    params = conninfo.conninfo_to_dict(dsn)
-    host = str(params.pop("host", "") or "")
-    query = {k: str(v) for k, v in params.items()
-             if k not in {"user", "password", "port", "dbname"}}
-    if host.startswith("/"):
-        query["host"], host = host, ""
-    return URL.create(
-        "postgresql+psycopg",
-        username=str(params["user"]) if params.get("user") else None,
-        password=str(params["password"]) if params.get("password") else None,
-        host=host or None, port=int(str(params["port"])) if params.get("port") else None,
-        database=str(params["dbname"]), query=query,
     )
 
 
@@ -219,7 +171,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    with scratch_database(args.dsn) as dsn:
+    with scratch_database(args.dsn, "latency", setup="create table latency "
+                          "(msg_id bigint, sent_at float8, handled_at float8)") as dsn:
         with psycopg.connect(dsn) as conn:
             server = conn.info.server_version
         for name, (worker_args, config) in CASES.items():
@@ -239,7 +192,8 @@ def main() -> None:
         "psycopg": psycopg.__version__,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "note": "shared 2-core machine; other work was running. from_before_commit: wall "
+        "note": "shared 2-core machine: other sessions' work may run alongside; "
+                "load_average is taken at the end of the run. from_before_commit: wall "
                 "clock just before the producer's commit (includes its WAL flush) to the "
                 "handler call; from_commit_return: from when the commit returned",
         "events_per_case": args.events,

@@ -31,8 +31,7 @@ import platform
 import pstats
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,11 @@ from typing import Any
 import pgque
 import psycopg
 import sqlalchemy
-from psycopg import conninfo, sql
+from _common import payload, scratch_database
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import sessionmaker
 
-from sqlalchemy_pgque import Queue, schema
+from sqlalchemy_pgque import Queue
 
 QUEUE = "bench_send"
 EVENT_TYPE = "order.created"
@@ -53,41 +52,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "send.json"
 bench_q = Queue(QUEUE)
 FLOOR_STATEMENT = text("SELECT pgque.send(:queue, :type, CAST(:payload AS jsonb)), "
                        "pg_notify('sqlalchemy_pgque_wake', :queue)")
-
-
-def payload(n: int) -> dict[str, Any]:
-    """About 80 bytes of JSON, varying per event like real traffic."""
-    return {"order_id": 1_000_000 + n, "customer": f"cust-{n % 9973:05d}",
-            "total": round(n * 0.37 % 1000, 2), "currency": "EUR"}
-
-
-@contextmanager
-def scratch_database(dsn: str | None) -> Iterator[str]:
-    """The dsn of a fresh database with the engine and the queue, on the given server."""
-    embedded = None
-    if dsn is None:
-        from sqlalchemy_pgque.embedded import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres().start()
-        dsn = embedded.dsn
-    name = f"pgque_bench_send_{os.getpid()}"
-    admin_dsn = conninfo.make_conninfo(dsn, dbname="postgres")
-    try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        try:
-            scratch = conninfo.make_conninfo(dsn, dbname=name)
-            with psycopg.connect(scratch) as conn:
-                conn.execute(schema.engine_sql().encode())
-                conn.execute("select pgque.create_queue(%s)", (QUEUE,))
-            yield scratch
-        finally:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-                    sql.Identifier(name)))
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
 
 def sqlalchemy_engine(dsn: str) -> Engine:
@@ -251,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    with scratch_database(args.dsn) as dsn:
+    with scratch_database(args.dsn, "send",
+                          setup=f"select pgque.create_queue('{QUEUE}')") as dsn:
         sides = Sides(dsn)
         try:
             if args.profile:

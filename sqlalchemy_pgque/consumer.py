@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import schema
 from ._listen import AsyncListener, Backoff, Listener, Waker, first_line
 from .errors import (
+    BatchNotFound,
     ConsumerNotSubscribed,
     EngineNotInstalled,
     PermissionDenied,
@@ -94,7 +95,7 @@ def _takes_session(function: Callable[..., Any]) -> bool:
 
 
 class _BatchLost(Exception):
-    """``ack`` found no open batch: a cooperative peer took the batch over."""
+    """``ack`` or ``nack`` found no open batch: a cooperative peer took the batch over."""
 
 
 _QUEUE_EXISTS = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
@@ -230,7 +231,10 @@ class _ConsumerBase:
             )
 
     def _nack(self, session: Session, message: Message, reason: str) -> None:
-        self.queue.nack(session, message, retry_after=self.retry_after, reason=reason)
+        try:
+            self.queue.nack(session, message, retry_after=self.retry_after, reason=reason)
+        except BatchNotFound:
+            raise _BatchLost(message.batch_id) from None
 
     def _nack_unknown(self, session: Session, message: Message) -> None:
         log.warning("%s: no handler for type %r (message %s); nacked",
@@ -240,6 +244,24 @@ class _ConsumerBase:
     def _ack(self, session: Session, batch_id: int) -> None:
         if self.queue.ack(session, batch_id) == 0:
             raise _BatchLost(batch_id)
+
+    def _hold_member_row(self, session: Session) -> None:
+        """Lock this member's row until the handling transaction ends.
+
+        Peers take a stalled member's batch over only if they can lock its row
+        (``FOR UPDATE SKIP LOCKED``), so while the lock is held no ``dead_interval``
+        can take the batch away, however long the handlers run. The touch itself is
+        not seen by others before commit; a periodic heartbeat in this transaction
+        would add nothing. If this process dies, the lock goes with its connection
+        and the batch is re-fetched by this member or taken over after
+        ``dead_interval``.
+        """
+        assert self.subconsumer is not None
+        self.queue.touch_subconsumer(session, self.name, self.subconsumer)
+
+    def _log_batch_lost(self, lost: _BatchLost) -> None:
+        log.warning("%s: batch %s was taken over by another member; rolled back",
+                    self.label, lost.args[0])
 
     def _log_handler_failure(self, message: Message, exc: BaseException) -> None:
         log.error(
@@ -282,6 +304,13 @@ class Consumer(_ConsumerBase):
     ``max_retries``). The handlers' writes and the ack commit together: a crash
     before the commit redelivers the whole batch with none of its writes. If a nack
     fails, the batch is rolled back and redelivered rather than acked.
+
+    A cooperative member commits its ``receive_coop`` at once, because allocating a
+    batch locks the group's row until commit, then handles and acks the batch in a
+    second transaction, so the members of a group work in parallel. The batch stays
+    assigned to the member meanwhile: after a crash the member gets it again, or a
+    peer with ``dead_interval`` takes it over; while the member is alive and handling
+    it, its row is locked and no peer can.
 
     :meth:`run` blocks, waking on the queue's tick notifications (LISTEN) and at
     least every ``poll_interval``, reconnecting with backoff after database errors,
@@ -357,22 +386,41 @@ class Consumer(_ConsumerBase):
 
     def _process_batch(self) -> tuple[int, bool]:
         """``(messages handled, whether another batch may be ready at once)``."""
-        try:
-            with self._session() as session, session.begin():
-                messages = self._receive(session)
-                if not messages:
-                    return 0, self._behind(session)
-                self._warn_if_truncated(messages)
-                for message in messages:
-                    self._handle(session, message)
-                self._ack(session, messages[0].batch_id)
-        except _BatchLost as lost:
-            log.warning("%s: batch %s was taken over by another member; rolled back",
-                        self.label, lost.args[0])
+        with self._session() as session:
+            try:
+                with session.begin():
+                    messages = self._receive(session)
+                    if not messages:
+                        return 0, self._behind(session)
+                    if self.subconsumer is None:
+                        self._handle_batch(session, messages)
+                if self.subconsumer is not None:
+                    # The cooperative allocation moved the group cursor under a lock on
+                    # the group's row: committing it at once lets the other members
+                    # allocate while this one works. The batch stays assigned to this
+                    # member until its ack; handler writes and the ack still commit
+                    # together.
+                    with session.begin():
+                        self._hold_member_row(session)
+                        self._handle_batch(session, messages)
+            except _BatchLost as lost:
+                self._log_batch_lost(lost)
         return len(messages), True
 
-    def _handle(self, session: Session, message: Message) -> None:
-        handler = self._handler_for(message.type)
+    def _handle_batch(self, session: Session, messages: list[Message]) -> None:
+        self._warn_if_truncated(messages)
+        handler_of = self._handler_for
+        handlers: dict[str, _Handler | None] = {}
+        for message in messages:
+            message_type = message.type
+            if message_type in handlers:
+                handler = handlers[message_type]
+            else:
+                handler = handlers[message_type] = handler_of(message_type)
+            self._handle(session, message, handler)
+        self._ack(session, messages[0].batch_id)
+
+    def _handle(self, session: Session, message: Message, handler: _Handler | None) -> None:
         if handler is None:
             if self.unknown_handler_policy == "nack":
                 self._nack_unknown(session, message)
@@ -420,13 +468,13 @@ class Consumer(_ConsumerBase):
     def _consume(self, engine: Engine, waker: Waker) -> None:
         backoff = Backoff()
         listener: Listener | None = None
-        log.info("%s: consuming", self.label)
         try:
             while not self._stopping.is_set():
                 try:
                     if listener is None:
                         listener = Listener.open(engine, [self.channel], waker)
                         self.listening.set()
+                        log.info("%s: listening on %s", self.label, self.channel)
                     _, more = self._process_batch()
                     backoff.reset()
                     if not more:
@@ -546,22 +594,39 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _process_batch(self) -> tuple[int, bool]:
         """``(messages handled, whether another batch may be ready at once)``."""
-        try:
-            async with self._session() as session, session.begin():
-                messages = await session.run_sync(self._receive)
-                if not messages:
-                    return 0, await session.run_sync(self._behind)
-                self._warn_if_truncated(messages)
-                for message in messages:
-                    await self._handle(session, message)
-                await session.run_sync(self._ack, messages[0].batch_id)
-        except _BatchLost as lost:
-            log.warning("%s: batch %s was taken over by another member; rolled back",
-                        self.label, lost.args[0])
+        async with self._session() as session:
+            try:
+                async with session.begin():
+                    messages = await session.run_sync(self._receive)
+                    if not messages:
+                        return 0, await session.run_sync(self._behind)
+                    if self.subconsumer is None:
+                        await self._handle_batch(session, messages)
+                if self.subconsumer is not None:
+                    # See Consumer._process_batch: commit the allocation, then handle.
+                    async with session.begin():
+                        await session.run_sync(self._hold_member_row)
+                        await self._handle_batch(session, messages)
+            except _BatchLost as lost:
+                self._log_batch_lost(lost)
         return len(messages), True
 
-    async def _handle(self, session: AsyncSession, message: Message) -> None:
-        handler = self._handler_for(message.type)
+    async def _handle_batch(self, session: AsyncSession, messages: list[Message]) -> None:
+        self._warn_if_truncated(messages)
+        handler_of = self._handler_for
+        handlers: dict[str, _Handler | None] = {}
+        for message in messages:
+            message_type = message.type
+            if message_type in handlers:
+                handler = handlers[message_type]
+            else:
+                handler = handlers[message_type] = handler_of(message_type)
+            await self._handle(session, message, handler)
+        await session.run_sync(self._ack, messages[0].batch_id)
+
+    async def _handle(
+        self, session: AsyncSession, message: Message, handler: _Handler | None
+    ) -> None:
         if handler is None:
             if self.unknown_handler_policy == "nack":
                 await session.run_sync(self._nack_unknown, message)
@@ -617,13 +682,13 @@ class AsyncConsumer(_ConsumerBase):
     async def _consume(self, engine: AsyncEngine, wake_event: asyncio.Event) -> None:
         backoff = Backoff()
         listener: AsyncListener | None = None
-        log.info("%s: consuming", self.label)
         try:
             while not self._stopping.is_set():
                 try:
                     if listener is None:
                         listener = await AsyncListener.open(engine, [self.channel])
                         self.listening.set()
+                        log.info("%s: listening on %s", self.label, self.channel)
                     _, more = await self._process_batch()
                     backoff.reset()
                     if not more:

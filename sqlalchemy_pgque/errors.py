@@ -36,7 +36,7 @@ class EngineNotInstalled(PgqueError):
     def __init__(self, detail: str = "") -> None:
         message = (
             "the PgQue engine is not installed in this database; install it with "
-            "`python -m sqlalchemy_pgque.schema install --url URL`, "
+            "`python -m sqlalchemy_pgque install --url URL`, "
             "op.pgque_install() in an Alembic migration, or sqlalchemy_pgque.schema.install(conn)"
         )
         super().__init__(f"{message} ({detail})" if detail else message)

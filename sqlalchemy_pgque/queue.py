@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from .errors import InvalidName, PayloadError, translate
-from .message import Message, encode_payload
+from .message import Message, encode_payload, messages_from_rows
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -295,7 +295,7 @@ class Queue:
             {"queue": self.name, "consumer": consumer, "max_messages": max_messages},
             _READER,
         )
-        return [Message.from_row(row) for row in result]
+        return messages_from_rows(result.fetchall())
 
     def receive_coop(
         self,
@@ -322,7 +322,7 @@ class Queue:
             },
             _READER,
         )
-        return [Message.from_row(row) for row in result]
+        return messages_from_rows(result.fetchall())
 
     def ack(self, bind: Session | Connection | scoped_session[Any], batch_id: int) -> int:
         """Finish a batch: 1, or 0 when the batch is unknown or already finished."""

@@ -7,8 +7,8 @@ file of the user's choosing can be installed instead with ``sql_path``.
 
 Command line::
 
-    python -m sqlalchemy_pgque.schema install --url postgresql+psycopg://...
-    python -m sqlalchemy_pgque.schema sql > pgque.sql     # the script, for psql or review
+    python -m sqlalchemy_pgque install --url postgresql+psycopg://...
+    python -m sqlalchemy_pgque sql > pgque.sql     # the script, for psql or review
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def require_installed(conn: Connection) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sqlalchemy_pgque.schema", description="Manage the PgQue engine."
+        prog="python -m sqlalchemy_pgque", description="Manage the PgQue engine."
     )
     parser.add_argument("command", choices=["install", "uninstall", "version", "sql"])
     parser.add_argument("--url", default=os.environ.get("DATABASE_URL"), help="SQLAlchemy URL")
@@ -156,7 +156,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.dispose()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

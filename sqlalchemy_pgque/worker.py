@@ -46,7 +46,7 @@ from .ticker import Ticker
 
 __all__ = ["main"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sqlalchemy_pgque.worker")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
@@ -271,7 +271,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     engines = _Engines(url=None)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -24,10 +25,11 @@ from consumer_support import (
     wait_until,
 )
 from sqlalchemy import Engine, Integer, String, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_pgque import Message, Queue
-from sqlalchemy_pgque.consumer import Consumer
+from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer
 from sqlalchemy_pgque.errors import MessageNotInBatch
 
 
@@ -394,3 +396,179 @@ def test_listen_connection_from_a_url_of_another_driver(db: Database) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute("SELECT current_database(), current_setting('application_name')")
         assert row.fetchone() == (db.name, "from_url")
+
+
+@pytest.fixture
+def group(engine: Engine, queue: Queue) -> Queue:
+    """Queue ``q`` with the cooperative group ``group`` of members ``a`` and ``b``."""
+    with Session(engine) as session, session.begin():
+        queue.unsubscribe(session, "c")
+        for member in ("a", "b"):
+            queue.subscribe_subconsumer(session, "group", member)
+    return queue
+
+
+def send_batches(conn: Conn, batches: int, size: int) -> list[int]:
+    """Send ``batches`` ticked batches of ``size`` events; their ids."""
+    ids: list[int] = []
+    for _ in range(batches):
+        ids += [send(conn, "q") for _ in range(size)]
+        tick(conn, "q")
+    return ids
+
+
+def member_idle_for(conn: Conn, member: str, seconds: float) -> bool:
+    """Whether the member row's committed ``sub_active`` is older than ``seconds``."""
+    row = conn.execute(
+        "SELECT clock_timestamp() - s.sub_active > make_interval(secs => %s) "
+        "FROM pgque.subscription s JOIN pgque.consumer c ON c.co_id = s.sub_consumer "
+        "WHERE c.co_name = %s",
+        (seconds, f"group.{member}"),
+    ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_cooperative_members_hold_batches_at_the_same_time(
+    conn: Conn, engine: Engine, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    # Each member's first handler call waits for the other's: it returns only if both
+    # members hold a batch at once, which the allocation's lock on the group's row
+    # prevents unless that allocation commits before the handlers run.
+    both_hold_a_batch = threading.Barrier(2)
+    waited: dict[str, bool] = {}
+    lock = threading.Lock()
+
+    def member_handler(member: str) -> Any:
+        def handle(msg: Message, session: Session) -> None:
+            with lock:
+                first = member not in waited
+                waited.setdefault(member, False)
+            if first:
+                both_hold_a_batch.wait(timeout=10)
+                waited[member] = True
+            record(msg, session)
+        return handle
+
+    ids = send_batches(conn, batches=10, size=3)
+    for member in ("a", "b"):
+        consumer = Consumer(engine, queue=group, name="group", subconsumer=member,
+                            poll_interval=30)
+        consumer.on("*")(member_handler(member))
+        start(running, consumer)
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="every event once")
+    assert waited == {"a": True, "b": True}
+    assert not both_hold_a_batch.broken
+
+
+def test_cooperative_member_keeps_its_batch_while_handlers_run(
+    conn: Conn, engine: Engine, group: Queue
+) -> None:
+    ids = send_batches(conn, batches=1, size=3)
+    entered, release = threading.Event(), threading.Event()
+    member_a = Consumer(engine, queue=group, name="group", subconsumer="a")
+
+    @member_a.on("*")
+    def slow(msg: Message, session: Session) -> None:
+        entered.set()
+        assert release.wait(10)
+        record(msg, session)
+
+    outcome: list[int] = []
+    worker = threading.Thread(target=lambda: outcome.append(member_a.process_batch()))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        # Past b's dead_interval a's batch looks stalled, yet a is still working on it.
+        wait_until(lambda: member_idle_for(conn, "a", 0.2), what="a's row to age")
+        with Session(engine) as session, session.begin():
+            assert group.receive_coop(session, "group", "b", dead_interval=0.2) == []
+    finally:
+        release.set()
+        worker.join(10)
+    assert outcome == [3]
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+    with Session(engine) as session, session.begin():
+        assert group.receive_coop(session, "group", "b", dead_interval=0.2) == []
+
+
+class _Crash(BaseException):
+    """Stands in for the process dying in the middle of a batch."""
+
+
+def test_cooperative_batch_survives_a_crash_for_its_member_or_a_peer(
+    conn: Conn, engine: Engine, group: Queue
+) -> None:
+    first_ids = send_batches(conn, batches=1, size=3)
+    crashes = iter([True])
+    seen_by: dict[str, list[int]] = {"a": [], "b": []}
+
+    def member(name: str) -> Consumer:
+        consumer = Consumer(engine, queue=group, name="group", subconsumer=name,
+                            dead_interval=0.2)
+
+        @consumer.on("*")
+        def handle(msg: Message, session: Session) -> None:
+            record(msg, session)
+            if next(crashes, False):
+                raise _Crash
+            seen_by[name].append(msg.msg_id)
+        return consumer
+
+    member_a, member_b = member("a"), member("b")
+    with pytest.raises(_Crash):
+        member_a.process_batch()
+    assert handled_counts(conn) == {}
+    # The allocation was committed: the window stays with a, which gets it again.
+    assert member_a.process_batch() == 3
+    assert seen_by["a"] == first_ids
+    assert handled_counts(conn) == dict.fromkeys(first_ids, 1)
+
+    second_ids = send_batches(conn, batches=1, size=2)
+    crashes = iter([True])
+    with pytest.raises(_Crash):
+        member_a.process_batch()
+    # a stays down; once its row is older than dead_interval b takes the window over.
+    wait_until(lambda: member_idle_for(conn, "a", 0.2), what="a's row to age")
+    assert member_b.process_batch() == 2
+    assert seen_by["b"] == second_ids
+    assert member_a.process_batch() == 0
+    assert handled_counts(conn) == dict.fromkeys(first_ids + second_ids, 1)
+
+
+def test_async_cooperative_members_hold_batches_at_the_same_time(
+    conn: Conn, db: Database, group: Queue
+) -> None:
+    ids = send_batches(conn, batches=2, size=3)
+
+    async def scenario() -> None:
+        engine = create_async_engine(db.url)
+        # asyncio.Barrier is Python 3.11+.
+        holding: set[str] = set()
+        both_hold_a_batch = asyncio.Event()
+        try:
+            def member(name: str) -> AsyncConsumer:
+                consumer = AsyncConsumer(engine, queue=group, name="group", subconsumer=name)
+
+                @consumer.on("*")
+                async def handle(msg: Message, session: AsyncSession) -> None:
+                    if name not in holding:
+                        holding.add(name)
+                        if len(holding) == 2:
+                            both_hold_a_batch.set()
+                        await asyncio.wait_for(both_hold_a_batch.wait(), 10)
+                    await session.execute(
+                        text("INSERT INTO handled (msg_id, type, retry_count) "
+                             "VALUES (:id, :type, :retry)"),
+                        {"id": msg.msg_id, "type": msg.type, "retry": msg.retry_count},
+                    )
+                return consumer
+
+            handled = await asyncio.gather(member("a").process_batch(),
+                                           member("b").process_batch())
+            assert handled == [3, 3]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)

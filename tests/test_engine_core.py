@@ -726,3 +726,49 @@ def test_concurrent_receives_of_one_consumer_serialise(conn: Conn, db: Any) -> N
         assert not waiter.is_alive()
     assert ids(first_rows) == [sent]
     assert results["second"] == first_rows  # same open batch, re-streamed
+
+
+def test_sessions_keep_sending_while_other_sessions_create_and_drop_queues(
+        conn: Conn, db: Any) -> None:
+    """A producer session that has sent before (and so may hold cached plans for the
+    event tables of every queue) still routes each event to the right queue after
+    another session dropped one queue and created others, and a queue created in a
+    REPEATABLE READ transaction that could not see a concurrently created one leaves
+    both usable."""
+    make_queue(conn, "q1", "c")
+    make_queue(conn, "q2", "c")
+    sent: dict[str, list[int]] = {"q1": [], "q3": [], "qa": [], "qb": []}
+    with psycopg.connect(db.dsn, autocommit=True) as producer:
+        sent["q1"].append(scalar(producer, "select pgque.send('q1', 'before'::text)"))
+        scalar(producer, "select pgque.send('q2', 'before'::text)")
+        sent["q1"].append(scalar(producer, "select pgque.insert_event('q1', 't', 'extras',"
+                                           " 'a', 'b', 'c', 'd')"))
+
+        assert scalar(conn, "select pgque.drop_queue('q2', true)") == 1
+        make_queue(conn, "q3", "c")
+
+        sent["q1"].append(scalar(producer, "select pgque.send('q1', 'after'::text)"))
+        sent["q3"].append(scalar(producer, "select pgque.send('q3', 't', '{\"n\": 3}'::jsonb)"))
+        with pytest.raises(psycopg.errors.RaiseException, match="queue not found: q2"):
+            producer.execute("select pgque.send('q2', 'gone'::text)")
+
+        with psycopg.connect(db.dsn) as snapshot_holder:
+            snapshot_holder.execute("set transaction isolation level repeatable read")
+            snapshot_holder.execute("select 1")
+            make_queue(conn, "qa", "c")
+            assert scalar(snapshot_holder, "select pgque.create_queue('qb')") == 1
+            snapshot_holder.commit()
+        conn.execute("select pgque.subscribe('qb', 'c')")
+        for queue in ("qa", "qb", "q3", "q1"):
+            sent[queue].append(scalar(producer, "select pgque.send(%s, %s::text)",
+                                      queue, f"late {queue}"))
+
+    received: dict[str, list[tuple[object, ...]]] = {}
+    for queue in sent:
+        tick(conn, queue)
+        received[queue] = receive(conn, "c", queue)
+    assert {queue: ids(rows) for queue, rows in received.items()} == sent
+    assert payloads(received["q1"]) == ["before", "extras", "after", "late q1"]
+    assert list(received["q1"][1][6:10]) == ["a", "b", "c", "d"]
+    assert payloads(received["q3"]) == ['{"n": 3}', "late q3"]
+    assert payloads(received["qa"]) == ["late qa"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
@@ -90,6 +92,36 @@ def test_payload_that_is_not_json_is_kept_as_text(jobs: Engine) -> None:
         conn.execute(text("SELECT pgque.send('jobs', 'raw', CAST('not json' AS text))"))
     messages = deliver(jobs, jobs_q, "worker")
     assert [(m.payload, m.raw_payload) for m in messages] == [("not json", "not json")]
+
+
+def test_received_message_behaves_like_a_constructed_one(jobs: Engine) -> None:
+    # Received payloads are decoded on first access: each operation below gets a message
+    # fresh from receive (the open batch is re-read) and must see the decoded value.
+    with jobs.begin() as conn:
+        event_id = jobs_q.send_now(conn, {"order": [1, 2]}, type="t", extra2="x")
+        conn.execute(text("SELECT pgque.send('jobs', 'raw', CAST('not json' AS text))"))
+    tick(jobs)
+    with jobs.begin() as conn:
+        def fresh() -> list[Message]:
+            return jobs_q.receive(conn, "worker")
+
+        received = fresh()[0]
+        built = Message(msg_id=event_id, batch_id=received.batch_id, type="t",
+                        payload={"order": [1, 2]}, retry_count=0,
+                        created_at=received.created_at, extra2="x",
+                        raw_payload='{"order": [1, 2]}')
+        assert received == built
+        assert repr(fresh()[0]) == repr(built)
+        assert dataclasses.asdict(fresh()[0])["payload"] == {"order": [1, 2]}
+        assert pickle.loads(pickle.dumps(fresh()[0])) == built
+        assert copy.copy(fresh()[0]) == built
+        assert dataclasses.replace(fresh()[0], msg_id=0).payload == {"order": [1, 2]}
+        assert received.payload is received.payload
+        assert [(m.payload, m.raw_payload) for m in fresh()][1] == ("not json", "not json")
+        assert dataclasses.replace(fresh()[1]).payload == "not json"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fresh()[0].payload = None  # type: ignore[misc]
+        assert jobs_q.ack(conn, received.batch_id) == 1
 
 
 def test_nack_redelivers_then_dead_letters(jobs: Engine) -> None:
@@ -190,7 +222,7 @@ def test_engine_not_installed(empty_db: Database) -> None:
         ):
             with engine.connect() as conn, pytest.raises(EngineNotInstalled) as caught:
                 call(conn)
-            assert "python -m sqlalchemy_pgque.schema install" in str(caught.value)
+            assert "python -m sqlalchemy_pgque install" in str(caught.value)
             assert isinstance(caught.value.__cause__, DBAPIError)
     finally:
         engine.dispose()

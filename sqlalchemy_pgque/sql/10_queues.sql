@@ -134,6 +134,92 @@ BEGIN
 END
 $$;
 
+-- send and insert_event reach the current event table of a queue through
+-- pgque._insert_static, which create_queue, drop_queue and every install regenerate from
+-- pgque.queue: one static INSERT per event table, so each keeps a cached plan per
+-- session, where a dynamic EXECUTE is parsed and planned on every event. The branches
+-- test queue_id as a binary search, so the cost grows with log(queues). The generated
+-- function answers false for any (queue, table) it does not know and the caller then
+-- falls back to EXECUTE: a queue beyond the cap below, or one committed concurrently
+-- with a REPEATABLE READ create_queue that regenerated without seeing it, stays correct,
+-- only slower. A dropped queue's branch is never reached: its lookup fails first.
+CREATE OR REPLACE FUNCTION pgque._insert_static_branches(queue_ids integer[], lo integer, hi integer)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    mid integer;
+    code text := '';
+    tbl record;
+BEGIN
+    IF hi - lo >= 8 THEN
+        mid := (lo + hi + 1) / 2;
+        RETURN format($tmpl$IF $1 < %s THEN
+%sELSE
+%sEND IF;
+$tmpl$, queue_ids[mid], pgque._insert_static_branches(queue_ids, lo, mid - 1),
+            pgque._insert_static_branches(queue_ids, mid, hi));
+    END IF;
+    FOR i IN lo .. hi LOOP
+        code := code || format($tmpl$%s $1 = %s THEN
+$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END, queue_ids[i]);
+        FOR tbl IN
+            SELECT n AS table_no,
+                   format('%I.%I', split_part(q.queue_data_pfx, '.', 1),
+                          split_part(q.queue_data_pfx, '.', 2) || '_' || n) AS table_sql
+              FROM pgque.queue q CROSS JOIN generate_series(0, q.queue_ntables - 1) AS n
+             WHERE q.queue_id = queue_ids[i]
+             ORDER BY n
+        LOOP
+            code := code || format($tmpl$    %s $2 = %s THEN
+        INSERT INTO %s (ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+        VALUES ($3, pg_catalog.now(), $4, $5, $6, $7, $8, $9);
+        RETURN true;
+$tmpl$, CASE WHEN tbl.table_no = 0 THEN 'IF' ELSE 'ELSIF' END, tbl.table_no, tbl.table_sql);
+        END LOOP;
+        code := code || $tmpl$    END IF;
+$tmpl$;
+    END LOOP;
+    RETURN code || $tmpl$END IF;
+$tmpl$;
+END
+$$;
+
+-- Only the first 256 queues (by id) get a branch: every session compiles the whole
+-- function on its first send after a change, which costs about 0.1 ms and 8 kB per queue.
+-- The body is generated, so validating it at CREATE time only repeats that parse.
+CREATE OR REPLACE FUNCTION pgque._rebuild_insert_static()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+SET check_function_bodies = off
+AS $fn$
+DECLARE
+    queue_ids integer[];
+BEGIN
+    -- Two sessions replacing the function at once would fail with "tuple concurrently
+    -- updated"; the later one waits here and then reads the queues the first committed.
+    PERFORM pg_advisory_xact_lock(hashtext('sqlalchemy_pgque.insert_static'));
+    queue_ids := ARRAY(SELECT queue_id FROM pgque.queue ORDER BY queue_id LIMIT 256);
+    -- Invoker rights and no SET clause (each one costs microseconds per call): it runs
+    -- inside the SECURITY DEFINER send functions, under their search_path.
+    EXECUTE format($tmpl$CREATE OR REPLACE FUNCTION pgque._insert_static(
+    queue_id integer, cur_table integer, ev_id bigint, ev_type text, ev_data text,
+    ev_extra1 text, ev_extra2 text, ev_extra3 text, ev_extra4 text)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $body$
+BEGIN
+%sRETURN false;
+END
+$body$
+$tmpl$,
+        CASE WHEN cardinality(queue_ids) = 0 THEN ''
+             ELSE pgque._insert_static_branches(queue_ids, 1, cardinality(queue_ids)) END);
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION pgque.create_queue(i_queue_name text)
 RETURNS integer
 LANGUAGE plpgsql
@@ -187,6 +273,7 @@ BEGIN
     END LOOP;
     PERFORM pgque.grant_perms(i_queue_name);
     PERFORM pgque.ticker(i_queue_name);
+    PERFORM pgque._rebuild_insert_static();
     RETURN 1;
 END
 $$;
@@ -381,6 +468,7 @@ BEGIN
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_event_seq);
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_tick_seq);
     DELETE FROM pgque.queue WHERE queue_id = q.queue_id;
+    PERFORM pgque._rebuild_insert_static();
     RETURN 1;
 END
 $$;

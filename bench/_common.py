@@ -1,0 +1,77 @@
+"""What every benchmark here needs: a scratch database, its URL, realistic payloads.
+
+The benchmarks run as scripts (``python bench/bench_x.py``), so this module is imported
+from the script's own directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+from sqlalchemy.engine import URL
+
+from sqlalchemy_pgque import schema
+
+
+def payload(n: int) -> dict[str, Any]:
+    """About 80 bytes of JSON once encoded, varying per event like real traffic."""
+    return {"order_id": 1_000_000 + n, "customer": f"cust-{n % 9973:05d}",
+            "total": round(n * 0.37 % 1000, 2), "currency": "EUR"}
+
+
+@contextmanager
+def scratch_database(
+    dsn: str | None, label: str, *, install: bool = True, setup: str | None = None
+) -> Iterator[str]:
+    """The dsn of a fresh database, dropped afterwards; on an embedded server if no dsn.
+
+    ``install`` installs the bundled engine; ``setup`` is SQL run after it.
+    """
+    embedded = None
+    if dsn is None:
+        from sqlalchemy_pgque.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres().start()
+        dsn = embedded.dsn
+    name = f"pgque_bench_{label}_{os.getpid()}"
+    admin_dsn = conninfo.make_conninfo(dsn, dbname="postgres")
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        try:
+            scratch = conninfo.make_conninfo(dsn, dbname=name)
+            with psycopg.connect(scratch) as conn:
+                if install:
+                    conn.execute(schema.engine_sql().encode())
+                if setup:
+                    conn.execute(setup.encode())
+            yield scratch
+        finally:
+            with psycopg.connect(admin_dsn, autocommit=True) as admin:
+                admin.execute(sql.SQL("drop database if exists {} with (force)")
+                              .format(sql.Identifier(name)))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def url_for(dsn: str) -> URL:
+    """The SQLAlchemy (psycopg 3) URL of a libpq connection string."""
+    params = conninfo.conninfo_to_dict(dsn)
+    host = str(params.pop("host", "") or "")
+    query = {k: str(v) for k, v in params.items()
+             if k not in {"user", "password", "port", "dbname"}}
+    if host.startswith("/"):
+        query["host"], host = host, ""
+    return URL.create(
+        "postgresql+psycopg",
+        username=str(params["user"]) if params.get("user") else None,
+        password=str(params["password"]) if params.get("password") else None,
+        host=host or None, port=int(str(params["port"])) if params.get("port") else None,
+        database=str(params["dbname"]), query=query,
+    )
