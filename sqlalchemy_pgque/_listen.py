@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from sqlalchemy import URL, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    # Only annotations: importing sqlalchemy.ext.asyncio needs greenlet (the asyncio extra).
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "AsyncListener",

@@ -17,21 +17,22 @@ with ``async def`` handlers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import psycopg
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
@@ -46,6 +47,9 @@ from .errors import (
 )
 from .message import Message
 from .queue import MAX_MESSAGES, Queue
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 __all__ = ["AsyncConsumer", "Consumer", "UnknownHandlerPolicy", "check_subscription"]
 
@@ -92,6 +96,25 @@ def _takes_session(function: Callable[..., Any]) -> bool:
     if positional == 0:
         raise TypeError(f"handler {function!r} must accept (msg) or (msg, session)")
     return positional >= 2
+
+
+def _asyncio_ext() -> Any:
+    """``sqlalchemy.ext.asyncio``, imported on first use: it needs greenlet (the asyncio
+    extra), which sync-only installs do not have."""
+    try:
+        return importlib.import_module("sqlalchemy.ext.asyncio")
+    except ImportError as exc:
+        raise ImportError(
+            "AsyncConsumer needs greenlet: pip install 'sqlalchemy-pgque[asyncio]'"
+        ) from exc
+
+
+def _is_async_factory(obj: object) -> bool:
+    # An AsyncEngine or async_sessionmaker exists only if its module was imported.
+    asyncio_ext = sys.modules.get("sqlalchemy.ext.asyncio")
+    return asyncio_ext is not None and isinstance(
+        obj, (asyncio_ext.AsyncEngine, asyncio_ext.async_sessionmaker)
+    )
 
 
 class _BatchLost(Exception):
@@ -331,7 +354,7 @@ class Consumer(_ConsumerBase):
         subconsumer: str | None = None,
         dead_interval: float | timedelta | None = None,
     ) -> None:
-        if isinstance(session_factory, (AsyncEngine, async_sessionmaker)):
+        if _is_async_factory(session_factory):
             raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
         super().__init__(
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
@@ -546,6 +569,7 @@ class AsyncConsumer(_ConsumerBase):
         subconsumer: str | None = None,
         dead_interval: float | timedelta | None = None,
     ) -> None:
+        asyncio_ext = _asyncio_ext()
         if isinstance(session_factory, (Engine, sessionmaker)):
             raise TypeError("use Consumer with an Engine or sessionmaker")
         super().__init__(
@@ -553,10 +577,9 @@ class AsyncConsumer(_ConsumerBase):
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
         )
-        self._session_factory: async_sessionmaker[AsyncSession] = (
-            async_sessionmaker(session_factory) if isinstance(session_factory, AsyncEngine)
-            else session_factory
-        )
+        if isinstance(session_factory, asyncio_ext.AsyncEngine):
+            session_factory = asyncio_ext.async_sessionmaker(session_factory)
+        self._session_factory = cast("async_sessionmaker[AsyncSession]", session_factory)
         self._engine_override: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
@@ -571,7 +594,7 @@ class AsyncConsumer(_ConsumerBase):
         if self._engine_override is not None:
             return self._engine_override
         bind = self._session_factory.kw.get("bind")
-        return bind if isinstance(bind, AsyncEngine) else None
+        return bind if isinstance(bind, _asyncio_ext().AsyncEngine) else None
 
     def use_engine(self, engine: AsyncEngine) -> None:
         """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""

@@ -34,15 +34,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._listen import first_line
 from .consumer import AsyncConsumer, Consumer, check_subscription
 from .errors import PgqueError
 from .ticker import Ticker
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["main"]
 
@@ -99,6 +102,8 @@ class _Engines:
     def async_engine(self) -> AsyncEngine:
         assert self.url is not None
         if self.asynchronous is None:
+            from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet
+
             self.asynchronous = create_async_engine(self.url)
         return self.asynchronous
 
