@@ -108,6 +108,8 @@ def setup(plugin: Plugin) -> None:
         # Loaded by the entry point before Alembic's global comparator registry
         # existed: forget this module so that `import alembic_ops` in env.py runs it
         # again and registers the comparator globally (the submodules stay loaded).
+        # The flag is set only once this module has run to its end, so a call made
+        # from the middle of the user's own `import alembic_ops` never gets here.
         sys.modules.pop(__name__, None)
 
 

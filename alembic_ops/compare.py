@@ -21,6 +21,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from sqlalchemy_pgque import schema
+from sqlalchemy_pgque.errors import first_line
 from sqlalchemy_pgque.queue import Queue
 
 from .filters import ENGINE_SCHEMA
@@ -105,7 +106,7 @@ def _same_setting(conn: Connection, queue: str, param: str, value: str) -> bool:
     except DBAPIError as exc:
         raise CommandError(
             f"queue {queue!r}: declared {param}={value!r} is not a valid {type_}: "
-            f"{str(exc.orig).strip().splitlines()[0]}"
+            f"{first_line(exc.orig or exc)}"
         ) from exc
 
 

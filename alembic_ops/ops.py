@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from alembic.operations import MigrateOperation, Operations
 
 __all__ = [
+    "OPERATIONS",
     "QUEUE_PARAMETERS",
     "ConfigValue",
     "CreateQueueOp",
@@ -70,6 +71,7 @@ def config_text(value: ConfigValue) -> str | None:
 
 
 def normalize_config(config: Mapping[str, ConfigValue]) -> dict[str, str | None]:
+    """``config`` with checked parameter names and the texts PgQue receives."""
     return {parameter_name(k): config_text(v) for k, v in config.items()}
 
 
@@ -93,9 +95,11 @@ class PgqueOperation(MigrateOperation):
         return _call_source(prefix + (name or self.op_name), args, kwargs)
 
     def reverse(self) -> PgqueOperation:
+        """The operation that undoes this one; autogenerate renders it into ``downgrade()``."""
         raise NotImplementedError
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
+        """This operation as Alembic's ``compare_metadata()`` diff entry."""
         args, kwargs = self.call_args()
         return (self.op_name, *args, *sorted(kwargs.items()))
 
@@ -224,30 +228,32 @@ class DropQueueOp(PgqueOperation):
         return CreateQueueOp(self.name, self.config)
 
 
-@Operations.register_operation("pgque_subscribe")
-class SubscribeOp(PgqueOperation):
-    """Subscribe a consumer to a queue; it sees events sent after this point."""
-
-    op_name = "pgque_subscribe"
-
+class _SubscriptionOp(PgqueOperation):
     def __init__(self, queue: str, consumer: str) -> None:
         self.queue = queue
         self.consumer = consumer
+
+    def call_args(self) -> tuple[tuple[object, ...], dict[str, object]]:
+        return ((self.queue, self.consumer), {})
+
+
+@Operations.register_operation("pgque_subscribe")
+class SubscribeOp(_SubscriptionOp):
+    """Subscribe a consumer to a queue; it sees events sent after this point."""
+
+    op_name = "pgque_subscribe"
 
     @classmethod
     def pgque_subscribe(cls, operations: Operations, queue: str, consumer: str) -> None:
         """Subscribe ``consumer`` to ``queue``. Reverse: :meth:`pgque_unsubscribe`."""
         operations.invoke(cls(queue, consumer))
 
-    def call_args(self) -> tuple[tuple[object, ...], dict[str, object]]:
-        return ((self.queue, self.consumer), {})
-
     def reverse(self) -> UnsubscribeOp:
         return UnsubscribeOp(self.queue, self.consumer)
 
 
 @Operations.register_operation("pgque_unsubscribe")
-class UnsubscribeOp(PgqueOperation):
+class UnsubscribeOp(_SubscriptionOp):
     """Unsubscribe a consumer: its cursor and pending retries are dropped.
 
     The reverse subscribes it again at the latest tick; events sent in between are not
@@ -256,17 +262,10 @@ class UnsubscribeOp(PgqueOperation):
 
     op_name = "pgque_unsubscribe"
 
-    def __init__(self, queue: str, consumer: str) -> None:
-        self.queue = queue
-        self.consumer = consumer
-
     @classmethod
     def pgque_unsubscribe(cls, operations: Operations, queue: str, consumer: str) -> None:
         """Unsubscribe ``consumer`` from ``queue``. Reverse: :meth:`pgque_subscribe`."""
         operations.invoke(cls(queue, consumer))
-
-    def call_args(self) -> tuple[tuple[object, ...], dict[str, object]]:
-        return ((self.queue, self.consumer), {})
 
     def reverse(self) -> SubscribeOp:
         return SubscribeOp(self.queue, self.consumer)
@@ -496,3 +495,19 @@ class RevokeOp(_RoleMembershipOp):
 
     def reverse(self) -> GrantOp:
         return GrantOp(self.role, self.reader, self.writer)
+
+
+OPERATIONS: tuple[type[PgqueOperation], ...] = (
+    InstallOp,
+    UninstallOp,
+    CreateQueueOp,
+    DropQueueOp,
+    SubscribeOp,
+    UnsubscribeOp,
+    SubscribeSubconsumerOp,
+    UnsubscribeSubconsumerOp,
+    SetQueueConfigOp,
+    GrantOp,
+    RevokeOp,
+)
+"""Every ``op.pgque_*`` operation class."""

@@ -13,20 +13,7 @@ from typing import TYPE_CHECKING
 
 from alembic.autogenerate.render import renderers
 
-from .ops import (
-    CreateQueueOp,
-    DropQueueOp,
-    GrantOp,
-    InstallOp,
-    PgqueOperation,
-    RevokeOp,
-    SetQueueConfigOp,
-    SubscribeOp,
-    SubscribeSubconsumerOp,
-    UninstallOp,
-    UnsubscribeOp,
-    UnsubscribeSubconsumerOp,
-)
+from .ops import OPERATIONS, PgqueOperation
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -47,17 +34,5 @@ def render_operation(autogen_context: AutogenContext, operation: PgqueOperation)
     return operation.source(prefix=prefix)
 
 
-for _op_class in (
-    InstallOp,
-    UninstallOp,
-    CreateQueueOp,
-    DropQueueOp,
-    SubscribeOp,
-    UnsubscribeOp,
-    SubscribeSubconsumerOp,
-    UnsubscribeSubconsumerOp,
-    SetQueueConfigOp,
-    GrantOp,
-    RevokeOp,
-):
+for _op_class in OPERATIONS:
     renderers.dispatch_for(_op_class)(render_operation)

@@ -18,7 +18,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from sqlalchemy_pgque import schema
-from sqlalchemy_pgque.errors import PgqueError
+from sqlalchemy_pgque.errors import PgqueError, first_line
 
 from .ops import (
     CreateQueueOp,
@@ -96,6 +96,7 @@ def quote_literal(value: str | int | bool | None) -> str:
 
 
 def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted PostgreSQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -134,8 +135,7 @@ def _run(operations: Operations, operation: PgqueOperation, *statements: str) ->
         try:
             operations.execute(VerbatimSQL(sql, offline=False))
         except DBAPIError as exc:
-            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise PgqueMigrationError(operation, detail) from exc
+            raise PgqueMigrationError(operation, first_line(exc.orig or exc)) from exc
 
 
 @Operations.implementation_for(InstallOp)
@@ -154,8 +154,7 @@ def install(operations: Operations, operation: InstallOp) -> None:
     try:
         schema.install(operations.get_bind(), operation.sql_path)
     except DBAPIError as exc:
-        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise PgqueMigrationError(operation, detail) from exc
+        raise PgqueMigrationError(operation, first_line(exc.orig or exc)) from exc
 
 
 @Operations.implementation_for(UninstallOp)

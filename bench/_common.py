@@ -1,4 +1,4 @@
-"""What every benchmark here needs: a scratch database, its URL, realistic payloads.
+"""What every benchmark here needs: a scratch database and realistic payloads.
 
 The benchmarks run as scripts (``python bench/bench_x.py``), so this module is imported
 from the script's own directory.
@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo, sql
-from sqlalchemy.engine import URL
 
 from sqlalchemy_pgque import schema
 
@@ -59,19 +58,3 @@ def scratch_database(
         if embedded is not None:
             embedded.stop()
 
-
-def url_for(dsn: str) -> URL:
-    """The SQLAlchemy (psycopg 3) URL of a libpq connection string."""
-    params = conninfo.conninfo_to_dict(dsn)
-    host = str(params.pop("host", "") or "")
-    query = {k: str(v) for k, v in params.items()
-             if k not in {"user", "password", "port", "dbname"}}
-    if host.startswith("/"):
-        query["host"], host = host, ""
-    return URL.create(
-        "postgresql+psycopg",
-        username=str(params["user"]) if params.get("user") else None,
-        password=str(params["password"]) if params.get("password") else None,
-        host=host or None, port=int(str(params["port"])) if params.get("port") else None,
-        database=str(params["dbname"]), query=query,
-    )

@@ -38,12 +38,13 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy
-from _common import payload, scratch_database, url_for
+from _common import payload, scratch_database
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_pgque import AsyncConsumer, Consumer, Message
+from sqlalchemy_pgque._listen import url_from_conninfo
 
 QUEUE = "bench_consume"
 BATCHES = 50
@@ -80,7 +81,7 @@ class Counter:
 
 
 def drain_sync(dsn: str, with_session: bool) -> float:
-    engine = create_engine(url_for(dsn))
+    engine = create_engine(url_from_conninfo(dsn))
     try:
         name = "c_session" if with_session else "c_msg"
         build_backlog(dsn, name)
@@ -105,7 +106,7 @@ def drain_sync(dsn: str, with_session: bool) -> float:
 
 def drain_async(dsn: str) -> float:
     async def scenario() -> float:
-        engine = create_async_engine(url_for(dsn))
+        engine = create_async_engine(url_from_conninfo(dsn))
         try:
             consumer = AsyncConsumer(engine, queue=QUEUE, name="c_async", poll_interval=30)
             counter = Counter(consumer.stop)

@@ -36,11 +36,12 @@ from typing import Any
 
 import psycopg
 import sqlalchemy
-from _common import scratch_database, url_for
+from _common import scratch_database
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_pgque import Consumer, Message, Queue
+from sqlalchemy_pgque._listen import url_from_conninfo
 
 QUEUE = "bench_latency"
 RATE = 50.0
@@ -85,7 +86,7 @@ def run_case(dsn: str, events: int, worker_args: list[str], config: dict[str, st
              log_path: Path) -> tuple[list[float], list[float]]:
     """Latencies in ms: from just before each commit, and from the commit's return."""
     reset_queue(dsn, config)
-    url = url_for(dsn)
+    url = url_from_conninfo(dsn)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH_DIR), str(ROOT)]))
     with log_path.open("wb") as log:
         worker = subprocess.Popen(

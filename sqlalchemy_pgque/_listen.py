@@ -1,4 +1,4 @@
-"""Dedicated LISTEN connections shared by the consumer and the ticker.
+"""Connections, LISTEN, wake-ups and signals shared by the consumer, ticker and worker.
 
 A LISTEN must live on a connection that stays open and idle between notifications,
 so it cannot come from a pool that hands connections to other work. The connection is
@@ -10,8 +10,13 @@ applies to it too; other drivers fall back to a libpq string built from the URL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import select
+import signal
 import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -27,11 +32,16 @@ __all__ = [
     "Backoff",
     "Listener",
     "Waker",
+    "aclose_quietly",
+    "close_quietly",
     "connect_autocommit",
     "connect_autocommit_async",
     "conninfo_from_url",
-    "first_line",
+    "stop_signals_handled",
+    "url_from_conninfo",
 ]
+
+log = logging.getLogger(__name__)
 
 _LIBPQ_KEYWORDS = frozenset(
     option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()
@@ -45,6 +55,32 @@ def conninfo_from_url(url: URL) -> str:
         if key in _LIBPQ_KEYWORDS:
             params[key] = value if isinstance(value, str) else ",".join(value)
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+def url_from_conninfo(conninfo: str) -> URL:
+    """The SQLAlchemy ``postgresql+psycopg`` URL of a libpq connection string.
+
+    A Unix socket directory as ``host`` goes into the query string, where psycopg
+    reads it back; other libpq options travel there too.
+    """
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    host = str(params.pop("host", "") or "")
+    query = {
+        key: str(value)
+        for key, value in params.items()
+        if key not in {"user", "password", "port", "dbname"}
+    }
+    if host.startswith("/"):
+        query["host"], host = host, ""
+    return URL.create(
+        "postgresql+psycopg",
+        username=str(params["user"]) if params.get("user") else None,
+        password=str(params["password"]) if params.get("password") else None,
+        host=host or None,
+        port=int(str(params["port"])) if params.get("port") else None,
+        database=str(params["dbname"]) if params.get("dbname") else None,
+        query=query,
+    )
 
 
 def connect_autocommit(engine: Engine) -> psycopg.Connection[Any]:
@@ -93,15 +129,41 @@ class Backoff:
         self._delay = self.FIRST
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, for one-line log records."""
-    message = str(exc).strip()
-    return message.splitlines()[0] if message else type(exc).__name__
-
-
 def listen_statement(channel: str) -> sql.Composed:
     """``LISTEN "<channel>"`` with the channel quoted (queue names keep their case)."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+def close_quietly(close: Callable[[], object]) -> None:
+    """Call ``close`` of a connection that may already be broken; failures are only logged."""
+    try:
+        close()
+    except Exception:
+        log.debug("closing a broken connection failed", exc_info=True)
+
+
+async def aclose_quietly(close: Callable[[], Awaitable[object]]) -> None:
+    """The asyncio counterpart of :func:`close_quietly`."""
+    try:
+        await close()
+    except Exception:
+        log.debug("closing a broken connection failed", exc_info=True)
+
+
+@contextmanager
+def stop_signals_handled(on_signal: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to ``on_signal`` inside the block, then restore the
+    previous handlers (installing a handler is allowed in the main thread only)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        on_signal(signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Waker:

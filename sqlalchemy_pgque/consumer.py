@@ -23,11 +23,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import psycopg
@@ -36,7 +35,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
-from ._listen import AsyncListener, Backoff, Listener, Waker, first_line
+from ._listen import (
+    AsyncListener,
+    Backoff,
+    Listener,
+    Waker,
+    aclose_quietly,
+    close_quietly,
+    stop_signals_handled,
+)
 from .errors import (
     BatchNotFound,
     ConsumerNotSubscribed,
@@ -44,9 +51,10 @@ from .errors import (
     PermissionDenied,
     PgqueError,
     QueueNotFound,
+    first_line,
 )
 from .message import Message
-from .queue import MAX_MESSAGES, Queue
+from .queue import MAX_MESSAGES, Queue, as_seconds
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -290,15 +298,11 @@ class _ConsumerBase:
         log.error(
             "%s: handler for %r failed on message %s (retry %s); nacked for retry in %s s",
             self.label, message.type, message.msg_id, message.retry_count or 0,
-            _seconds(self.retry_after), exc_info=exc,
+            as_seconds(self.retry_after), exc_info=exc,
         )
 
     def _log_database_error(self, exc: BaseException, delay: float) -> None:
         log.warning("%s: %s; retrying in %.1f s", self.label, first_line(exc), delay)
-
-
-def _seconds(value: float | timedelta) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 class Consumer(_ConsumerBase):
@@ -432,15 +436,9 @@ class Consumer(_ConsumerBase):
 
     def _handle_batch(self, session: Session, messages: list[Message]) -> None:
         self._warn_if_truncated(messages)
-        handler_of = self._handler_for
-        handlers: dict[str, _Handler | None] = {}
+        handler_for = self._handler_for
         for message in messages:
-            message_type = message.type
-            if message_type in handlers:
-                handler = handlers[message_type]
-            else:
-                handler = handlers[message_type] = handler_of(message_type)
-            self._handle(session, message, handler)
+            self._handle(session, message, handler_for(message.type))
         self._ack(session, messages[0].batch_id)
 
     def _handle(self, session: Session, message: Message, handler: _Handler | None) -> None:
@@ -480,7 +478,10 @@ class Consumer(_ConsumerBase):
         if install_signal_handlers is None:
             install_signal_handlers = threading.current_thread() is threading.main_thread()
         waker = self._waker = Waker()
-        with self._signals_stop_me(install_signal_handlers):
+        signals = (
+            stop_signals_handled(self._on_signal) if install_signal_handlers else nullcontext()
+        )
+        with signals:
             try:
                 self._consume(engine, waker)
             finally:
@@ -507,7 +508,7 @@ class Consumer(_ConsumerBase):
                 except _RETRIED_ERRORS as exc:
                     self.listening.clear()
                     if listener is not None:
-                        _close_quietly(listener.close)
+                        close_quietly(listener.close)
                         listener = None
                     delay = backoff.next()
                     self._log_database_error(exc, delay)
@@ -515,33 +516,12 @@ class Consumer(_ConsumerBase):
         finally:
             self.listening.clear()
             if listener is not None:
-                _close_quietly(listener.close)
+                close_quietly(listener.close)
             log.info("%s: stopped", self.label)
 
-    @contextmanager
-    def _signals_stop_me(self, install: bool) -> Iterator[None]:
-        if not install:
-            yield
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: %s received; finishing the current batch",
-                     self.label, signal.Signals(signum).name)
-            self.stop()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _close_quietly(close: Callable[[], object]) -> None:
-    try:
-        close()
-    except Exception:
-        log.debug("closing a broken connection failed", exc_info=True)
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: %s received; finishing the current batch", self.label, sig.name)
+        self.stop()
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -636,15 +616,9 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _handle_batch(self, session: AsyncSession, messages: list[Message]) -> None:
         self._warn_if_truncated(messages)
-        handler_of = self._handler_for
-        handlers: dict[str, _Handler | None] = {}
+        handler_for = self._handler_for
         for message in messages:
-            message_type = message.type
-            if message_type in handlers:
-                handler = handlers[message_type]
-            else:
-                handler = handlers[message_type] = handler_of(message_type)
-            await self._handle(session, message, handler)
+            await self._handle(session, message, handler_for(message.type))
         await session.run_sync(self._ack, messages[0].batch_id)
 
     async def _handle(
@@ -721,7 +695,7 @@ class AsyncConsumer(_ConsumerBase):
                 except _RETRIED_ERRORS as exc:
                     self.listening.clear()
                     if listener is not None:
-                        await _aclose_quietly(listener)
+                        await aclose_quietly(listener.close)
                         listener = None
                     delay = backoff.next()
                     self._log_database_error(exc, delay)
@@ -732,12 +706,5 @@ class AsyncConsumer(_ConsumerBase):
         finally:
             self.listening.clear()
             if listener is not None:
-                await _aclose_quietly(listener)
+                await aclose_quietly(listener.close)
             log.info("%s: stopped", self.label)
-
-
-async def _aclose_quietly(listener: AsyncListener) -> None:
-    try:
-        await listener.close()
-    except Exception:
-        log.debug("closing a broken connection failed", exc_info=True)

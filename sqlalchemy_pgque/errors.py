@@ -20,10 +20,9 @@ __all__ = [
     "PermissionDenied",
     "PgqueError",
     "QueueNotFound",
+    "first_line",
     "translate",
 ]
-
-PGQUE_ROLES = ("pgque_reader", "pgque_writer", "pgque_admin")
 
 
 class PgqueError(Exception):
@@ -117,6 +116,12 @@ _INVALID_SCHEMA_NAME = "3F000"
 _INSUFFICIENT_PRIVILEGE = "42501"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line logs and error texts."""
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
 def _sqlstate(orig: BaseException) -> str | None:
     # psycopg exposes ``sqlstate``; psycopg2 and asyncpg adapters use ``pgcode``.
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
@@ -136,7 +141,7 @@ def translate(
     orig = exc.orig
     if orig is None:
         return None
-    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    detail = first_line(orig)
     state = _sqlstate(orig)
     lowered = detail.lower()
     if state in (_UNDEFINED_FUNCTION, _UNDEFINED_TABLE, _UNDEFINED_OBJECT, _INVALID_SCHEMA_NAME):

@@ -56,7 +56,6 @@ class PgqueSend(_PgqueFunction[int]):
 
     package = "pgque"
     name = "send"
-    identifier = "send"
     type = BigInteger()
     inherit_cache = True
 
@@ -71,7 +70,6 @@ class PgqueSendBatch(_PgqueFunction[Sequence[int]]):
 
     package = "pgque"
     name = "send_batch"
-    identifier = "send_batch"
     type = ARRAY(BigInteger())
     inherit_cache = True
 
@@ -86,7 +84,6 @@ class PgqueAck(_PgqueFunction[int]):
 
     package = "pgque"
     name = "ack"
-    identifier = "ack"
     type = Integer()
     inherit_cache = True
 
@@ -96,7 +93,6 @@ class PgqueSubscribe(_PgqueFunction[int]):
 
     package = "pgque"
     name = "subscribe"
-    identifier = "subscribe"
     type = Integer()
     inherit_cache = True
 
@@ -106,7 +102,6 @@ class PgqueUnsubscribe(_PgqueFunction[int]):
 
     package = "pgque"
     name = "unsubscribe"
-    identifier = "unsubscribe"
     type = Integer()
     inherit_cache = True
 
@@ -116,7 +111,6 @@ class PgqueTicker(_PgqueFunction[int]):
 
     package = "pgque"
     name = "ticker"
-    identifier = "ticker"
     type = BigInteger()
     inherit_cache = True
 
@@ -126,7 +120,6 @@ class PgqueForceNextTick(_PgqueFunction[int]):
 
     package = "pgque"
     name = "force_next_tick"
-    identifier = "force_next_tick"
     type = BigInteger()
     inherit_cache = True
 
@@ -136,6 +129,5 @@ class PgqueVersion(_PgqueFunction[str]):
 
     package = "pgque"
     name = "version"
-    identifier = "version"
     type = Text()
     inherit_cache = True

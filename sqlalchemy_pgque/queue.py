@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_MESSAGES",
     "WAKE_CHANNEL",
-    "InvalidName",
     "PendingEvent",
     "Queue",
     "QueueRegistry",
@@ -101,7 +100,7 @@ class PendingEvent:
         """``(extra1, extra2, extra3, extra4)``."""
         extras = self._key[2]
         if extras is None:
-            return (None, None, None, None)
+            return _NO_EXTRAS
         return (extras[0], extras[1], extras[2], extras[3])
 
     def _payload_text(self) -> str:
@@ -258,20 +257,12 @@ class Queue:
         commits); pending ORM changes are not flushed. A callable payload is called now.
         """
         payload_text = encode_payload(payload() if callable(payload) else payload)
+        params: dict[str, object] = {"queue": self.name, "type": type, "payload": payload_text}
         if (extra1, extra2, extra3, extra4) == _NO_EXTRAS:
             stmt = _SEND_WAKE if self.wake else _SEND
-            params: dict[str, object] = {"queue": self.name, "type": type, "payload": payload_text}
         else:
             stmt = _INSERT_EVENT_WAKE if self.wake else _INSERT_EVENT
-            params = {
-                "queue": self.name,
-                "type": type,
-                "payload": payload_text,
-                "extra1": extra1,
-                "extra2": extra2,
-                "extra3": extra3,
-                "extra4": extra4,
-            }
+            params.update(extra1=extra1, extra2=extra2, extra3=extra3, extra4=extra4)
         event_id: int = _execute(_connection(bind), stmt, params, _WRITER).scalar_one()
         return event_id
 
@@ -318,7 +309,7 @@ class Queue:
                 "consumer": consumer,
                 "subconsumer": subconsumer,
                 "max_messages": max_messages,
-                "dead_seconds": None if dead_interval is None else _seconds(dead_interval),
+                "dead_seconds": None if dead_interval is None else as_seconds(dead_interval),
             },
             _READER,
         )
@@ -352,7 +343,7 @@ class Queue:
             "extra2": msg.extra2,
             "extra3": msg.extra3,
             "extra4": msg.extra4,
-            "retry_seconds": _seconds(retry_after),
+            "retry_seconds": as_seconds(retry_after),
             "reason": reason,
         }
         return _scalar_int(_execute(_connection(bind), _NACK, params, _READER))
@@ -510,7 +501,8 @@ _FORCE_NEXT_TICK = text("SELECT pgque.force_next_tick(:queue)")
 _TICKER = text("SELECT pgque.ticker(:queue)")
 
 
-def _seconds(value: float | timedelta) -> float:
+def as_seconds(value: float | timedelta) -> float:
+    """A duration given as seconds or a timedelta, in seconds."""
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 

@@ -23,7 +23,7 @@ import psycopg
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from .errors import EngineNotInstalled, ForeignSchemaError
+from .errors import EngineNotInstalled, ForeignSchemaError, first_line
 
 __all__ = [
     "engine_build",
@@ -76,7 +76,7 @@ def install(
             # SQLAlchemy would have for a statement it executed itself.
             wrapped = DBAPIError.instance(script[:200], None, exc, psycopg.Error)
             if _FOREIGN_MARKER in str(exc):
-                raise ForeignSchemaError(str(exc).splitlines()[0]) from wrapped
+                raise ForeignSchemaError(first_line(exc)) from wrapped
             raise wrapped from exc
 
 

@@ -14,19 +14,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
+from contextlib import nullcontext
 from typing import Any
 
 import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from ._listen import Backoff, Listener, Waker, connect_autocommit, first_line
+from ._listen import (
+    Backoff,
+    Listener,
+    Waker,
+    close_quietly,
+    connect_autocommit,
+    stop_signals_handled,
+)
+from .errors import first_line
 from .queue import WAKE_CHANNEL
 
 __all__ = ["TICKER_LOCK_KEY", "Ticker"]
@@ -107,7 +112,12 @@ class Ticker:
         if install_signal_handlers is None:
             install_signal_handlers = threading.current_thread() is threading.main_thread()
         waker = self._waker = Waker()
-        with self._signals_stop_me(install_signal_handlers):
+        signals = (
+            stop_signals_handled(lambda sig: self.stop())
+            if install_signal_handlers
+            else nullcontext()
+        )
+        with signals:
             try:
                 self._run(waker)
             finally:
@@ -141,7 +151,7 @@ class Ticker:
                     log.info("ticker: released the ticker lock")
                 self.leading.clear()
                 if connection is not None:
-                    _close_quietly(connection)
+                    close_quietly(connection.close)
 
     def _acquire_lock(self, connection: psycopg.Connection[Any], backoff: Backoff) -> bool:
         """Wait for the lock on ``connection``; ``False`` when stopped first."""
@@ -220,22 +230,6 @@ class Ticker:
         connection.execute("SELECT pgque.maint()")
         connection.execute("SELECT pgque.maint_rotate_tables_step2()")
 
-    @contextmanager
-    def _signals_stop_me(self, install: bool) -> Iterator[None]:
-        if not install:
-            yield
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
 
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
     try:
@@ -245,10 +239,3 @@ def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
     except psycopg.Error:
         return _DEFAULT_TICK_PERIOD
     return row[0] / 1000.0 if row and row[0] and row[0] > 0 else _DEFAULT_TICK_PERIOD
-
-
-def _close_quietly(connection: psycopg.Connection[Any]) -> None:
-    try:
-        connection.close()
-    except Exception:
-        log.debug("closing the ticker connection failed", exc_info=True)

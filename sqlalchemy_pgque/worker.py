@@ -33,15 +33,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from sqlalchemy import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from ._listen import first_line
+from ._listen import stop_signals_handled
 from .consumer import AsyncConsumer, Consumer, check_subscription
-from .errors import PgqueError
+from .errors import PgqueError, first_line
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -273,6 +272,7 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); the process exit code."""
     args = _parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -302,19 +302,15 @@ def main(argv: Iterable[str] | None = None) -> int:
 def _run(runner: _Runner) -> int:
     consumers, ticker = runner.consumers, runner.ticker
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping after the current batches", signal.Signals(signum).name)
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s received: stopping after the current batches", sig.name)
         runner.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals_handled(on_signal):
         log.info("worker started: %s%s", ", ".join(c.label for c in consumers),
                  " and the ticker" if ticker else "")
         runner.start()
         runner.join()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if runner.failed.is_set():
         return EXIT_RUNTIME_ERROR
     log.info("worker stopped")

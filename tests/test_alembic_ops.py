@@ -7,11 +7,9 @@ test_alembic_offline.py and test_alembic_autogenerate.py.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
-from psycopg import sql
 from sqlalchemy.engine import URL
 
 from alembic_ops import (
@@ -428,20 +425,8 @@ def test_unsubscribe_subconsumer_reverse_converts_back_to_cooperative(
     ]
 
 
-@pytest.fixture
-def app_role(pg_server: Any) -> Iterator[str]:
-    role = f"pgque_alembic_app_{os.getpid()}"
-    with pg_server.admin() as conn:
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-    try:
-        yield role
-    finally:
-        with pg_server.admin() as conn:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
-def _memberships(dsn: str, role: str) -> tuple[bool, bool]:
+def memberships(dsn: str, role: str) -> tuple[bool, bool]:
+    """Whether ``role`` is a member of (pgque_reader, pgque_writer)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT pg_has_role(%s, 'pgque_reader', 'MEMBER'),"
@@ -465,13 +450,13 @@ def test_grant_and_revoke(db: Any, tmp_path: Path, app_role: str) -> None:
         f"op.pgque_grant({app_role!r}, reader=False)",
     )
     project.upgrade("r001")
-    assert _memberships(db.dsn, app_role) == (True, True)
+    assert memberships(db.dsn, app_role) == (True, True)
     project.upgrade("r002")
-    assert _memberships(db.dsn, app_role) == (True, False)
+    assert memberships(db.dsn, app_role) == (True, False)
     project.downgrade("r001")
-    assert _memberships(db.dsn, app_role) == (True, True)
+    assert memberships(db.dsn, app_role) == (True, True)
     project.downgrade("base")
-    assert _memberships(db.dsn, app_role) == (False, False)
+    assert memberships(db.dsn, app_role) == (False, False)
 
 
 def test_reverse_pairs() -> None:

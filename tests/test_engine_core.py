@@ -21,23 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from engine_helpers import Conn, make_queue, scalar
 from psycopg import sql
 
 from sqlalchemy_pgque import schema
-
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def scalar(conn: Conn, query: str, *params: object) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
-    assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
-    for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
 
 
 def tick(conn: Conn, queue: str = "q") -> int:

@@ -7,25 +7,11 @@ observable are used, so the suite also checks another install (``PGQUE_SCHEMA_SQ
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import psycopg
 import pytest
+from engine_helpers import Conn, make_queue, scalar
 from psycopg import errors
-
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def scalar(conn: Conn, query: str, *params: object) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
-    assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
-    for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
 
 
 def tick(conn: Conn, queue: str = "q") -> None:

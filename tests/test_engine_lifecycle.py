@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import Database
+from engine_helpers import Conn, ConnectAs, make_queue, scalar
 from sqlalchemy import create_engine
 
 from sqlalchemy_pgque import schema
-
-Conn = psycopg.Connection[tuple[Any, ...]]
-ConnectAs = Callable[[str], Conn]
 
 MSG_ID, BATCH_ID, TYPE, PAYLOAD = range(4)
 
@@ -28,22 +25,10 @@ STATUS_COMPONENTS = ["postgresql", "pgque", "scheduler", "ticker", "maintenance"
                      "pg_timetable", "queues", "consumers"]
 
 
-def scalar(conn: Conn, query: str, *params: object) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
 def records(conn: Conn, query: str, *params: object) -> list[dict[str, Any]]:
     cur = conn.execute(query, params)
     names = [d.name for d in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
-def make_queue(conn: Conn, name: str, *consumers: str) -> None:
-    assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
-    for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
 
 
 def send(conn: Conn, queue: str, payload: str) -> int:
@@ -79,30 +64,6 @@ def collect_notices(conn: Conn) -> list[str]:
     notices: list[str] = []
     conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     return notices
-
-
-@pytest.fixture
-def role_conn(db: Database, conn: Conn) -> Iterator[ConnectAs]:
-    """Open autocommit connections acting as a fresh member of the given pgque role."""
-    created: list[str] = []
-    opened: list[Conn] = []
-
-    def connect_as(member_of: str) -> Conn:
-        role = f"e2_{member_of}_{uuid.uuid4().hex[:10]}"
-        conn.execute(f"create role {role} nologin in role {member_of}")
-        created.append(role)
-        c = psycopg.connect(db.dsn, autocommit=True)
-        opened.append(c)
-        c.execute(f"set role {role}")
-        return c
-
-    try:
-        yield connect_as
-    finally:
-        for c in opened:
-            c.close()
-        for role in created:
-            conn.execute(f"drop role {role}")
 
 
 # --- maint() and the ticker loop ------------------------------------------------------

@@ -8,17 +8,15 @@ or by moving ``retry_queue.ev_retry_after`` into the past, never by sleeping.
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import Database
+from engine_helpers import Conn, ConnectAs, make_queue, scalar
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Message = tuple[Any, ...]
-ConnectAs = Callable[[str], Conn]
 
 MSG_ID, BATCH_ID, TYPE, PAYLOAD, RETRY_COUNT, CREATED_AT = range(6)
 
@@ -27,18 +25,6 @@ NACK_SQL = (
     " %s::timestamptz, %s::text, %s::text, %s::text, %s::text)::pgque.message,"
     " %s::interval, %s)"
 )
-
-
-def scalar(conn: Conn, query: str, *params: object) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def make_queue(conn: Conn, name: str, *consumers: str) -> None:
-    assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
-    for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
 
 
 def send(conn: Conn, queue: str, payload: str, ev_type: str = "t") -> int:
@@ -109,30 +95,6 @@ def dead_letter_one(conn: Conn, queue: str, consumer: str, payload: str) -> int:
     assert nack(conn, rows[0], reason="bad") == 1
     ack(conn, rows[0][BATCH_ID])
     return ev_id
-
-
-@pytest.fixture
-def role_conn(db: Database, conn: Conn) -> Iterator[ConnectAs]:
-    """Open autocommit connections that act as a fresh role in the given pgque role."""
-    created: list[str] = []
-    opened: list[Conn] = []
-
-    def connect_as(member_of: str) -> Conn:
-        role = f"e2_{member_of}_{uuid.uuid4().hex[:10]}"
-        conn.execute(f"create role {role} nologin in role {member_of}")
-        created.append(role)
-        c = psycopg.connect(db.dsn, autocommit=True)
-        opened.append(c)
-        c.execute(f"set role {role}")
-        return c
-
-    try:
-        yield connect_as
-    finally:
-        for c in opened:
-            c.close()
-        for role in created:
-            conn.execute(f"drop role {role}")
 
 
 # --- nack and the retry mover ----------------------------------------------------------

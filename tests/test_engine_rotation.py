@@ -9,20 +9,11 @@ rotation back for a while, so rotations are awaited with a deadline, not assumed
 from __future__ import annotations
 
 import time
-from typing import Any
 
-import psycopg
 import pytest
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from engine_helpers import Conn, scalar
 
 MSG_ID, BATCH_ID = 0, 1
-
-
-def scalar(conn: Conn, query: str, *params: object) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def make_queue(conn: Conn, name: str, *consumers: str) -> int:

@@ -110,30 +110,6 @@ BEGIN
 END
 $$;
 
--- Event tables are insert-only and emptied by TRUNCATE: pack pages fully and keep
--- autovacuum away from them.
-CREATE OR REPLACE FUNCTION pgque.tune_storage(i_queue_name text)
-RETURNS integer
-LANGUAGE plpgsql
-SET search_path = pgque, pg_catalog
-AS $$
-DECLARE
-    q pgque.queue%ROWTYPE;
-    i integer;
-BEGIN
-    SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'Queue not found';
-    END IF;
-    FOR i IN 0 .. q.queue_ntables - 1 LOOP
-        EXECUTE format('ALTER TABLE %s SET (fillfactor = 100, autovacuum_enabled = off, '
-                       'toast.autovacuum_enabled = off)',
-                       pgque.quote_fqname(q.queue_data_pfx || '_' || i));
-    END LOOP;
-    RETURN 1;
-END
-$$;
-
 -- send and insert_event reach the current event table of a queue through
 -- pgque._insert_static, which create_queue, drop_queue and every install regenerate from
 -- pgque.queue: one static INSERT per event table, so each keeps a cached plan per
@@ -353,6 +329,31 @@ AS $$
     SELECT pgque.register_consumer_at(queue, consumer, NULL);
 $$;
 
+-- Remove a cooperative member row, and its consumer row unless another queue still uses
+-- it; with its last member gone the main becomes a normal consumer again. Retry rows
+-- stay: they belong to the group's shared sub_id. The caller has locked the member row
+-- and dealt with any open batch.
+CREATE OR REPLACE FUNCTION pgque._drop_coop_member(
+    i_queue_id integer, i_member_consumer integer, i_sub_id integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+BEGIN
+    DELETE FROM pgque.subscription
+     WHERE sub_queue = i_queue_id AND sub_consumer = i_member_consumer;
+    DELETE FROM pgque.consumer c
+     WHERE c.co_id = i_member_consumer
+       AND NOT EXISTS (SELECT 1 FROM pgque.subscription s WHERE s.sub_consumer = c.co_id);
+    UPDATE pgque.subscription m
+       SET sub_role = 'normal'
+     WHERE m.sub_queue = i_queue_id AND m.sub_id = i_sub_id AND m.sub_role = 'coop_main'
+       AND NOT EXISTS (SELECT 1 FROM pgque.subscription o
+                        WHERE o.sub_queue = i_queue_id AND o.sub_id = i_sub_id
+                          AND o.sub_role = 'coop_member');
+END
+$$;
+
 -- Removes one subscription row. Cooperative groups share one sub_id: a member leaves
 -- alone (the main is demoted to a normal consumer with the last one), while the main
 -- can go only once it has no members.
@@ -382,17 +383,7 @@ BEGIN
             RAISE EXCEPTION 'cannot unregister active cooperative subconsumer without forced batch handling: %/%',
                 x_queue_name, x_consumer_name;
         END IF;
-        DELETE FROM pgque.subscription
-         WHERE sub_queue = sub.sub_queue AND sub_consumer = sub.sub_consumer;
-        DELETE FROM pgque.consumer c
-         WHERE c.co_id = sub.sub_consumer
-           AND NOT EXISTS (SELECT 1 FROM pgque.subscription s WHERE s.sub_consumer = c.co_id);
-        UPDATE pgque.subscription m
-           SET sub_role = 'normal'
-         WHERE m.sub_queue = sub.sub_queue AND m.sub_id = sub.sub_id AND m.sub_role = 'coop_main'
-           AND NOT EXISTS (SELECT 1 FROM pgque.subscription o
-                            WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
-                              AND o.sub_role = 'coop_member');
+        PERFORM pgque._drop_coop_member(sub.sub_queue, sub.sub_consumer, sub.sub_id);
         RETURN 1;
     END IF;
 

@@ -6,44 +6,48 @@
 -- cooperative group) sees the copy. An event whose retry budget is spent goes to
 -- dead_letter instead, from where an operator can replay it to every subscriber.
 
--- Rows of one batch, straight from the event tables: the snapshot rule of the spec
--- (visible at the end tick, invisible at the cursor tick, no owner or this owner).
--- The ev_txid range keeps the scan on the txid indexes. A NULL i_event_id returns the
--- whole batch; otherwise only that event.
-CREATE OR REPLACE FUNCTION pgque._batch_event_rows(
-    i_queue_id integer, i_sub_id integer, i_last_tick bigint, i_next_tick bigint,
-    i_event_id bigint)
-RETURNS SETOF pgque.event_template
+-- One event of an open batch, read through the batch query of get_batch_events, or a
+-- row of NULLs if the batch does not hold it. ev_owner is left NULL: callers park or
+-- bury the event under the batch's own subscription anyway.
+CREATE OR REPLACE FUNCTION pgque._batch_event(i_batch_id bigint, i_event_id bigint)
+RETURNS pgque.event_template
 LANGUAGE plpgsql
 STABLE
 SET search_path = pgque, pg_catalog
 AS $$
 DECLARE
-    data_pfx text;
-    last_snap pg_snapshot;
-    next_snap pg_snapshot;
+    ev pgque.event_template;
 BEGIN
-    SELECT queue_data_pfx INTO data_pfx FROM pgque.queue WHERE queue_id = i_queue_id;
-    SELECT tick_snapshot INTO last_snap
-      FROM pgque.tick WHERE tick_queue = i_queue_id AND tick_id = i_last_tick;
-    SELECT tick_snapshot INTO next_snap
-      FROM pgque.tick WHERE tick_queue = i_queue_id AND tick_id = i_next_tick;
-    IF data_pfx IS NULL OR last_snap IS NULL OR next_snap IS NULL THEN
-        RAISE EXCEPTION 'cannot find data for batch: ticks % and % of queue % are missing',
-            i_last_tick, i_next_tick, i_queue_id;
-    END IF;
-    RETURN QUERY EXECUTE format(
-        'SELECT ev_id, ev_time, ev_txid, ev_owner, ev_retry, ev_type, ev_data,'
-        '       ev_extra1, ev_extra2, ev_extra3, ev_extra4'
-        '  FROM %s'
-        ' WHERE ev_txid >= pg_snapshot_xmin($1) AND ev_txid < pg_snapshot_xmax($2)'
-        '   AND pg_visible_in_snapshot(ev_txid, $2)'
-        '   AND NOT pg_visible_in_snapshot(ev_txid, $1)'
-        '   AND (ev_owner IS NULL OR ev_owner = $3)'
-        '   AND ($4::bigint IS NULL OR ev_id = $4)'
-        ' ORDER BY ev_id',
-        pgque.quote_fqname(data_pfx))
-        USING last_snap, next_snap, i_sub_id, i_event_id;
+    EXECUTE 'SELECT ev_id, ev_time, ev_txid::text::xid8, NULL::integer, ev_retry, ev_type,'
+            '       ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4'
+            '  FROM (' || pgque.batch_event_sql(i_batch_id) || ') AS e WHERE ev_id = $1'
+        INTO ev USING i_event_id;
+    RETURN ev;
+END
+$$;
+
+-- Park a copy of one batch event for its subscription (the group's sub_id for a
+-- cooperative member): 1, or 0 if that event is parked already. The copy gets a new
+-- ev_txid only when the mover re-inserts it.
+CREATE OR REPLACE FUNCTION pgque._park_event(
+    i_queue_id integer, i_sub_id integer, i_retry_after timestamptz,
+    i_event pgque.event_template)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    parked integer;
+BEGIN
+    INSERT INTO pgque.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid,
+                                   ev_owner, ev_retry, ev_type, ev_data,
+                                   ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+    VALUES (i_retry_after, i_queue_id, i_event.ev_id, i_event.ev_time, NULL,
+            i_sub_id, coalesce(i_event.ev_retry, 0) + 1, i_event.ev_type, i_event.ev_data,
+            i_event.ev_extra1, i_event.ev_extra2, i_event.ev_extra3, i_event.ev_extra4)
+    ON CONFLICT (ev_owner, ev_id) DO NOTHING;
+    GET DIAGNOSTICS parked = ROW_COUNT;
+    RETURN parked;
 END
 $$;
 
@@ -58,29 +62,17 @@ AS $$
 DECLARE
     sub record;
     ev pgque.event_template%ROWTYPE;
-    parked integer;
 BEGIN
-    SELECT sub_queue, sub_id, sub_last_tick, sub_next_tick INTO sub
+    SELECT sub_queue, sub_id INTO sub
       FROM pgque.subscription WHERE sub_batch = x_batch_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'batch not found: %', x_batch_id;
     END IF;
-    SELECT * INTO ev
-      FROM pgque._batch_event_rows(sub.sub_queue, sub.sub_id, sub.sub_last_tick,
-                                   sub.sub_next_tick, x_event_id)
-     LIMIT 1;
-    IF NOT FOUND THEN
+    ev := pgque._batch_event(x_batch_id, x_event_id);
+    IF ev.ev_id IS NULL THEN
         RAISE EXCEPTION 'event not found: % in batch %', x_event_id, x_batch_id;
     END IF;
-    INSERT INTO pgque.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid,
-                                   ev_owner, ev_retry, ev_type, ev_data,
-                                   ev_extra1, ev_extra2, ev_extra3, ev_extra4)
-    VALUES (x_retry_time, sub.sub_queue, ev.ev_id, ev.ev_time, NULL,
-            sub.sub_id, coalesce(ev.ev_retry, 0) + 1, ev.ev_type, ev.ev_data,
-            ev.ev_extra1, ev.ev_extra2, ev.ev_extra3, ev.ev_extra4)
-    ON CONFLICT (ev_owner, ev_id) DO NOTHING;
-    GET DIAGNOSTICS parked = ROW_COUNT;
-    RETURN parked;
+    RETURN pgque._park_event(sub.sub_queue, sub.sub_id, x_retry_time, ev);
 END
 $$;
 
@@ -106,7 +98,7 @@ DECLARE
     sub record;
     parked integer;
 BEGIN
-    SELECT sub_queue, sub_id, sub_last_tick, sub_next_tick INTO sub
+    SELECT sub_queue, sub_id INTO sub
       FROM pgque.subscription WHERE sub_batch = i_batch_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'batch_retry: batch % not found', i_batch_id;
@@ -117,8 +109,7 @@ BEGIN
     SELECT now() + i_retry_seconds * interval '1 second', sub.sub_queue, b.ev_id, b.ev_time,
            NULL, sub.sub_id, coalesce(b.ev_retry, 0) + 1, b.ev_type, b.ev_data,
            b.ev_extra1, b.ev_extra2, b.ev_extra3, b.ev_extra4
-      FROM pgque._batch_event_rows(sub.sub_queue, sub.sub_id, sub.sub_last_tick,
-                                   sub.sub_next_tick, NULL) AS b
+      FROM pgque.get_batch_events(i_batch_id) AS b
     ON CONFLICT (ev_owner, ev_id) DO NOTHING;
     GET DIAGNOSTICS parked = ROW_COUNT;
     RETURN parked;
@@ -245,8 +236,7 @@ DECLARE
     ev pgque.event_template%ROWTYPE;
     msg_id bigint := (i_msg).msg_id;
 BEGIN
-    SELECT s.sub_queue, s.sub_id, s.sub_last_tick, s.sub_next_tick,
-           coalesce(q.queue_max_retries, 5) AS retry_budget
+    SELECT s.sub_queue, s.sub_id, coalesce(q.queue_max_retries, 5) AS retry_budget
       INTO sub
       FROM pgque.subscription s
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
@@ -255,12 +245,9 @@ BEGIN
         RAISE EXCEPTION 'batch not found: %', i_batch_id;
     END IF;
     IF msg_id IS NOT NULL THEN
-        SELECT * INTO ev
-          FROM pgque._batch_event_rows(sub.sub_queue, sub.sub_id, sub.sub_last_tick,
-                                       sub.sub_next_tick, msg_id)
-         LIMIT 1;
+        ev := pgque._batch_event(i_batch_id, msg_id);
     END IF;
-    IF msg_id IS NULL OR ev.ev_id IS NULL THEN
+    IF ev.ev_id IS NULL THEN
         RAISE EXCEPTION 'msg_id % not found in batch %', msg_id, i_batch_id;
     END IF;
     IF coalesce(ev.ev_retry, 0) >= sub.retry_budget THEN
@@ -269,10 +256,13 @@ BEGIN
                                  ev.ev_time, ev.ev_txid, ev.ev_retry, ev.ev_type, ev.ev_data,
                                  ev.ev_extra1, ev.ev_extra2, ev.ev_extra3, ev.ev_extra4);
     ELSE
-        -- A NULL delay means the default one, not "never".
-        PERFORM pgque.event_retry(
-            i_batch_id, ev.ev_id,
-            round(extract(epoch FROM coalesce(i_retry_after, interval '60 seconds')))::integer);
+        -- The event is in hand: parking it directly spares event_retry's second read of
+        -- the batch. A NULL delay means the default one, not "never".
+        PERFORM pgque._park_event(
+            sub.sub_queue, sub.sub_id,
+            now() + round(extract(epoch FROM coalesce(i_retry_after, interval '60 seconds')))::integer
+                    * interval '1 second',
+            ev);
     END IF;
     RETURN 1;
 END
@@ -389,8 +379,6 @@ BEGIN
     RETURN purged;
 END
 $$;
-
-REVOKE ALL ON FUNCTION pgque._batch_event_rows(integer, integer, bigint, bigint, bigint) FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
     pgque.event_retry(bigint, bigint, timestamptz),

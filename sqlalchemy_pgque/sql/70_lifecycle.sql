@@ -427,9 +427,6 @@ AS $$
       ) AS b ON true;
 $$;
 
-REVOKE ALL ON FUNCTION pgque._pg_cron_installed() FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque._pg_timetable_state() FROM PUBLIC;
-
 GRANT EXECUTE ON FUNCTION
     pgque.version(),
     pgque.get_queue_info(),

@@ -147,7 +147,7 @@ DECLARE
     v_member_name text := i_consumer || '.' || i_subconsumer;
     main_sub      pgque.subscription%ROWTYPE;
     member_sub    pgque.subscription%ROWTYPE;
-    ev            record;
+    ev            pgque.event_template;
 BEGIN
     IF i_batch_handling IS NULL OR i_batch_handling NOT IN (0, 1) THEN
         RAISE EXCEPTION 'unsupported batch_handling value: %', coalesce(i_batch_handling::text, 'NULL');
@@ -184,31 +184,26 @@ BEGIN
                 i_queue, i_consumer, i_subconsumer;
         END IF;
         -- The same budget rule as nack: exhausted events go to the DLQ, the rest come
-        -- back to the group through the retry queue.
-        FOR ev IN SELECT * FROM pgque.get_batch_events(member_sub.sub_batch) LOOP
+        -- back to the group through the retry queue. Each event is parked from the row
+        -- in hand; event_retry would read the whole batch again for every event.
+        FOR ev IN
+            SELECT e.ev_id, e.ev_time, e.ev_txid::text::xid8, NULL::integer, e.ev_retry,
+                   e.ev_type, e.ev_data, e.ev_extra1, e.ev_extra2, e.ev_extra3, e.ev_extra4
+              FROM pgque.get_batch_events(member_sub.sub_batch) AS e
+        LOOP
             IF coalesce(ev.ev_retry, 0) >= v_max_retries THEN
                 PERFORM pgque.event_dead(member_sub.sub_batch, ev.ev_id, 'subconsumer unregistered',
-                                         ev.ev_time, ev.ev_txid::text::xid8, ev.ev_retry,
+                                         ev.ev_time, ev.ev_txid, ev.ev_retry,
                                          ev.ev_type, ev.ev_data, ev.ev_extra1, ev.ev_extra2,
                                          ev.ev_extra3, ev.ev_extra4);
             ELSE
-                PERFORM pgque.event_retry(member_sub.sub_batch, ev.ev_id, 60);
+                PERFORM pgque._park_event(v_queue_id, main_sub.sub_id,
+                                          now() + interval '60 seconds', ev);
             END IF;
         END LOOP;
     END IF;
 
-    DELETE FROM pgque.subscription
-     WHERE sub_queue = v_queue_id AND sub_consumer = member_sub.sub_consumer;
-    DELETE FROM pgque.consumer c
-     WHERE c.co_id = member_sub.sub_consumer
-       AND NOT EXISTS (SELECT 1 FROM pgque.subscription s WHERE s.sub_consumer = c.co_id);
-
-    IF NOT EXISTS (SELECT 1 FROM pgque.subscription
-                    WHERE sub_queue = v_queue_id AND sub_id = main_sub.sub_id
-                      AND sub_role = 'coop_member') THEN
-        UPDATE pgque.subscription SET sub_role = 'normal'
-         WHERE sub_queue = v_queue_id AND sub_consumer = main_sub.sub_consumer;
-    END IF;
+    PERFORM pgque._drop_coop_member(v_queue_id, member_sub.sub_consumer, main_sub.sub_id);
     RETURN 1;
 END
 $$;
@@ -353,34 +348,9 @@ BEGIN
             i_consumer, i_queue, coalesce(main_sub.sub_last_tick::text, 'NULL');
     END IF;
 
-    IF i_min_count IS NULL AND i_min_interval IS NULL THEN
-        SELECT * INTO end_tick FROM pgque.tick
-         WHERE tick_queue = v_queue_id AND tick_id > cursor_tick.tick_id
-         ORDER BY tick_id
-         LIMIT 1;
-    ELSE
-        SELECT * INTO end_tick FROM pgque.tick
-         WHERE tick_queue = v_queue_id AND tick_id > cursor_tick.tick_id
-         ORDER BY tick_id DESC
-         LIMIT 1;
-        IF FOUND THEN
-            -- A NULL threshold never qualifies nor disqualifies: only given ones count.
-            IF NOT coalesce(end_tick.tick_event_seq - cursor_tick.tick_event_seq >= i_min_count, false)
-               AND NOT coalesce(end_tick.tick_time - cursor_tick.tick_time >= i_min_interval, false) THEN
-                end_tick := NULL;
-            ELSIF coalesce(end_tick.tick_event_seq - cursor_tick.tick_event_seq > 2 * i_min_count, false)
-                  OR coalesce(end_tick.tick_time - cursor_tick.tick_time > 2 * i_min_interval, false) THEN
-                -- Far behind: take the first tick that satisfies the thresholds so that
-                -- one batch does not swallow the whole backlog.
-                SELECT * INTO end_tick FROM pgque.tick
-                 WHERE tick_queue = v_queue_id AND tick_id > cursor_tick.tick_id
-                   AND (tick_event_seq - cursor_tick.tick_event_seq >= i_min_count
-                        OR tick_time - cursor_tick.tick_time >= i_min_interval)
-                 ORDER BY tick_id
-                 LIMIT 1;
-            END IF;
-        END IF;
-    END IF;
+    SELECT h.next_tick_id, h.next_tick_time INTO end_tick.tick_id, end_tick.tick_time
+      FROM pgque.find_tick_helper(v_queue_id, cursor_tick.tick_id, cursor_tick.tick_time,
+                                  cursor_tick.tick_event_seq, i_min_count, i_min_interval) h;
 
     IF end_tick.tick_id IS NULL
        OR (i_min_lag IS NOT NULL AND now() - end_tick.tick_time < i_min_lag) THEN
@@ -462,18 +432,6 @@ $$;
 COMMENT ON FUNCTION pgque.receive_coop(text, text, text, integer, interval) IS
     'Experimental (cooperative consumers): receive the messages of a subconsumer''s batch via the cooperative allocator.';
 
-
-REVOKE ALL ON FUNCTION pgque._validate_coop_names(text, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.register_subconsumer(text, text, text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.subscribe_subconsumer(text, text, text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.unregister_subconsumer(text, text, text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.unsubscribe_subconsumer(text, text, text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.touch_subconsumer(text, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.next_batch_custom(text, text, text, interval, integer, interval, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.next_batch(text, text, text, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgque.receive_coop(text, text, text, integer, interval) FROM PUBLIC;
-
-GRANT EXECUTE ON FUNCTION pgque._validate_coop_names(text, text, text) TO pgque_admin;
 GRANT EXECUTE ON FUNCTION pgque.register_subconsumer(text, text, text, boolean) TO pgque_reader;
 GRANT EXECUTE ON FUNCTION pgque.subscribe_subconsumer(text, text, text, boolean) TO pgque_reader;
 GRANT EXECUTE ON FUNCTION pgque.unregister_subconsumer(text, text, text, integer) TO pgque_reader;

@@ -19,18 +19,8 @@ GRANT ALL ON ALL SEQUENCES IN SCHEMA pgque TO pgque_admin;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgque FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgque TO pgque_admin;
 
-DO $grants$
-BEGIN
-    IF to_regprocedure('pgque.ticker_loop()') IS NOT NULL THEN
-        REVOKE EXECUTE ON PROCEDURE pgque.ticker_loop() FROM PUBLIC;
-        GRANT EXECUTE ON PROCEDURE pgque.ticker_loop() TO pgque_admin;
-    END IF;
-    -- uninstall() drops everything: owner only.
-    IF to_regprocedure('pgque.uninstall()') IS NOT NULL THEN
-        REVOKE EXECUTE ON FUNCTION pgque.uninstall() FROM pgque_admin, pgque_reader, pgque_writer;
-    END IF;
-END
-$grants$;
+-- uninstall() drops everything: owner only.
+REVOKE EXECUTE ON FUNCTION pgque.uninstall() FROM pgque_admin, pgque_reader, pgque_writer;
 
 -- insert_event_bulk trusts its caller (send_batch checks the arguments): owner only.
 REVOKE EXECUTE ON FUNCTION pgque.insert_event_bulk(text, text, text[])
