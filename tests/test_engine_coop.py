@@ -941,3 +941,38 @@ def test_pgque_py_consumers_in_cooperative_mode(db: Database, conn: Conn) -> Non
     for sub in ("w1", "w2"):
         row = sub_row(conn, f"grp.{sub}")
         assert row is not None and row.batch is None
+
+
+def test_unregistering_a_member_locks_the_main_row_first(conn: Conn, db: Database) -> None:
+    """Lock order main -> member, as the allocator takes them: no deadlock between the two.
+
+    The holder plays an allocator that has locked the group's main row and next wants
+    the member row. The unregistering session must wait on the main row without having
+    locked the member row first.
+    """
+    create_queue(conn)
+    assert conn.execute("select pgque.subscribe_subconsumer(%s, %s, 's')",
+                        (QUEUE, GROUP)).fetchone() == (1,)
+    member = f"{GROUP}.s"
+    lock_rows = (
+        "select 1 from pgque.subscription s join pgque.consumer c on c.co_id = s.sub_consumer "
+        "where c.co_name = %s for update of s"
+    )
+    with psycopg.connect(db.dsn) as holder, psycopg.connect(db.dsn, autocommit=True) as other:
+        holder.execute(lock_rows, (GROUP,))
+        pid = other.info.backend_pid
+        result: list[object] = []
+        worker = threading.Thread(target=lambda: result.append(other.execute(
+            "select pgque.unregister_consumer(%s, %s)", (QUEUE, member)).fetchone()))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while conn.execute("select wait_event_type from pg_stat_activity where pid = %s",
+                           (pid,)).fetchone() != ("Lock",):
+            assert time.monotonic() < deadline, "unregister_consumer never waited on a lock"
+            time.sleep(0.01)
+        # The member row is free: the unregistering session waits on the main row only.
+        holder.execute("set local lock_timeout = '2s'")
+        holder.execute(lock_rows, (member,))
+        holder.rollback()
+        worker.join(10)
+    assert result == [(1,)]

@@ -367,6 +367,16 @@ DECLARE
     sub record;
     sharing integer;
 BEGIN
+    -- A member's group main row is locked before the member row, the order the
+    -- cooperative allocator uses; the other order can deadlock with an allocation.
+    PERFORM 1
+       FROM pgque.subscription s
+       JOIN pgque.queue q ON q.queue_id = s.sub_queue
+       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+       JOIN pgque.subscription m ON m.sub_queue = s.sub_queue AND m.sub_id = s.sub_id
+      WHERE q.queue_name = x_queue_name AND c.co_name = x_consumer_name
+        AND s.sub_role = 'coop_member' AND m.sub_role = 'coop_main'
+        FOR UPDATE OF m;
     SELECT s.sub_id, s.sub_queue, s.sub_consumer, s.sub_role, s.sub_batch
       INTO sub
       FROM pgque.subscription s
