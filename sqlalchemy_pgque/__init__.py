@@ -5,7 +5,9 @@ from __future__ import annotations
 from . import functions as functions  # registers func.pgque.*
 from .consumer import AsyncConsumer, Consumer
 from .errors import (
+    BatchInProgress,
     BatchNotFound,
+    ConsumerModeConflict,
     ConsumerNotSubscribed,
     EngineNotInstalled,
     ForeignSchemaError,
@@ -23,8 +25,10 @@ from .ticker import Ticker
 __all__ = [
     "WAKE_CHANNEL",
     "AsyncConsumer",
+    "BatchInProgress",
     "BatchNotFound",
     "Consumer",
+    "ConsumerModeConflict",
     "ConsumerNotSubscribed",
     "EngineNotInstalled",
     "ForeignSchemaError",

@@ -17,6 +17,7 @@ with ``async def`` handlers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import inspect
 import logging
@@ -46,8 +47,10 @@ from ._listen import (
 )
 from .errors import (
     BatchNotFound,
+    ConsumerModeConflict,
     ConsumerNotSubscribed,
     EngineNotInstalled,
+    InvalidName,
     PermissionDenied,
     PgqueError,
     QueueNotFound,
@@ -70,6 +73,8 @@ _FATAL_ERRORS: tuple[type[PgqueError], ...] = (
     EngineNotInstalled,
     QueueNotFound,
     ConsumerNotSubscribed,
+    ConsumerModeConflict,
+    InvalidName,
     PermissionDenied,
 )
 # Anything else the database or the network raises is retried with backoff.
@@ -82,6 +87,8 @@ _RETRIED_ERRORS: tuple[type[BaseException], ...] = (
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 """A handler function; the decorator hands it back unchanged."""
+
+ConsumerT = TypeVar("ConsumerT", bound="_ConsumerBase")
 
 
 @dataclass(frozen=True)
@@ -139,17 +146,47 @@ _SUBSCRIBED = text(
 )
 
 
-def check_subscription(connection: Connection, queue: str, consumer: str) -> None:
-    """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound` or
-    :class:`ConsumerNotSubscribed` unless ``consumer`` can receive from ``queue``."""
+def check_subscription(
+    connection: Connection, queue: str, consumer: str, subconsumer: str | None = None
+) -> None:
+    """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound`,
+    :class:`ConsumerNotSubscribed` or :class:`ConsumerModeConflict` unless ``consumer``
+    (as member ``subconsumer`` of a cooperative group, if given) can receive from
+    ``queue``."""
     schema.require_installed(connection)
     if connection.execute(_QUEUE_EXISTS, {"queue": queue}).first() is None:
         raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
     if connection.execute(_SUBSCRIBED, {"queue": queue, "consumer": consumer}).first() is None:
+        if subconsumer is None:
+            advice = (f"Queue({queue!r}).subscribe(session, {consumer!r}) "
+                      "or op.pgque_subscribe()")
+        else:
+            advice = (f"Queue({queue!r}).subscribe_subconsumer(session, {consumer!r}, "
+                      f"{subconsumer!r}) or op.pgque_subscribe_subconsumer()")
         raise ConsumerNotSubscribed(
             f"consumer {consumer!r} is not subscribed to queue {queue!r}; subscribe it "
-            f"with Queue({queue!r}).subscribe(session, {consumer!r}) or op.pgque_subscribe()"
+            f"with {advice}"
         )
+    if subconsumer is not None:
+        # receive_coop registers the member on first use; trying that registration
+        # here, then undoing it, finds a group of the wrong kind before run() starts.
+        trial = connection.begin_nested()
+        try:
+            Queue(queue).subscribe_subconsumer(connection, consumer, subconsumer)
+        finally:
+            trial.rollback()
+
+
+def _check_cooperative_names(consumer: str, subconsumer: str) -> None:
+    for kind, value in (("consumer", consumer), ("subconsumer", subconsumer)):
+        if not isinstance(value, str) or not value:
+            raise InvalidName(f"cooperative {kind} name must be a non-empty string, "
+                              f"got {value!r}")
+        if "." in value:
+            raise InvalidName(
+                f"cooperative {kind} name must not contain a dot (members are stored "
+                f"as <consumer>.<subconsumer>): {value!r}"
+            )
 
 
 class _ConsumerBase:
@@ -175,6 +212,14 @@ class _ConsumerBase:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
+        if subconsumer is not None:
+            _check_cooperative_names(name, subconsumer)
+        elif dead_interval is not None:
+            raise ValueError(
+                "dead_interval applies to cooperative consumers only: give subconsumer= too"
+            )
+        if dead_interval is not None and as_seconds(dead_interval) <= 0:
+            raise ValueError(f"dead_interval must be > 0, got {dead_interval!r}")
         self.queue = queue if isinstance(queue, Queue) else Queue(queue)
         self.name = name
         self.max_messages = max_messages
@@ -190,6 +235,22 @@ class _ConsumerBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
+
+    def _as_member(self: ConsumerT, subconsumer: str) -> ConsumerT:
+        """A copy running as member ``subconsumer`` of this consumer's cooperative group.
+
+        The copy shares the handlers and settings but has its own run state, so the
+        worker can run several members of one group side by side.
+        """
+        _check_cooperative_names(self.name, subconsumer)
+        member = copy.copy(self)
+        member.subconsumer = subconsumer
+        member._clear_run_state()
+        return member
+
+    def _clear_run_state(self) -> None:
+        self.listening = threading.Event()
+        self._stopping = threading.Event()
 
     @property
     def label(self) -> str:
@@ -372,6 +433,10 @@ class Consumer(_ConsumerBase):
         self._engine_override: Engine | None = None
         self._waker: Waker | None = None
 
+    def _clear_run_state(self) -> None:
+        super()._clear_run_state()
+        self._waker = None
+
     def _check_handler(self, function: Callable[..., Any]) -> None:
         if inspect.iscoroutinefunction(function):
             raise TypeError(f"{function!r} is async: register it on an AsyncConsumer")
@@ -405,7 +470,9 @@ class Consumer(_ConsumerBase):
         """Raise if the engine is missing, the queue does not exist or the consumer is
         not subscribed: the configuration errors :meth:`run` cannot recover from."""
         with self._session() as session:
-            check_subscription(session.connection(), self.queue.name, self.name)
+            check_subscription(
+                session.connection(), self.queue.name, self.name, self.subconsumer
+            )
 
     def process_batch(self) -> int:
         """Receive and handle one batch; return how many messages it had (0: none)."""
@@ -564,6 +631,11 @@ class AsyncConsumer(_ConsumerBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
 
+    def _clear_run_state(self) -> None:
+        super()._clear_run_state()
+        self._loop = None
+        self._wake_event = None
+
     def _check_handler(self, function: Callable[..., Any]) -> None:
         if not inspect.iscoroutinefunction(function):
             raise TypeError(f"{function!r} is not async: AsyncConsumer handlers are async def")
@@ -589,7 +661,9 @@ class AsyncConsumer(_ConsumerBase):
         """See :meth:`Consumer.check`."""
         async with self._session() as session:
             connection = await session.connection()
-            await connection.run_sync(check_subscription, self.queue.name, self.name)
+            await connection.run_sync(
+                check_subscription, self.queue.name, self.name, self.subconsumer
+            )
 
     async def process_batch(self) -> int:
         """Receive and handle one batch; return how many messages it had (0: none)."""

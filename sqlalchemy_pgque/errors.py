@@ -10,7 +10,9 @@ from __future__ import annotations
 from sqlalchemy.exc import DBAPIError
 
 __all__ = [
+    "BatchInProgress",
     "BatchNotFound",
+    "ConsumerModeConflict",
     "ConsumerNotSubscribed",
     "EngineNotInstalled",
     "ForeignSchemaError",
@@ -61,8 +63,20 @@ class ConsumerNotSubscribed(PgqueError):
     """The consumer is not subscribed to the queue: subscribe it first."""
 
 
+class ConsumerModeConflict(PgqueError):
+    """The consumer is registered as the other kind than the call needs: a normal
+    consumer used as a cooperative group, a group used with plain ``receive``, or a
+    member name already taken by another subscription."""
+
+
 class BatchNotFound(PgqueError):
     """The batch id is unknown or the batch is already finished."""
+
+
+class BatchInProgress(PgqueError):
+    """The consumer or cooperative member holds an open batch, so it cannot be removed
+    or converted now: let it ack, or unsubscribe the member with ``batch_handling=1``
+    (its messages go to retry, or to the dead-letter queue once out of retries)."""
 
 
 class MessageNotInBatch(PgqueError):
@@ -101,6 +115,14 @@ _MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
     ("not subscriber to queue", ConsumerNotSubscribed),
     ("consumer not registered", ConsumerNotSubscribed),
     ("consumer not found", ConsumerNotSubscribed),
+    ("explicit conversion is required", ConsumerModeConflict),
+    ("with registered subconsumers", ConsumerModeConflict),
+    ("cannot convert active normal consumer", BatchInProgress),
+    ("cannot unregister active cooperative subconsumer", BatchInProgress),
+    ("with active subconsumer batches", BatchInProgress),
+    ("a cooperative main consumer", ConsumerModeConflict),
+    ("is a cooperative subconsumer", ConsumerModeConflict),
+    ("registered incompatibly", ConsumerModeConflict),
     ("batch not found", BatchNotFound),
     ("cannot find data for batch", BatchNotFound),
     ("not found in batch", MessageNotInBatch),

@@ -373,7 +373,14 @@ class Queue:
         subconsumer: str,
         batch_handling: int = 0,
     ) -> bool:
-        """Remove a group member; ``batch_handling=1`` retries (or dead-letters) its open batch."""
+        """Remove a group member; ``True`` if it was registered.
+
+        A member holding an open batch raises :class:`BatchInProgress` with
+        ``batch_handling=0``; with ``batch_handling=1`` the batch's messages go to retry
+        (in 60 s), or to the dead-letter queue once out of retries.
+        """
+        if batch_handling not in (0, 1):
+            raise ValueError(f"batch_handling must be 0 or 1, got {batch_handling!r}")
         params = {
             "queue": self.name,
             "consumer": consumer,

@@ -3,7 +3,7 @@
 ::
 
     python -m sqlalchemy_pgque.worker myapp.workers:consumer [more:consumers ...]
-        [--url postgresql+psycopg://...] [--ticker] [--log-level INFO]
+        [--url postgresql+psycopg://...] [--ticker] [--concurrency N] [--log-level INFO]
 
 Each ``module:attribute`` names a :class:`~sqlalchemy_pgque.Consumer`, an
 :class:`~sqlalchemy_pgque.AsyncConsumer`, or a list of them; each consumer runs in its
@@ -13,6 +13,11 @@ without it each consumer uses the engine its session factory is bound to.
 all those started with it ticks, elected by an advisory lock); ``--tick-period``
 overrides ``pgque.config.tick_period_ms`` and ``--no-wake`` turns off ticking on
 commit wake-ups.
+
+``--concurrency N`` runs every cooperative consumer (one given ``subconsumer=``) as N
+members of its group, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its own
+thread; ``--subconsumer NAME`` replaces the member name set in code, so that worker
+processes started from one command line can be given names of their own.
 
 SIGTERM or SIGINT stops the consumers after their current batch; the exit code is then
 0. Configuration problems (import path, URL, engine not installed, consumer not
@@ -40,7 +45,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ._listen import stop_signals_handled
 from .consumer import AsyncConsumer, Consumer, check_subscription
-from .errors import PgqueError, first_line
+from .errors import InvalidName, PgqueError, first_line
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -84,6 +89,33 @@ def load_consumers(target: str) -> list[AnyConsumer]:
     return consumers
 
 
+def expand_members(
+    consumers: list[AnyConsumer], concurrency: int, subconsumer: str | None
+) -> list[AnyConsumer]:
+    """``consumers`` with each cooperative one replaced by the members to run."""
+    if (concurrency > 1 or subconsumer) and all(c.subconsumer is None for c in consumers):
+        raise ConfigError(
+            "--concurrency and --subconsumer apply to cooperative consumers, and none is: "
+            "give the Consumer a subconsumer= (it then shares its batches with the other "
+            "members of its group)"
+        )
+    expanded: list[AnyConsumer] = []
+    for consumer in consumers:
+        if consumer.subconsumer is None:
+            expanded.append(consumer)
+            continue
+        base = subconsumer or consumer.subconsumer
+        names = [base] if concurrency == 1 else [f"{base}-{n}" for n in range(1, concurrency + 1)]
+        if names == [consumer.subconsumer]:
+            expanded.append(consumer)
+            continue
+        try:
+            expanded.extend(consumer._as_member(name) for name in names)
+        except InvalidName as exc:
+            raise ConfigError(str(exc)) from None
+    return expanded
+
+
 @dataclass
 class _Engines:
     """The engines the worker makes from --url (the sync one also serves checks)."""
@@ -91,11 +123,14 @@ class _Engines:
     url: URL | None
     sync: Engine | None = None
     asynchronous: AsyncEngine | None = None
+    pool_size: int = 5
+    """Connections each engine keeps: one per consumer (their LISTEN connections are
+    separate), so that --concurrency never leaves a member waiting for one."""
 
     def sync_engine(self) -> Engine:
         assert self.url is not None
         if self.sync is None:
-            self.sync = create_engine(_sync_url(self.url))
+            self.sync = create_engine(_sync_url(self.url), pool_size=self.pool_size)
         return self.sync
 
     def async_engine(self) -> AsyncEngine:
@@ -103,7 +138,7 @@ class _Engines:
         if self.asynchronous is None:
             from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet
 
-            self.asynchronous = create_async_engine(self.url)
+            self.asynchronous = create_async_engine(self.url, pool_size=self.pool_size)
         return self.asynchronous
 
     def dispose_sync(self) -> None:
@@ -249,6 +284,16 @@ class _Runner:
             thread.join()
 
 
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sqlalchemy_pgque.worker",
@@ -266,6 +311,12 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
                         help="ticker period (default: pgque.config.tick_period_ms)")
     parser.add_argument("--no-wake", action="store_true",
                         help="the ticker ticks on its period only, not on commit wake-ups")
+    parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N",
+                        help="run each cooperative consumer as N members of its group, "
+                             "in N threads (default: 1)")
+    parser.add_argument("--subconsumer", default=None, metavar="NAME",
+                        help="member name of the cooperative consumers (NAME-1 … NAME-N "
+                             "with --concurrency), instead of the one set in code")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(list(argv) if argv is not None else None)
@@ -284,6 +335,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             if args.url:
                 engines.url = _parse_url(args.url)
             consumers = [c for target in args.targets for c in load_consumers(target)]
+            consumers = expand_members(consumers, args.concurrency, args.subconsumer)
+            engines.pool_size = max(engines.pool_size, len(consumers) + 1)
             _bind(consumers, engines)
             for consumer in consumers:
                 _check(consumer)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -22,6 +26,9 @@ from sqlalchemy.engine import URL
 
 from sqlalchemy_pgque import schema
 from sqlalchemy_pgque._listen import url_from_conninfo
+
+_TESTS = Path(__file__).resolve().parent
+_ROOT = _TESTS.parent
 
 
 @dataclass(frozen=True)
@@ -182,3 +189,58 @@ def role_conn(
             c.close()
         for role in created:
             conn.execute(f"drop role {role}")
+
+
+class Worker:
+    """One ``python -m sqlalchemy_pgque.worker`` process with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sqlalchemy_pgque.worker", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=_ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
+    started: list[Worker] = []
+    url = db.url.render_as_string(hide_password=False)
+
+    def start(*targets: str, extra_args: tuple[str, ...] = (), with_url: bool = True,
+              **env_overrides: str) -> Worker:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        env["PYTHONPATH"] = os.pathsep.join([str(_TESTS), str(_ROOT)])
+        env.update(env_overrides)
+        args = [*targets, *extra_args]
+        if with_url:
+            args += ["--url", url]
+        worker = Worker(args, env, tmp_path / f"worker{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()

@@ -17,6 +17,7 @@ CREATE TABLE handled (
     msg_id bigint NOT NULL,
     type text,
     retry_count int NOT NULL,
+    handled_by text,
     handled_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
@@ -89,3 +90,22 @@ def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def listening(conn: Conn, channel: str = "pgque_q") -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query = %s",
+        (f'LISTEN "{channel}"',),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def one_error_line(worker: Any) -> str:
+    code = worker.wait()
+    output = worker.output()
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]

@@ -334,6 +334,30 @@ def test_check_reports_configuration_errors(conn: Conn, engine: Engine, queue: Q
         Consumer(engine, queue="q", name="stranger").check()
 
 
+def test_cooperative_settings_are_checked(conn: Conn, engine: Engine, queue: Queue) -> None:
+    from sqlalchemy_pgque.errors import ConsumerModeConflict, ConsumerNotSubscribed, InvalidName
+
+    with pytest.raises(ValueError, match="subconsumer= too"):
+        Consumer(engine, queue="q", name="c", dead_interval=30)
+    with pytest.raises(ValueError, match="dead_interval must be > 0"):
+        Consumer(engine, queue="q", name="g", subconsumer="w", dead_interval=0)
+    for name, member in [("g", "w.1"), ("g.x", "w"), ("g", "")]:
+        with pytest.raises(InvalidName):
+            Consumer(engine, queue="q", name=name, subconsumer=member)
+    with pytest.raises(ConsumerNotSubscribed, match="subscribe_subconsumer"):
+        Consumer(engine, queue="q", name="g", subconsumer="w").check()
+    with pytest.raises(ConsumerModeConflict, match="explicit conversion"):
+        Consumer(engine, queue="q", name="c", subconsumer="w").check()
+
+    with Session(engine) as session, session.begin():
+        queue.subscribe_subconsumer(session, "g", "w")
+    member = Consumer(engine, queue="q", name="g", subconsumer="w2")
+    member.check()
+    # check() tried the registration and undid it.
+    assert conn.execute("SELECT count(*) FROM pgque.get_consumer_info('q', 'g.w2')"
+                        ).fetchone() == (0,)
+
+
 def test_sigterm_stops_run_in_the_main_thread_and_restores_the_handler(
     conn: Conn, engine: Engine, queue: Queue
 ) -> None:
@@ -461,19 +485,27 @@ def test_cooperative_members_hold_batches_at_the_same_time(
     assert not both_hold_a_batch.broken
 
 
-def test_cooperative_member_keeps_its_batch_while_handlers_run(
-    conn: Conn, engine: Engine, group: Queue
-) -> None:
-    ids = send_batches(conn, batches=1, size=3)
+def held_member(
+    engine: Engine, group: Queue
+) -> tuple[Consumer, threading.Event, threading.Event]:
+    """Member ``a``, whose handler sets ``entered`` then waits for ``release``."""
     entered, release = threading.Event(), threading.Event()
-    member_a = Consumer(engine, queue=group, name="group", subconsumer="a")
+    member = Consumer(engine, queue=group, name="group", subconsumer="a")
 
-    @member_a.on("*")
+    @member.on("*")
     def slow(msg: Message, session: Session) -> None:
         entered.set()
         assert release.wait(10)
         record(msg, session)
 
+    return member, entered, release
+
+
+def test_cooperative_member_keeps_its_batch_while_handlers_run(
+    conn: Conn, engine: Engine, group: Queue
+) -> None:
+    ids = send_batches(conn, batches=1, size=3)
+    member_a, entered, release = held_member(engine, group)
     outcome: list[int] = []
     worker = threading.Thread(target=lambda: outcome.append(member_a.process_batch()))
     worker.start()
@@ -490,6 +522,41 @@ def test_cooperative_member_keeps_its_batch_while_handlers_run(
     assert handled_counts(conn) == dict.fromkeys(ids, 1)
     with Session(engine) as session, session.begin():
         assert group.receive_coop(session, "group", "b", dead_interval=0.2) == []
+
+
+def test_two_consumers_with_one_member_name_take_turns(
+    conn: Conn, engine: Engine, group: Queue
+) -> None:
+    ids = send_batches(conn, batches=1, size=3)
+    first, entered, release = held_member(engine, group)
+    second = Consumer(engine, queue=group, name="group", subconsumer="a")
+    second.on("*")(record)
+    outcomes: list[int] = []
+    threads = [threading.Thread(target=lambda c=c: outcomes.append(c.process_batch()))
+               for c in (first, second)]
+    threads[0].start()
+    try:
+        assert entered.wait(10)
+        # The second consumer's allocation waits for the member row, locked by the
+        # first one's handling transaction (and meanwhile holds the group's row).
+        threads[1].start()
+        wait_until(lambda: waiting_for_a_lock(conn), what="the second consumer to wait")
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    assert outcomes == [3, 0]
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+    with Session(engine) as session, session.begin():
+        assert group.receive_coop(session, "group", "a") == []
+
+
+def waiting_for_a_lock(conn: Conn) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 class _Crash(BaseException):

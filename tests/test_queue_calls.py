@@ -19,7 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from sqlalchemy_pgque import (
+    BatchInProgress,
     BatchNotFound,
+    ConsumerModeConflict,
     ConsumerNotSubscribed,
     EngineNotInstalled,
     InvalidName,
@@ -176,6 +178,27 @@ def test_cooperative_consumer_calls(jobs: Engine) -> None:
         assert jobs_q.unsubscribe_subconsumer(conn, "pool", "w1") is False
 
 
+def test_cooperative_misuse_gets_named_errors(jobs: Engine) -> None:
+    with jobs.begin() as conn:
+        jobs_q.subscribe_subconsumer(conn, "pool", "w1")
+        jobs_q.send_now(conn, {"coop": 1})
+    tick(jobs)
+    with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="with a subconsumer"):
+        jobs_q.receive(conn, "pool")
+    with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="conversion"):
+        jobs_q.subscribe_subconsumer(conn, "worker", "w1")  # worker is a normal consumer
+    with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="subconsumers"):
+        jobs_q.unsubscribe(conn, "pool")
+    with jobs.begin() as conn:
+        [msg] = jobs_q.receive_coop(conn, "pool", "w1")
+    with jobs.connect() as conn, pytest.raises(BatchInProgress, match="batch_handling = 1"):
+        jobs_q.unsubscribe_subconsumer(conn, "pool", "w1")
+    with jobs.connect() as conn, pytest.raises(ValueError, match="0 or 1"):
+        jobs_q.unsubscribe_subconsumer(conn, "pool", "w1", batch_handling=2)
+    with jobs.begin() as conn:
+        assert jobs_q.ack(conn, msg.batch_id) == 1
+
+
 def test_ticks(jobs: Engine) -> None:
     with jobs.begin() as conn:
         latest = jobs_q.force_next_tick(conn)
@@ -296,7 +319,8 @@ def test_unrelated_database_errors_are_not_translated(jobs: Engine) -> None:
 
 def test_pgque_errors_share_a_base() -> None:
     for error in (QueueNotFound, ConsumerNotSubscribed, BatchNotFound, EngineNotInstalled,
-                  PermissionDenied, InvalidName, MessageNotInBatch):
+                  PermissionDenied, InvalidName, MessageNotInBatch, ConsumerModeConflict,
+                  BatchInProgress):
         assert issubclass(error, PgqueError)
 
 

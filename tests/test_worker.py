@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from conftest import Database
@@ -16,6 +11,8 @@ from consumer_support import (
     HANDLED_TABLE,
     Conn,
     handled_counts,
+    listening,
+    one_error_line,
     open_batch,
     send,
     send_many,
@@ -24,73 +21,6 @@ from consumer_support import (
     wait_until,
 )
 from workers_app import BLOCK_KEY
-
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-
-
-class Worker:
-    """One ``python -m sqlalchemy_pgque.worker`` process with its output in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sqlalchemy_pgque.worker", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 20) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.wait()
-
-
-@pytest.fixture
-def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
-    started: list[Worker] = []
-    url = db.url.render_as_string(hide_password=False)
-
-    def start(*targets: str, extra_args: tuple[str, ...] = (), with_url: bool = True,
-              **env_overrides: str) -> Worker:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
-        env.update(env_overrides)
-        args = [*targets, *extra_args]
-        if with_url:
-            args += ["--url", url]
-        worker = Worker(args, env, tmp_path / f"worker{len(started)}.log")
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.kill()
-
-
-def listening(conn: Conn, channel: str = "pgque_q") -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = %s",
-        (f'LISTEN "{channel}"',),
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 @pytest.fixture
@@ -213,33 +143,23 @@ def test_async_consumer_in_the_worker(conn: Conn, workers: Any) -> None:
     assert worker.wait() == 0, worker.output()
 
 
-def _one_error_line(worker: Worker) -> str:
-    code = worker.wait()
-    output = worker.output()
-    assert code == 2, output
-    lines = output.strip().splitlines()
-    assert len(lines) == 1, output
-    assert "Traceback" not in output
-    return lines[0]
-
-
 @pytest.mark.usefixtures("queue_q")
 def test_configuration_errors_are_one_line(workers: Any, empty_db: Database) -> None:
-    assert "no_such_module" in _one_error_line(workers("no_such_module:consumer"))
-    assert "nope" in _one_error_line(workers("workers_app:nope"))
-    assert "not a Consumer" in _one_error_line(workers("workers_app:not_a_consumer"))
-    assert "module:attribute" in _one_error_line(workers("workers_app"))
-    assert "not subscribed" in _one_error_line(workers("workers_app:stranger"))
-    assert "bad database URL" in _one_error_line(
+    assert "no_such_module" in one_error_line(workers("no_such_module:consumer"))
+    assert "nope" in one_error_line(workers("workers_app:nope"))
+    assert "not a Consumer" in one_error_line(workers("workers_app:not_a_consumer"))
+    assert "module:attribute" in one_error_line(workers("workers_app"))
+    assert "not subscribed" in one_error_line(workers("workers_app:stranger"))
+    assert "bad database URL" in one_error_line(
         workers("workers_app:consumer", extra_args=("--url", "not a url"), with_url=False))
-    assert "is not PostgreSQL" in _one_error_line(
+    assert "is not PostgreSQL" in one_error_line(
         workers("workers_app:consumer", extra_args=("--url", "mysql://x@y/z"), with_url=False))
-    assert "not installed" in _one_error_line(workers(
+    assert "not installed" in one_error_line(workers(
         "workers_app:consumer", with_url=False,
         extra_args=("--url", empty_db.url.render_as_string(hide_password=False))))
-    assert "has no database" in _one_error_line(workers("workers_app:consumer", with_url=False))
+    assert "has no database" in one_error_line(workers("workers_app:consumer", with_url=False))
     unreachable = "postgresql+psycopg://nobody@127.0.0.1:1/nowhere?connect_timeout=2"
-    assert "cannot use the database" in _one_error_line(
+    assert "cannot use the database" in one_error_line(
         workers("workers_app:consumer", extra_args=("--url", unreachable), with_url=False))
 
 

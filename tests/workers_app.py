@@ -7,6 +7,7 @@ switches come from environment variables, read when the worker imports this modu
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from sqlalchemy import text
@@ -21,11 +22,16 @@ BLOCK_KEY = 4242
 
 SessionLocal = sessionmaker()
 
-_INSERT = text("INSERT INTO handled (msg_id, type, retry_count) VALUES (:id, :type, :retry)")
+_INSERT = text(
+    "INSERT INTO handled (msg_id, type, retry_count, handled_by) "
+    "VALUES (:id, :type, :retry, :by)"
+)
 
 
 def _row(msg: Message) -> dict[str, object]:
-    return {"id": msg.msg_id, "type": msg.type, "retry": msg.retry_count}
+    # The worker names each consumer's thread after its label (queue/consumer.member).
+    return {"id": msg.msg_id, "type": msg.type, "retry": msg.retry_count,
+            "by": threading.current_thread().name}
 
 
 def record(msg: Message, session: Session) -> None:
@@ -51,6 +57,22 @@ other_queue = Consumer(SessionLocal, queue="q2", name="c",
 other_queue.on("*")(record)
 
 both = [consumer, other_queue]
+
+
+def _dead_interval() -> float | None:
+    raw = os.environ.get("APP_DEAD_INTERVAL")
+    return float(raw) if raw else None
+
+
+cooperative = Consumer(
+    SessionLocal,
+    queue=os.environ.get("APP_QUEUE", "q"),
+    name=os.environ.get("APP_GROUP", "group"),
+    subconsumer=os.environ.get("APP_MEMBER", "w"),
+    dead_interval=_dead_interval(),
+    poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
+)
+cooperative.on("*")(record)
 
 stranger = Consumer(SessionLocal, queue="q", name="stranger")
 
