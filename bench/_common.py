@@ -7,14 +7,36 @@ from the script's own directory.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
+import sqlalchemy
 from psycopg import conninfo, sql
 
 from sqlalchemy_pgque import schema
+
+SHARED_MACHINE_NOTE = ("shared 2-core machine: other sessions' work may run alongside; "
+                       "load_average is taken at the end of the run")
+
+
+def run_facts(benchmark: str, server_version: int, note: str = SHARED_MACHINE_NOTE
+              ) -> dict[str, Any]:
+    """The header of a results file: what ran, when, on what, and how busy it was."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "server_version": server_version,
+        "python": platform.python_version(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "psycopg": psycopg.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "note": note,
+    }
 
 
 def payload(n: int) -> dict[str, Any]:

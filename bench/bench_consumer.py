@@ -27,18 +27,14 @@ import argparse
 import asyncio
 import cProfile
 import json
-import os
-import platform
 import pstats
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
-import sqlalchemy
-from _common import payload, scratch_database
+from _common import payload, run_facts, scratch_database
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -158,16 +154,7 @@ def main() -> None:
                 rates[name].append(VARIANTS[name](dsn))
                 print(f"round {round_no + 1} {name:12s} {rates[name][-1]:>10,.0f} events/s")
     result = {
-        "benchmark": "consumer drain of 50 ticked batches of 1,000 events, no-op handler",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "server_version": server,
-        "python": platform.python_version(),
-        "sqlalchemy": sqlalchemy.__version__,
-        "psycopg": psycopg.__version__,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "note": "shared 2-core machine: other sessions' work may run alongside; "
-                "load_average is taken at the end of the run",
+        **run_facts("consumer drain of 50 ticked batches of 1,000 events, no-op handler", server),
         "rounds": args.rounds,
         "events_per_second_median": {n: round(statistics.median(r)) for n, r in rates.items()},
         "events_per_second_rounds": {n: [round(x) for x in r] for n, r in rates.items()},

@@ -25,18 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import sqlalchemy
-from _common import scratch_database
+from _common import SHARED_MACHINE_NOTE, run_facts, scratch_database
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -185,18 +183,12 @@ def main() -> None:
             log_path.unlink()
             print(name, results[name])
     result = {
-        "benchmark": "send -> handler latency at 50 events/s, worker subprocess",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "server_version": server,
-        "python": platform.python_version(),
-        "sqlalchemy": sqlalchemy.__version__,
-        "psycopg": psycopg.__version__,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "note": "shared 2-core machine: other sessions' work may run alongside; "
-                "load_average is taken at the end of the run. from_before_commit: wall "
-                "clock just before the producer's commit (includes its WAL flush) to the "
-                "handler call; from_commit_return: from when the commit returned",
+        **run_facts(
+            "send -> handler latency at 50 events/s, worker subprocess", server,
+            note=SHARED_MACHINE_NOTE + ". from_before_commit: wall clock just before the "
+            "producer's commit (includes its WAL flush) to the handler call; "
+            "from_commit_return: from when the commit returned",
+        ),
         "events_per_case": args.events,
         "cases": results,
         "targets": {"commit_woken": {"p50_ms": 3, "p95_ms": 10},

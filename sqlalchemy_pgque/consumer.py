@@ -98,19 +98,23 @@ class _Handler:
 
 
 def _takes_session(function: Callable[..., Any]) -> bool:
-    """Whether ``function`` is ``(msg, session)`` rather than ``(msg)``."""
-    positional = 0
+    """Whether ``function`` is ``(msg, session)`` rather than ``(msg)``.
+
+    Only positional parameters without a default count: ``def h(msg, tag=t)`` binds
+    ``tag`` for itself and must not be handed the Session.
+    """
+    required = 0
     for parameter in inspect.signature(function).parameters.values():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             return True
         if parameter.kind in (
             inspect.Parameter.POSITIONAL_ONLY,
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            positional += 1
-    if positional == 0:
+        ) and parameter.default is inspect.Parameter.empty:
+            required += 1
+    if required == 0:
         raise TypeError(f"handler {function!r} must accept (msg) or (msg, session)")
-    return positional >= 2
+    return required >= 2
 
 
 def _asyncio_ext() -> Any:

@@ -80,12 +80,17 @@ def test_handlers_take_msg_or_msg_and_session(conn: Conn, engine: Engine, queue:
     def write(msg: Message, session: Session) -> None:
         record(msg, session)
 
+    @consumer.on("tagged")
+    def tagged(msg: Message, tag: str = "bound") -> None:  # a default is not the session
+        seen.append((msg.msg_id, tag))
+
     noted = send(conn, "q", '{"a": 1}', "note")
     written = [send(conn, "q", "{}", "write") for _ in range(3)]
+    tagged_id = send(conn, "q", "{}", "tagged")
     tick(conn, "q")
 
-    assert consumer.process_batch() == 4
-    assert seen == [(noted, {"a": 1})]
+    assert consumer.process_batch() == 5
+    assert seen == [(noted, {"a": 1}), (tagged_id, "bound")]
     assert handled_counts(conn) == dict.fromkeys(written, 1)
     assert open_batch(conn, "q", "c") is None  # acked
     assert consumer.process_batch() == 0

@@ -149,6 +149,23 @@ def test_subconsumer_flag_names_the_members(conn: Conn, workers: Any) -> None:
 
 
 @pytest.mark.usefixtures("group")
+def test_async_members_share_one_event_loop(conn: Conn, workers: Any) -> None:
+    worker = workers("workers_app:async_cooperative", extra_args=("--concurrency", "3"))
+    wait_until(lambda: listening(conn) == 3, what="three members listening")
+    ids = send_batches(conn, 9, 4)
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="every event once")
+    assert members(conn) == ["group.aw-1", "group.aw-2", "group.aw-3"]
+    # Batches handled at once prove the members ran side by side in the loop.
+    overlapping = conn.execute(
+        "SELECT count(*) FROM handled a JOIN handled b ON a.handled_by <> b.handled_by "
+        "AND abs(extract(epoch FROM a.handled_at - b.handled_at)) < 0.02"
+    ).fetchone()
+    assert overlapping is not None and overlapping[0] > 0
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.output()
+
+
+@pytest.mark.usefixtures("group")
 def test_killed_members_batch_is_taken_over_after_dead_interval(
     conn: Conn, workers: Any
 ) -> None:

@@ -6,6 +6,7 @@ switches come from environment variables, read when the worker imports this modu
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -88,3 +89,14 @@ async_consumer = AsyncConsumer(
     poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
 )
 async_consumer.on("*")(record_async)
+
+async_cooperative = AsyncConsumer(
+    async_sessionmaker(), queue="q", name="group", subconsumer="aw",
+    poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
+)
+
+
+@async_cooperative.on("*")
+async def record_async_slowly(msg: Message, session: AsyncSession) -> None:
+    await session.execute(_INSERT, {**_row(msg), "by": f"aw:{msg.batch_id}"})
+    await asyncio.sleep(0.05)  # members overlap only if the loop runs them side by side
