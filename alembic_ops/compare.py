@@ -33,6 +33,7 @@ from .ops import (
     PgqueOperation,
     SetQueueConfigOp,
     SubscribeOp,
+    SubscribeSubconsumerOp,
     UnsubscribeOp,
     UnsubscribeSubconsumerOp,
     parameter_name,
@@ -50,7 +51,9 @@ class _QueueState:
     settings: dict[str, str | None] = field(default_factory=dict)
     non_default: dict[str, str | None] = field(default_factory=dict)
     consumers: list[str] = field(default_factory=list)
+    """Every subscribed consumer but the cooperative members: normal ones and groups."""
     subconsumers: dict[str, list[str]] = field(default_factory=dict)
+    """The members of each cooperative group."""
 
 
 def _read_state(conn: Connection) -> dict[str, _QueueState]:
@@ -120,6 +123,18 @@ def _remove_consumer(queue: str, consumer: str, state: _QueueState) -> list[Pgqu
     return removals
 
 
+def _create_groups(queue: Queue, state: _QueueState) -> list[PgqueOperation]:
+    """Register the first member of each declared group the database lacks; a normal
+    consumer of the group's name is converted (a group with members is left alone)."""
+    return [
+        SubscribeSubconsumerOp(
+            queue.name, group, member, convert_normal=group in state.consumers
+        )
+        for group, member in sorted(queue.cooperative.items())
+        if group not in state.subconsumers
+    ]
+
+
 def diff_queues(
     conn: Connection, registry: Iterable[Queue], *, manage_all: bool = False
 ) -> list[PgqueOperation]:
@@ -142,6 +157,7 @@ def diff_queues(
         if state is None:
             operations.append(CreateQueueOp(queue.name, settings))
             operations.extend(SubscribeOp(queue.name, c) for c in queue.consumers)
+            operations.extend(_create_groups(queue, _QueueState()))
             continue
         for param, value in settings.items():
             if not _same_setting(conn, queue.name, param, value):
@@ -151,8 +167,9 @@ def diff_queues(
         operations.extend(
             SubscribeOp(queue.name, c) for c in queue.consumers if c not in state.consumers
         )
+        operations.extend(_create_groups(queue, state))
         for consumer in state.consumers:
-            if consumer not in queue.consumers:
+            if consumer not in queue.consumers and consumer not in queue.cooperative:
                 operations.extend(_remove_consumer(queue.name, consumer, state))
     if manage_all:
         names = {q.name for q in declared}

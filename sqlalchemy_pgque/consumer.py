@@ -57,7 +57,7 @@ from .errors import (
     first_line,
 )
 from .message import Message
-from .queue import MAX_MESSAGES, Queue, as_seconds
+from .queue import MAX_MESSAGES, Queue, as_seconds, check_cooperative_name
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -177,20 +177,20 @@ def check_subscription(
         trial = connection.begin_nested()
         try:
             Queue(queue).subscribe_subconsumer(connection, consumer, subconsumer)
+        except ConsumerModeConflict as exc:
+            raise ConsumerModeConflict(
+                f"{exc}; to make the normal consumer {consumer!r} a cooperative group, "
+                f"register a member with convert_normal=True once, e.g. "
+                f"op.pgque_subscribe_subconsumer({queue!r}, {consumer!r}, "
+                f"{subconsumer!r}, convert_normal=True) in a migration"
+            ) from exc
         finally:
             trial.rollback()
 
 
-def _check_cooperative_names(consumer: str, subconsumer: str) -> None:
-    for kind, value in (("consumer", consumer), ("subconsumer", subconsumer)):
-        if not isinstance(value, str) or not value:
-            raise InvalidName(f"cooperative {kind} name must be a non-empty string, "
-                              f"got {value!r}")
-        if "." in value:
-            raise InvalidName(
-                f"cooperative {kind} name must not contain a dot (members are stored "
-                f"as <consumer>.<subconsumer>): {value!r}"
-            )
+def check_cooperative_names(consumer: str, subconsumer: str) -> None:
+    check_cooperative_name("consumer", consumer)
+    check_cooperative_name("subconsumer", subconsumer)
 
 
 class _ConsumerBase:
@@ -217,7 +217,7 @@ class _ConsumerBase:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         if subconsumer is not None:
-            _check_cooperative_names(name, subconsumer)
+            check_cooperative_names(name, subconsumer)
         elif dead_interval is not None:
             raise ValueError(
                 "dead_interval applies to cooperative consumers only: give subconsumer= too"
@@ -246,7 +246,7 @@ class _ConsumerBase:
         The copy shares the handlers and settings but has its own run state, so the
         worker can run several members of one group side by side.
         """
-        _check_cooperative_names(self.name, subconsumer)
+        check_cooperative_names(self.name, subconsumer)
         member = copy.copy(self)
         member.subconsumer = subconsumer
         member._clear_run_state()

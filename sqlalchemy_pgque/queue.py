@@ -64,6 +64,16 @@ def _check_name(kind: str, name: object, max_bytes: int | None = None) -> str:
     return name
 
 
+def check_cooperative_name(kind: str, name: object) -> str:
+    checked = _check_name(kind, name)
+    if "." in checked:
+        raise InvalidName(
+            f"cooperative {kind} name must not contain a dot (members are stored as "
+            f"<consumer>.<subconsumer>): {checked!r}"
+        )
+    return checked
+
+
 class PendingEvent:
     """An event recorded by :meth:`Queue.send`, waiting for the Session to emit it.
 
@@ -124,6 +134,10 @@ class Queue:
     :param name: the queue name (at most 57 bytes).
     :param consumers: consumer names that should be subscribed; used by Alembic
         autogenerate, never subscribed implicitly at run time.
+    :param cooperative: cooperative consumer groups that should exist, each mapped to
+        the name of the member that creates it (``{"shipping": "w"}``); used by
+        autogenerate, which registers that member (converting a normal consumer of
+        the same name). Further members register themselves when they first receive.
     :param config: queue settings for ``pgque.set_queue_config`` (for example
         ``{"ticker_max_lag": "500 milliseconds", "max_retries": 3}``); used by
         autogenerate.
@@ -153,12 +167,24 @@ class Queue:
         name: str,
         *,
         consumers: Iterable[str] = (),
+        cooperative: Mapping[str, str] | None = None,
         config: Mapping[str, object] | None = None,
         registry: QueueRegistry | None = None,
         wake: bool = True,
     ) -> None:
         self.name = _check_name("queue", name, MAX_QUEUE_NAME_BYTES)
         self.consumers: tuple[str, ...] = tuple(_check_name("consumer", c) for c in consumers)
+        self.cooperative: dict[str, str] = {
+            check_cooperative_name("consumer", group): check_cooperative_name(
+                "subconsumer", member)
+            for group, member in (cooperative or {}).items()
+        }
+        both = sorted(set(self.consumers) & set(self.cooperative))
+        if both:
+            raise InvalidName(
+                f"queue {name!r}: {', '.join(map(repr, both))} declared both as a normal "
+                "and as a cooperative consumer"
+            )
         self.config: dict[str, str] = {
             k.removeprefix("queue_"): str(v) for k, v in (config or {}).items()
         }
@@ -360,10 +386,21 @@ class Queue:
         return _scalar_int(_execute(_connection(bind), _UNSUBSCRIBE, params, _READER)) >= 1
 
     def subscribe_subconsumer(
-        self, bind: Session | Connection | scoped_session[Any], consumer: str, subconsumer: str
+        self,
+        bind: Session | Connection | scoped_session[Any],
+        consumer: str,
+        subconsumer: str,
+        *,
+        convert_normal: bool = False,
     ) -> bool:
-        """Register ``subconsumer`` in the cooperative group ``consumer``; ``True`` if new."""
-        params = {"queue": self.name, "consumer": consumer, "subconsumer": subconsumer}
+        """Register ``subconsumer`` in the cooperative group ``consumer``; ``True`` if new.
+
+        The group is created if ``consumer`` is not subscribed. A normal consumer of that
+        name raises :class:`ConsumerModeConflict` unless ``convert_normal`` is true; then
+        it becomes the group, keeping its position in the queue.
+        """
+        params = {"queue": self.name, "consumer": consumer, "subconsumer": subconsumer,
+                  "convert": convert_normal}
         return _scalar_int(_execute(_connection(bind), _SUBSCRIBE_SUB, params, _READER)) == 1
 
     def unsubscribe_subconsumer(
@@ -498,7 +535,10 @@ _NACK = text(
 )
 _SUBSCRIBE = text("SELECT pgque.subscribe(:queue, :consumer)")
 _UNSUBSCRIBE = text("SELECT pgque.unsubscribe(:queue, :consumer)")
-_SUBSCRIBE_SUB = text("SELECT pgque.subscribe_subconsumer(:queue, :consumer, :subconsumer)")
+_SUBSCRIBE_SUB = text(
+    "SELECT pgque.subscribe_subconsumer(:queue, :consumer, :subconsumer, "
+    "CAST(:convert AS boolean))"
+)
 _UNSUBSCRIBE_SUB = text(
     "SELECT pgque.unsubscribe_subconsumer(:queue, :consumer, :subconsumer, "
     "CAST(:batch_handling AS integer))"

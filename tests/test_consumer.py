@@ -351,7 +351,7 @@ def test_cooperative_settings_are_checked(conn: Conn, engine: Engine, queue: Que
             Consumer(engine, queue="q", name=name, subconsumer=member)
     with pytest.raises(ConsumerNotSubscribed, match="subscribe_subconsumer"):
         Consumer(engine, queue="q", name="g", subconsumer="w").check()
-    with pytest.raises(ConsumerModeConflict, match="explicit conversion"):
+    with pytest.raises(ConsumerModeConflict, match=r"explicit conversion.*convert_normal=True"):
         Consumer(engine, queue="q", name="c", subconsumer="w").check()
 
     with Session(engine) as session, session.begin():

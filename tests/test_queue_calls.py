@@ -181,12 +181,15 @@ def test_cooperative_consumer_calls(jobs: Engine) -> None:
 def test_cooperative_misuse_gets_named_errors(jobs: Engine) -> None:
     with jobs.begin() as conn:
         jobs_q.subscribe_subconsumer(conn, "pool", "w1")
-        jobs_q.send_now(conn, {"coop": 1})
+        msg_id = jobs_q.send_now(conn, {"coop": 1})
     tick(jobs)
     with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="with a subconsumer"):
         jobs_q.receive(conn, "pool")
     with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="conversion"):
         jobs_q.subscribe_subconsumer(conn, "worker", "w1")  # worker is a normal consumer
+    with jobs.begin() as conn:
+        assert jobs_q.subscribe_subconsumer(conn, "worker", "w1", convert_normal=True)
+        assert [m.msg_id for m in jobs_q.receive_coop(conn, "worker", "w1")] == [msg_id]
     with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="subconsumers"):
         jobs_q.unsubscribe(conn, "pool")
     with jobs.begin() as conn:
