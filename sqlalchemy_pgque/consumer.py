@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 import psycopg
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
@@ -55,6 +56,7 @@ from .errors import (
     PgqueError,
     QueueNotFound,
     first_line,
+    translate,
 )
 from .message import Message
 from .queue import MAX_MESSAGES, Queue, as_seconds, check_cooperative_name
@@ -77,9 +79,11 @@ _FATAL_ERRORS: tuple[type[PgqueError], ...] = (
     InvalidName,
     PermissionDenied,
 )
-# Anything else the database or the network raises is retried with backoff.
+# Anything else the database or the network raises is retried with backoff, as is a
+# connection pool that stayed exhausted for its timeout.
 _RETRIED_ERRORS: tuple[type[BaseException], ...] = (
     DBAPIError,
+    PoolTimeout,
     psycopg.Error,
     PgqueError,
     OSError,
@@ -145,6 +149,11 @@ _PENDING_EVENTS = text(
     "SELECT pending_events FROM pgque.get_consumer_info(:queue, :consumer) "
     "WHERE consumer_name = :consumer"
 )
+_CURRENT_BATCH = text(
+    "SELECT current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
+    "WHERE consumer_name = :consumer"
+)
+_NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
 _SUBSCRIBED = text(
     "SELECT 1 FROM pgque.get_consumer_info(:queue, :consumer) WHERE consumer_name = :consumer"
 )
@@ -171,21 +180,41 @@ def check_subscription(
             f"consumer {consumer!r} is not subscribed to queue {queue!r}; subscribe it "
             f"with {advice}"
         )
-    if subconsumer is not None:
-        # receive_coop registers the member on first use; trying that registration
-        # here, then undoing it, finds a group of the wrong kind before run() starts.
-        trial = connection.begin_nested()
+    # Trying the first call of the consumer's loop, then undoing it, finds a consumer
+    # of the wrong kind (a group run as a plain consumer, or the reverse) before run()
+    # starts; names alone cannot tell, since normal consumer names may contain dots.
+    trial = connection.begin_nested()
+    try:
+        _try_first_call(connection, queue, consumer, subconsumer)
+    finally:
+        trial.rollback()
+
+
+def _try_first_call(
+    connection: Connection, queue: str, consumer: str, subconsumer: str | None
+) -> None:
+    if subconsumer is None:
         try:
-            Queue(queue).subscribe_subconsumer(connection, consumer, subconsumer)
-        except ConsumerModeConflict as exc:
+            connection.execute(_NEXT_BATCH, {"queue": queue, "consumer": consumer})
+        except DBAPIError as exc:
+            error = translate(exc)
+            if not isinstance(error, ConsumerModeConflict):
+                raise
             raise ConsumerModeConflict(
-                f"{exc}; to make the normal consumer {consumer!r} a cooperative group, "
-                f"register a member with convert_normal=True once, e.g. "
-                f"op.pgque_subscribe_subconsumer({queue!r}, {consumer!r}, "
-                f"{subconsumer!r}, convert_normal=True) in a migration"
+                f"{error}; give the Consumer subconsumer=<member name> to run it as a "
+                "member of the group"
             ) from exc
-        finally:
-            trial.rollback()
+        return
+    try:
+        # receive_coop registers the member on first use.
+        Queue(queue).subscribe_subconsumer(connection, consumer, subconsumer)
+    except ConsumerModeConflict as exc:
+        raise ConsumerModeConflict(
+            f"{exc}; to make the normal consumer {consumer!r} a cooperative group, "
+            f"register a member with convert_normal=True once, e.g. "
+            f"op.pgque_subscribe_subconsumer({queue!r}, {consumer!r}, {subconsumer!r}, "
+            "convert_normal=True) in a migration"
+        ) from exc
 
 
 def check_cooperative_names(consumer: str, subconsumer: str) -> None:
@@ -341,8 +370,9 @@ class _ConsumerBase:
         if self.queue.ack(session, batch_id) == 0:
             raise _BatchLost(batch_id)
 
-    def _hold_member_row(self, session: Session) -> None:
-        """Lock this member's row until the handling transaction ends.
+    def _hold_member_row(self, session: Session, batch_id: int) -> None:
+        """Lock this member's row until the handling transaction ends, and make sure
+        the member still holds ``batch_id`` (else raise :class:`_BatchLost`).
 
         Peers take a stalled member's batch over only if they can lock its row
         (``FOR UPDATE SKIP LOCKED``), so while the lock is held no ``dead_interval``
@@ -351,9 +381,19 @@ class _ConsumerBase:
         would add nothing. If this process dies, the lock goes with its connection
         and the batch is re-fetched by this member or taken over after
         ``dead_interval``.
+
+        Between the allocation's commit and this lock the batch is unguarded: a peer
+        may take it over, or a second process using this member name may finish it.
+        Checking under the lock means no handler runs for a batch that is not ours.
         """
         assert self.subconsumer is not None
         self.queue.touch_subconsumer(session, self.name, self.subconsumer)
+        member = f"{self.name}.{self.subconsumer}"
+        held = session.execute(
+            _CURRENT_BATCH, {"queue": self.queue.name, "consumer": member}
+        ).scalar()
+        if held != batch_id:
+            raise _BatchLost(batch_id)
 
     def _log_batch_lost(self, lost: _BatchLost) -> None:
         log.warning("%s: batch %s was taken over by another member; rolled back",
@@ -499,7 +539,7 @@ class Consumer(_ConsumerBase):
                     # member until its ack; handler writes and the ack still commit
                     # together.
                     with session.begin():
-                        self._hold_member_row(session)
+                        self._hold_member_row(session, messages[0].batch_id)
                         self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)
@@ -686,7 +726,7 @@ class AsyncConsumer(_ConsumerBase):
                 if self.subconsumer is not None:
                     # See Consumer._process_batch: commit the allocation, then handle.
                     async with session.begin():
-                        await session.run_sync(self._hold_member_row)
+                        await session.run_sync(self._hold_member_row, messages[0].batch_id)
                         await self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)

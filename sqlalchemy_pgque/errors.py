@@ -65,8 +65,9 @@ class ConsumerNotSubscribed(PgqueError):
 
 class ConsumerModeConflict(PgqueError):
     """The consumer is registered as the other kind than the call needs: a normal
-    consumer used as a cooperative group, a group used with plain ``receive``, or a
-    member name already taken by another subscription."""
+    consumer used as a cooperative group, a group used with a normal consumer's call
+    (``receive``, or ``unsubscribe`` while it has members), or a member name already
+    taken by another subscription."""
 
 
 class BatchNotFound(PgqueError):

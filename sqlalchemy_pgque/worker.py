@@ -104,7 +104,7 @@ def expand_members(
         if consumer.subconsumer is None:
             expanded.append(consumer)
             continue
-        base = subconsumer or consumer.subconsumer
+        base = consumer.subconsumer if subconsumer is None else subconsumer
         names = [base] if concurrency == 1 else [f"{base}-{n}" for n in range(1, concurrency + 1)]
         if names == [consumer.subconsumer]:
             expanded.append(consumer)
@@ -194,7 +194,8 @@ def _check(consumer: AnyConsumer) -> None:
             engine = create_engine(_sync_url(async_engine.url))
             try:
                 with engine.connect() as connection:
-                    check_subscription(connection, consumer.queue.name, consumer.name)
+                    check_subscription(connection, consumer.queue.name, consumer.name,
+                                       consumer.subconsumer)
             finally:
                 engine.dispose()
     except PgqueError as exc:

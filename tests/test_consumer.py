@@ -24,7 +24,7 @@ from consumer_support import (
     tick,
     wait_until,
 )
-from sqlalchemy import Engine, Integer, String, text
+from sqlalchemy import Engine, Integer, String, create_engine, event, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -529,6 +529,35 @@ def test_cooperative_member_keeps_its_batch_while_handlers_run(
         assert group.receive_coop(session, "group", "b", dead_interval=0.2) == []
 
 
+def test_members_wait_out_an_exhausted_pool(
+    conn: Conn, db: Database, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+) -> None:
+    # One connection for two members: each waits for the other's batch, and a wait
+    # past the pool's timeout is retried like a database error, not fatal.
+    engine = create_engine(db.url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    try:
+        threads = []
+        for name in ("a", "b"):
+            member = Consumer(engine, queue=group, name="group", subconsumer=name,
+                              poll_interval=0.05)
+
+            @member.on("*")
+            def slow(msg: Message, session: Session) -> None:
+                time.sleep(0.15)  # holds the only connection past the other's timeout
+                record(msg, session)
+
+            threads.append(start(running, member))
+        ids = send_batches(conn, batches=6, size=2)
+        wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=20,
+                   what="every event once")
+        assert all(thread.is_alive() for thread in threads)
+    finally:
+        for consumer, thread in running:
+            consumer.stop()
+            thread.join(10)
+        engine.dispose()
+
+
 def test_two_consumers_with_one_member_name_take_turns(
     conn: Conn, engine: Engine, group: Queue
 ) -> None:
@@ -550,10 +579,85 @@ def test_two_consumers_with_one_member_name_take_turns(
         release.set()
         for thread in threads:
             thread.join(10)
-    assert outcomes == [3, 0]
+    assert sorted(outcomes) == [0, 3]
     assert handled_counts(conn) == dict.fromkeys(ids, 1)
     with Session(engine) as session, session.begin():
         assert group.receive_coop(session, "group", "a") == []
+
+
+def paused_after_first_commit(
+    engine: Engine,
+) -> tuple[sessionmaker[Session], threading.Event, threading.Event]:
+    """A session factory whose first commit (a member's allocation) sets ``committed``
+    and then waits for ``resume``: the gap before the member locks its row."""
+    factory = sessionmaker(engine)
+    committed, resume = threading.Event(), threading.Event()
+
+    @event.listens_for(factory, "after_commit")
+    def pause_once(session: Session) -> None:
+        if not committed.is_set():
+            committed.set()
+            assert resume.wait(10)
+
+    return factory, committed, resume
+
+
+def test_member_runs_no_handler_for_a_batch_taken_over_before_its_lock(
+    conn: Conn, engine: Engine, group: Queue
+) -> None:
+    ids = send_batches(conn, batches=1, size=3)
+    side_effects: list[tuple[str, int]] = []
+    factory, allocated, resume = paused_after_first_commit(engine)
+    member_a = Consumer(factory, queue=group, name="group", subconsumer="a")
+    member_b = Consumer(engine, queue=group, name="group", subconsumer="b", dead_interval=0.2)
+
+    @member_a.on("*")
+    def a_handles(msg: Message) -> None:
+        side_effects.append(("a", msg.msg_id))
+
+    @member_b.on("*")
+    def b_handles(msg: Message, session: Session) -> None:
+        side_effects.append(("b", msg.msg_id))
+        record(msg, session)
+
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(member_a.process_batch()))
+    thread.start()
+    try:
+        assert allocated.wait(10)
+        wait_until(lambda: member_idle_for(conn, "a", 0.2), what="a's batch to look stalled")
+        assert member_b.process_batch() == 3
+    finally:
+        resume.set()
+        thread.join(10)
+    assert outcome == [3]  # a received the batch, found it gone under its lock ...
+    assert side_effects == [("b", i) for i in ids]  # ... and ran no handler for it
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+
+
+def test_a_batch_allocated_after_waiting_for_the_group_row_is_fresh(
+    conn: Conn, engine: Engine, group: Queue, db: Database
+) -> None:
+    send_batches(conn, batches=1, size=3)
+    factory, allocated, resume = paused_after_first_commit(engine)
+    member_a = Consumer(factory, queue=group, name="group", subconsumer="a")
+    member_a.on("*")(record)
+    with psycopg.connect(db.dsn) as holder:  # stands in for a busy group row
+        holder.execute(
+            "SELECT 1 FROM pgque.subscription s JOIN pgque.consumer c "
+            "ON c.co_id = s.sub_consumer WHERE c.co_name = 'group' FOR UPDATE")
+        thread = threading.Thread(target=member_a.process_batch)
+        thread.start()
+        wait_until(lambda: waiting_for_a_lock(conn), what="a to wait for the group row")
+        time.sleep(0.5)  # the wait itself is under test: a's transaction grows old
+    try:
+        assert allocated.wait(10)
+        with Session(engine) as session, session.begin():
+            # a got its batch just now, however long it queued for the group's row.
+            assert group.receive_coop(session, "group", "b", dead_interval=0.3) == []
+    finally:
+        resume.set()
+        thread.join(10)
 
 
 def waiting_for_a_lock(conn: Conn) -> bool:

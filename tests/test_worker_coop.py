@@ -131,7 +131,8 @@ def test_concurrency_runs_that_many_members_in_one_process(conn: Conn, workers: 
 def test_more_members_than_a_default_pool_holds_all_work_at_once(
     conn: Conn, workers: Any
 ) -> None:
-    # SQLAlchemy's default pool gives 15 connections; the 16th member would wait 30 s.
+    # A default pool gives 15 connections: without the worker sizing it, a 16th member
+    # holding work at the same time as the others would wait for a connection.
     worker = workers("workers_app:cooperative", extra_args=("--concurrency", "16"),
                      APP_HANDLER_DELAY="1")
     wait_until(lambda: listening(conn) == 16, timeout=20, what="sixteen members listening")
@@ -232,14 +233,20 @@ def test_unsubscribing_a_member_that_holds_a_batch(
 
 @pytest.mark.usefixtures("group")
 def test_cooperative_configuration_errors_are_one_line(conn: Conn, workers: Any) -> None:
-    conn.execute("SELECT pgque.subscribe('q', 'c')")
     assert "apply to cooperative consumers" in one_error_line(
         workers("workers_app:consumer", extra_args=("--concurrency", "2")))
     assert "must not contain a dot" in one_error_line(
         workers("workers_app:cooperative", extra_args=("--subconsumer", "web.example.com")))
+    # An empty name (an unset $HOSTNAME) must not fall back to the name set in code.
+    assert "non-empty" in one_error_line(
+        workers("workers_app:cooperative", extra_args=("--subconsumer", "")))
+    conn.execute("SELECT pgque.subscribe_subconsumer('q', 'c', 'm')")
+    assert "is a cooperative main consumer" in one_error_line(workers("workers_app:consumer"))
     zero = workers("workers_app:cooperative", extra_args=("--concurrency", "0"))
     assert zero.wait() == 2
     assert "must be at least 1" in zero.output()
     conn.execute("SELECT pgque.subscribe('q', 'normal')")
     assert "explicit conversion is required" in one_error_line(
         workers("workers_app:cooperative", APP_GROUP="normal"))
+    assert "explicit conversion is required" in one_error_line(
+        workers("workers_app:async_cooperative", APP_GROUP="normal"))

@@ -91,7 +91,8 @@ async_consumer = AsyncConsumer(
 async_consumer.on("*")(record_async)
 
 async_cooperative = AsyncConsumer(
-    async_sessionmaker(), queue="q", name="group", subconsumer="aw",
+    async_sessionmaker(), queue="q", name=os.environ.get("APP_GROUP", "group"),
+    subconsumer="aw",
     poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")),
 )
 

@@ -301,9 +301,13 @@ BEGIN
         PERFORM pgque.register_subconsumer(i_queue, i_consumer, i_subconsumer, false);
     END LOOP;
 
+    -- Member activity is stamped with clock_timestamp(), not now(): an allocation may
+    -- have waited for the group's row, and a stamp from before that wait would make a
+    -- batch handed out just now look stalled to a peer's dead_interval.
+
     -- Until finished, the member keeps getting the same batch.
     IF member_sub.sub_batch IS NOT NULL THEN
-        UPDATE pgque.subscription SET sub_active = now()
+        UPDATE pgque.subscription SET sub_active = clock_timestamp()
          WHERE sub_queue = v_queue_id AND sub_consumer = member_sub.sub_consumer;
         batch_id := member_sub.sub_batch;
         prev_tick_id := member_sub.sub_last_tick;
@@ -316,7 +320,7 @@ BEGIN
          WHERE sub_queue = v_queue_id AND sub_id = main_sub.sub_id
            AND sub_role = 'coop_member' AND sub_batch IS NOT NULL
            AND sub_consumer <> member_sub.sub_consumer
-           AND sub_active < now() - i_dead_interval
+           AND sub_active < clock_timestamp() - i_dead_interval
          ORDER BY sub_active
          LIMIT 1
            FOR UPDATE SKIP LOCKED;
@@ -329,7 +333,7 @@ BEGIN
              WHERE sub_queue = v_queue_id AND sub_consumer = victim.sub_consumer;
             UPDATE pgque.subscription
                SET sub_last_tick = victim.sub_last_tick, sub_next_tick = victim.sub_next_tick,
-                   sub_batch = batch_id, sub_active = now()
+                   sub_batch = batch_id, sub_active = clock_timestamp()
              WHERE sub_queue = v_queue_id AND sub_consumer = member_sub.sub_consumer;
             prev_tick_id := victim.sub_last_tick;
             next_tick_id := victim.sub_next_tick;
@@ -364,7 +368,7 @@ BEGIN
      WHERE sub_queue = v_queue_id AND sub_consumer = main_sub.sub_consumer;
     UPDATE pgque.subscription
        SET sub_last_tick = cursor_tick.tick_id, sub_next_tick = end_tick.tick_id,
-           sub_batch = batch_id, sub_active = now()
+           sub_batch = batch_id, sub_active = clock_timestamp()
      WHERE sub_queue = v_queue_id AND sub_consumer = member_sub.sub_consumer;
     prev_tick_id := cursor_tick.tick_id;
     next_tick_id := end_tick.tick_id;
