@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import psycopg
@@ -59,7 +58,7 @@ from .errors import (
     translate,
 )
 from .message import Message
-from .queue import MAX_MESSAGES, Queue, as_seconds, check_cooperative_name
+from .queue import MAX_MESSAGES, Duration, Queue, as_seconds, check_cooperative_name
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -232,10 +231,10 @@ class _ConsumerBase:
         name: str,
         max_messages: int,
         poll_interval: float,
-        retry_after: float | timedelta,
+        retry_after: Duration,
         unknown_handler_policy: UnknownHandlerPolicy,
         subconsumer: str | None,
-        dead_interval: float | timedelta | None,
+        dead_interval: Duration | None,
     ) -> None:
         if unknown_handler_policy not in ("nack", "ack"):
             raise ValueError(
@@ -251,6 +250,8 @@ class _ConsumerBase:
             raise ValueError(
                 "dead_interval applies to cooperative consumers only: give subconsumer= too"
             )
+        if as_seconds(retry_after) < 0:
+            raise ValueError(f"retry_after must be >= 0, got {retry_after!r}")
         if dead_interval is not None and as_seconds(dead_interval) <= 0:
             raise ValueError(f"dead_interval must be > 0, got {dead_interval!r}")
         self.queue = queue if isinstance(queue, Queue) else Queue(queue)
@@ -421,7 +422,8 @@ class Consumer(_ConsumerBase):
     :param max_messages: receive limit per batch. PgQue's ``ack`` skips events of a
         batch beyond what was received, so keep it above the largest batch.
     :param poll_interval: seconds between receives when no tick notification arrives.
-    :param retry_after: delay before a nacked message comes back (seconds or timedelta).
+    :param retry_after: delay before a nacked message comes back (seconds, a
+        timedelta, or text such as ``"5 minutes"``).
     :param unknown_handler_policy: ``"nack"`` (default) a message whose type has no
         handler and no ``"*"`` handler, or ``"ack"`` it (drop it).
     :param subconsumer: run as this member of a cooperative consumer group
@@ -458,10 +460,10 @@ class Consumer(_ConsumerBase):
         name: str,
         max_messages: int = MAX_MESSAGES,
         poll_interval: float = 1.0,
-        retry_after: float | timedelta = 60.0,
+        retry_after: Duration = 60.0,
         unknown_handler_policy: UnknownHandlerPolicy = "nack",
         subconsumer: str | None = None,
-        dead_interval: float | timedelta | None = None,
+        dead_interval: Duration | None = None,
     ) -> None:
         if _is_async_factory(session_factory):
             raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
@@ -655,10 +657,10 @@ class AsyncConsumer(_ConsumerBase):
         name: str,
         max_messages: int = MAX_MESSAGES,
         poll_interval: float = 1.0,
-        retry_after: float | timedelta = 60.0,
+        retry_after: Duration = 60.0,
         unknown_handler_policy: UnknownHandlerPolicy = "nack",
         subconsumer: str | None = None,
-        dead_interval: float | timedelta | None = None,
+        dead_interval: Duration | None = None,
     ) -> None:
         asyncio_ext = _asyncio_ext()
         if isinstance(session_factory, (Engine, sessionmaker)):

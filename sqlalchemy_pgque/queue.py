@@ -13,10 +13,11 @@ immediate, one statement each.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from sqlalchemy import Connection, CursorResult, TextClause, event, text
 from sqlalchemy.exc import DBAPIError
@@ -320,11 +321,11 @@ class Queue:
         consumer: str,
         subconsumer: str,
         max_messages: int = MAX_MESSAGES,
-        dead_interval: float | timedelta | None = None,
+        dead_interval: Duration | None = None,
     ) -> list[Message]:
         """Receive a batch for one member of a cooperative consumer group.
 
-        ``dead_interval`` (seconds or a timedelta) lets this member take over the batch of
+        ``dead_interval`` (a :data:`Duration`) lets this member take over the batch of
         a sibling that has not been seen for that long. Experimental in PgQue.
         """
         result = _execute(
@@ -350,10 +351,10 @@ class Queue:
         bind: Session | Connection | scoped_session[Any],
         msg: Message,
         *,
-        retry_after: float | timedelta = 60,
+        retry_after: Duration = 60,
         reason: str | None = None,
     ) -> int:
-        """Schedule ``msg`` for redelivery after ``retry_after`` (seconds or timedelta).
+        """Schedule ``msg`` for redelivery after ``retry_after`` (a :data:`Duration`).
 
         Past the queue's ``max_retries`` the message goes to the dead-letter queue with
         ``reason``. The batch stays open: ack it afterwards.
@@ -548,9 +549,62 @@ _FORCE_NEXT_TICK = text("SELECT pgque.force_next_tick(:queue)")
 _TICKER = text("SELECT pgque.ticker(:queue)")
 
 
-def as_seconds(value: float | timedelta) -> float:
-    """A duration given as seconds or a timedelta, in seconds."""
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+Duration: TypeAlias = float | timedelta | str
+"""A duration: seconds, a ``timedelta``, or text in PostgreSQL's interval style such as
+``"5 minutes"``, ``"1 hour 30 minutes"``, ``"500 ms"`` or ``"00:05:00"``."""
+
+_UNIT_SECONDS: Final = {
+    "microsecond": 1e-6, "us": 1e-6,
+    "millisecond": 1e-3, "ms": 1e-3,
+    "second": 1.0, "sec": 1.0, "s": 1.0,
+    "minute": 60.0, "min": 60.0, "m": 60.0,
+    "hour": 3600.0, "hr": 3600.0, "h": 3600.0,
+    "day": 86400.0, "d": 86400.0,
+    "week": 604800.0, "w": 604800.0,
+}
+_QUANTITY = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]+)\s*")
+_CLOCK = re.compile(r"\s*(\d+):([0-5]?\d)(?::([0-5]?\d(?:\.\d+)?))?\s*")
+
+
+def _unit_seconds(unit: str) -> float | None:
+    if unit in _UNIT_SECONDS:
+        return _UNIT_SECONDS[unit]
+    return _UNIT_SECONDS.get(unit[:-1]) if unit.endswith("s") else None
+
+
+def _text_seconds(text_value: str) -> float:
+    lowered = text_value.strip().lower()
+    clock = _CLOCK.fullmatch(lowered)
+    if clock:
+        hours, minutes, seconds = clock.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds or 0)
+    try:
+        return float(lowered)
+    except ValueError:
+        pass
+    total, position = 0.0, 0
+    while position < len(lowered):
+        match = _QUANTITY.match(lowered, position)
+        unit = _unit_seconds(match.group(2)) if match else None
+        if match is None or unit is None:
+            raise ValueError(
+                f"not a duration: {text_value!r}; give seconds, a timedelta, or text "
+                "such as '5 minutes', '1 hour 30 minutes', '500 ms' or '00:05:00'"
+            )
+        total += float(match.group(1)) * unit
+        position = match.end()
+    if position == 0:
+        raise ValueError(f"not a duration: {text_value!r}")
+    return total
+
+
+def as_seconds(value: Duration) -> float:
+    """A :data:`Duration` in seconds; ``ValueError`` for text that is not one."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, str):
+        return _text_seconds(value)
+    return float(value)
 
 
 def _connection(bind: Session | Connection | scoped_session[Any]) -> Connection:

@@ -346,6 +346,13 @@ def test_cooperative_settings_are_checked(conn: Conn, engine: Engine, queue: Que
         Consumer(engine, queue="q", name="c", dead_interval=30)
     with pytest.raises(ValueError, match="dead_interval must be > 0"):
         Consumer(engine, queue="q", name="g", subconsumer="w", dead_interval=0)
+    with pytest.raises(ValueError, match="not a duration"):
+        Consumer(engine, queue="q", name="g", subconsumer="w", dead_interval="soon")
+    with pytest.raises(ValueError, match="not a duration"):
+        Consumer(engine, queue="q", name="c", retry_after="later")
+    member = Consumer(engine, queue="q", name="g", subconsumer="w",
+                      dead_interval="5 minutes", retry_after="30 s")
+    assert (member.dead_interval, member.retry_after) == ("5 minutes", "30 s")
     for name, member in [("g", "w.1"), ("g.x", "w"), ("g", "")]:
         with pytest.raises(InvalidName):
             Consumer(engine, queue="q", name=name, subconsumer=member)

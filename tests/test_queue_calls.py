@@ -33,6 +33,7 @@ from sqlalchemy_pgque import (
     QueueNotFound,
 )
 from sqlalchemy_pgque.errors import translate
+from sqlalchemy_pgque.queue import as_seconds
 
 jobs_q = Queue("jobs")
 
@@ -145,6 +146,36 @@ def test_nack_redelivers_then_dead_letters(jobs: Engine) -> None:
         assert jobs_q.receive(conn, "worker") == []
         dead = conn.execute(text("SELECT ev_id, dl_reason FROM pgque.dlq_inspect('jobs')")).all()
     assert [tuple(row) for row in dead] == [(event_id, "it broke")]
+
+
+DURATION_TEXTS = ["5 minutes", "1 hour 30 minutes", "500 ms", "00:05:00", "1:30", "30",
+                  "1.5 hours", "2 days", "10 secs", " 3 Min ", "1 week", "250 milliseconds",
+                  "90 s", "1h 2m 3s", "0.25 seconds"]
+
+
+@pytest.mark.parametrize("text_value", DURATION_TEXTS)
+def test_duration_text_reads_as_postgresql_reads_it(engine: Engine, text_value: str) -> None:
+    with engine.connect() as conn:
+        expected = conn.execute(
+            text("SELECT extract(epoch FROM CAST(:value AS interval))"), {"value": text_value}
+        ).scalar_one()
+    assert as_seconds(text_value) == pytest.approx(float(expected))
+
+
+def test_durations_as_text(jobs: Engine) -> None:
+    for bad in ["", "soon", "5 months", "5 minutes ago"]:
+        with pytest.raises(ValueError, match="not a duration"):
+            as_seconds(bad)
+    with jobs.begin() as conn:
+        jobs_q.send_now(conn, {"later": True})
+    tick(jobs)
+    with jobs.begin() as conn:
+        [msg] = jobs_q.receive(conn, "worker")
+        jobs_q.nack(conn, msg, retry_after="2 minutes")
+        delay = conn.execute(text(
+            "SELECT extract(epoch FROM ev_retry_after - now()) FROM pgque.retry_queue"
+        )).scalar_one()
+    assert float(delay) == pytest.approx(120, abs=1)
 
 
 def test_nack_errors(jobs: Engine) -> None:
