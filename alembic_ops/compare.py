@@ -168,6 +168,12 @@ def diff_queues(
             SubscribeOp(queue.name, c) for c in queue.consumers if c not in state.consumers
         )
         operations.extend(_create_groups(queue, state))
+        # A group declared as a normal consumer: removing its last member makes it one.
+        operations.extend(
+            UnsubscribeSubconsumerOp(queue.name, consumer, member)
+            for consumer in queue.consumers
+            for member in state.subconsumers.get(consumer, [])
+        )
         for consumer in state.consumers:
             if consumer not in queue.consumers and consumer not in queue.cooperative:
                 operations.extend(_remove_consumer(queue.name, consumer, state))

@@ -153,6 +153,9 @@ _CURRENT_BATCH = text(
     "WHERE consumer_name = :consumer"
 )
 _NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
+# Undone with the trial's SAVEPOINT, like everything else it does.
+_TRIAL_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', '100ms', true)")
+_CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
 _SUBSCRIBED = text(
     "SELECT 1 FROM pgque.get_consumer_info(:queue, :consumer) WHERE consumer_name = :consumer"
 )
@@ -182,9 +185,19 @@ def check_subscription(
     # Trying the first call of the consumer's loop, then undoing it, finds a consumer
     # of the wrong kind (a group run as a plain consumer, or the reverse) before run()
     # starts; names alone cannot tell, since normal consumer names may contain dots.
+    # The trial needs a transaction to undo it in (without one, run() reports a wrong
+    # kind on its first receive) and must not queue behind a process that is using the
+    # consumer right now: that process holds its rows, and proves the kind is in use.
+    # A trial next_batch may use up a batch id; ids are gappy anyway.
+    if getattr(connection.connection.dbapi_connection, "autocommit", False):
+        return
     trial = connection.begin_nested()
     try:
+        connection.execute(_TRIAL_LOCK_TIMEOUT)
         _try_first_call(connection, queue, consumer, subconsumer)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) not in _CONSUMER_IN_USE:
+            raise
     finally:
         trial.rollback()
 
@@ -388,7 +401,14 @@ class _ConsumerBase:
         Checking under the lock means no handler runs for a batch that is not ours.
         """
         assert self.subconsumer is not None
-        self.queue.touch_subconsumer(session, self.name, self.subconsumer)
+        try:
+            self.queue.touch_subconsumer(session, self.name, self.subconsumer)
+        except DBAPIError as exc:
+            # Under REPEATABLE READ, a peer's change to the row we waited for (a
+            # takeover) is a serialization failure: the batch is gone all the same.
+            if getattr(exc.orig, "sqlstate", None) == "40001":
+                raise _BatchLost(batch_id) from None
+            raise
         member = f"{self.name}.{self.subconsumer}"
         held = session.execute(
             _CURRENT_BATCH, {"queue": self.queue.name, "consumer": member}

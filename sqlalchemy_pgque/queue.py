@@ -13,6 +13,7 @@ immediate, one statement each.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -562,8 +563,12 @@ _UNIT_SECONDS: Final = {
     "day": 86400.0, "d": 86400.0,
     "week": 604800.0, "w": 604800.0,
 }
-_QUANTITY = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]+)\s*")
-_CLOCK = re.compile(r"\s*(\d+):([0-5]?\d)(?::([0-5]?\d(?:\.\d+)?))?\s*")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
+_QUANTITY = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]+)\s*", re.ASCII)
+# "[N day[s]] HH:MM[:SS[.f]]", the way PostgreSQL prints an interval.
+_CLOCK = re.compile(
+    r"\s*(?:(\d+)\s*days?\s+)?(\d+):([0-5]?\d)(?::([0-5]?\d(?:\.\d+)?))?\s*", re.ASCII
+)
 
 
 def _unit_seconds(unit: str) -> float | None:
@@ -576,12 +581,11 @@ def _text_seconds(text_value: str) -> float:
     lowered = text_value.strip().lower()
     clock = _CLOCK.fullmatch(lowered)
     if clock:
-        hours, minutes, seconds = clock.groups()
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds or 0)
-    try:
+        days, hours, minutes, seconds = clock.groups()
+        return (int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60
+                + float(seconds or 0))
+    if _NUMBER.fullmatch(lowered):
         return float(lowered)
-    except ValueError:
-        pass
     total, position = 0.0, 0
     while position < len(lowered):
         match = _QUANTITY.match(lowered, position)
@@ -599,12 +603,14 @@ def _text_seconds(text_value: str) -> float:
 
 
 def as_seconds(value: Duration) -> float:
-    """A :data:`Duration` in seconds; ``ValueError`` for text that is not one."""
+    """A :data:`Duration` in seconds; ``ValueError`` for text that is not one, and for
+    NaN or infinity, which PostgreSQL's intervals cannot hold."""
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, str):
-        return _text_seconds(value)
-    return float(value)
+    seconds = _text_seconds(value) if isinstance(value, str) else float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a duration: {value!r} is not finite")
+    return seconds
 
 
 def _connection(bind: Session | Connection | scoped_session[Any]) -> Connection:

@@ -276,6 +276,33 @@ Queue("returns", cooperative={"refunds": "r"}, registry=registry)
     assert pgque_state(db.dsn)["subscriptions"] == before
 
 
+def test_a_group_declared_as_a_normal_consumer_is_turned_back(
+    db: Any, tmp_path: Path
+) -> None:
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgque.create_queue('orders')")
+        conn.execute("SELECT pgque.subscribe_subconsumer('orders', 'shipping', 'w')")
+        conn.execute("SELECT pgque.subscribe_subconsumer('orders', 'shipping', 'w-1')")
+    before = pgque_state(db.dsn)["subscriptions"]
+    project = AlembicProject(tmp_path / "project", db.url)
+    write_models(project, 'Queue("orders", consumers=["shipping"], registry=registry)')
+    assert pgque_lines(project.autogenerate()) == (
+        [
+            "op.pgque_unsubscribe_subconsumer('orders', 'shipping', 'w')",
+            "op.pgque_unsubscribe_subconsumer('orders', 'shipping', 'w-1')",
+        ],
+        [
+            "op.pgque_subscribe_subconsumer('orders', 'shipping', 'w-1', convert_normal=True)",
+            "op.pgque_subscribe_subconsumer('orders', 'shipping', 'w', convert_normal=True)",
+        ],
+    )
+    project.upgrade()
+    assert pgque_state(db.dsn)["subscriptions"] == [("orders", "shipping", "normal")]
+    command.check(project.config())
+    project.downgrade("base")
+    assert pgque_state(db.dsn)["subscriptions"] == before
+
+
 def test_a_consumer_cannot_be_declared_both_ways() -> None:
     from sqlalchemy_pgque import InvalidName, Queue
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_pgque import Message, Queue
-from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer
+from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer, check_subscription
 from sqlalchemy_pgque.errors import MessageNotInBatch
 
 
@@ -368,6 +368,51 @@ def test_cooperative_settings_are_checked(conn: Conn, engine: Engine, queue: Que
     # check() tried the registration and undid it.
     assert conn.execute("SELECT count(*) FROM pgque.get_consumer_info('q', 'g.w2')"
                         ).fetchone() == (0,)
+
+
+def check_within(consumer: Consumer, seconds: float = 10) -> None:
+    """``consumer.check()`` in a thread, which must return (without error) in time."""
+    errors: list[BaseException] = []
+
+    def run_check() -> None:
+        try:
+            consumer.check()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_check, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "check() is waiting for the consumer's rows"
+    assert errors == []
+
+
+def test_check_does_not_wait_for_a_consumer_in_use(
+    conn: Conn, engine: Engine, queue: Queue, db: Database
+) -> None:
+    send(conn, "q")
+    tick(conn, "q")
+    with Session(engine) as session, session.begin():
+        queue.subscribe_subconsumer(session, "g", "a")
+    with psycopg.connect(db.dsn) as busy:  # batches being handled, not yet committed
+        busy.execute("SELECT * FROM pgque.receive('q', 'c', 10)")
+        busy.execute("SELECT * FROM pgque.receive_coop('q', 'g', 'a', 10)")
+        busy.execute("SELECT pgque.touch_subconsumer('q', 'g', 'a')")
+        check_within(Consumer(engine, queue="q", name="c"))
+        check_within(Consumer(engine, queue="q", name="g", subconsumer="a"))
+        busy.rollback()
+
+
+def test_check_leaves_the_callers_transaction_and_works_without_one(
+    engine: Engine, queue: Queue
+) -> None:
+    with engine.begin() as connection:
+        check_subscription(connection, "q", "c")
+        check_subscription(connection, "q", "c", None)
+        assert connection.execute(text("SHOW lock_timeout")).scalar() == "0"
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    Consumer(autocommit, queue="q", name="c").check()
 
 
 def test_sigterm_stops_run_in_the_main_thread_and_restores_the_handler(

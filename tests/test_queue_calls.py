@@ -150,7 +150,8 @@ def test_nack_redelivers_then_dead_letters(jobs: Engine) -> None:
 
 DURATION_TEXTS = ["5 minutes", "1 hour 30 minutes", "500 ms", "00:05:00", "1:30", "30",
                   "1.5 hours", "2 days", "10 secs", " 3 Min ", "1 week", "250 milliseconds",
-                  "90 s", "1h 2m 3s", "0.25 seconds"]
+                  "90 s", "1h 2m 3s", "0.25 seconds", "1 day 02:00:00", "10 days 10:00:00",
+                  "-5 minutes", "1.5"]
 
 
 @pytest.mark.parametrize("text_value", DURATION_TEXTS)
@@ -163,9 +164,13 @@ def test_duration_text_reads_as_postgresql_reads_it(engine: Engine, text_value: 
 
 
 def test_durations_as_text(jobs: Engine) -> None:
-    for bad in ["", "soon", "5 months", "5 minutes ago"]:
+    for bad in ["", " ", "soon", "5 months", "5 minutes ago", "nan", "inf", "infinity",
+                "1e3", "\u0663 s", "PT5M"]:
         with pytest.raises(ValueError, match="not a duration"):
             as_seconds(bad)
+    for not_finite in [float("nan"), float("inf")]:
+        with pytest.raises(ValueError, match="not finite"):
+            as_seconds(not_finite)
     with jobs.begin() as conn:
         jobs_q.send_now(conn, {"later": True})
     tick(jobs)

@@ -176,6 +176,11 @@ def _ticker_holder(conn: Conn) -> str | None:
     return None if row is None else str(row[0])
 
 
+def _holder_other_than(conn: Conn, old: str) -> str | None:
+    holder = _ticker_holder(conn)
+    return None if holder == old else holder
+
+
 def _tick_ids(conn: Conn, queue: str) -> list[int]:
     return [int(r[0]) for r in conn.execute(
         "SELECT t.tick_id FROM pgque.tick t JOIN pgque.queue q ON q.queue_id = t.tick_queue "
@@ -200,7 +205,9 @@ def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers:
 
     leader.process.kill()
     leader.wait()
-    new_holder = wait_until(lambda: _ticker_holder(conn), timeout=15, what="the takeover")
+    # The killed leader's backend may still hold the lock for a moment: wait for a change.
+    new_holder = wait_until(lambda: _holder_other_than(conn, holder), timeout=15,
+                            what="the takeover")
     assert new_holder.endswith(f" {follower.pid}")
     before = _tick_ids(conn, "q")[-1]
     ids.append(send(conn, "q"))

@@ -303,7 +303,8 @@ BEGIN
 
     -- Member activity is stamped with clock_timestamp(), not now(): an allocation may
     -- have waited for the group's row, and a stamp from before that wait would make a
-    -- batch handed out just now look stalled to a peer's dead_interval.
+    -- batch handed out just now look stalled to a peer's dead_interval. (The staleness
+    -- test below keeps the spec's now() - dead_interval.)
 
     -- Until finished, the member keeps getting the same batch.
     IF member_sub.sub_batch IS NOT NULL THEN
@@ -320,7 +321,7 @@ BEGIN
          WHERE sub_queue = v_queue_id AND sub_id = main_sub.sub_id
            AND sub_role = 'coop_member' AND sub_batch IS NOT NULL
            AND sub_consumer <> member_sub.sub_consumer
-           AND sub_active < clock_timestamp() - i_dead_interval
+           AND sub_active < now() - i_dead_interval
          ORDER BY sub_active
          LIMIT 1
            FOR UPDATE SKIP LOCKED;
