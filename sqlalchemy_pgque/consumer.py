@@ -144,21 +144,15 @@ class _BatchLost(Exception):
 
 
 _QUEUE_EXISTS = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
-_PENDING_EVENTS = text(
-    "SELECT pending_events FROM pgque.get_consumer_info(:queue, :consumer) "
-    "WHERE consumer_name = :consumer"
-)
-_CURRENT_BATCH = text(
-    "SELECT current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
+# One row while ``consumer`` (a member: ``group.member``) is subscribed, else none.
+_CONSUMER_INFO = text(
+    "SELECT pending_events, current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
     "WHERE consumer_name = :consumer"
 )
 _NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
 # Undone with the trial's SAVEPOINT, like everything else it does.
 _TRIAL_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', '100ms', true)")
 _CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
-_SUBSCRIBED = text(
-    "SELECT 1 FROM pgque.get_consumer_info(:queue, :consumer) WHERE consumer_name = :consumer"
-)
 
 
 def check_subscription(
@@ -171,7 +165,7 @@ def check_subscription(
     schema.require_installed(connection)
     if connection.execute(_QUEUE_EXISTS, {"queue": queue}).first() is None:
         raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
-    if connection.execute(_SUBSCRIBED, {"queue": queue, "consumer": consumer}).first() is None:
+    if connection.execute(_CONSUMER_INFO, {"queue": queue, "consumer": consumer}).first() is None:
         if subconsumer is None:
             advice = (f"Queue({queue!r}).subscribe(session, {consumer!r}) "
                       "or op.pgque_subscribe()")
@@ -357,7 +351,7 @@ class _ConsumerBase:
         may be ready, and its notification may have fired before we listened.
         """
         pending = session.execute(
-            _PENDING_EVENTS, {"queue": self.queue.name, "consumer": self.name}
+            _CONSUMER_INFO, {"queue": self.queue.name, "consumer": self.name}
         ).scalar()
         return bool(pending and pending > 0)
 
@@ -410,9 +404,10 @@ class _ConsumerBase:
                 raise _BatchLost(batch_id) from None
             raise
         member = f"{self.name}.{self.subconsumer}"
-        held = session.execute(
-            _CURRENT_BATCH, {"queue": self.queue.name, "consumer": member}
-        ).scalar()
+        row = session.execute(
+            _CONSUMER_INFO, {"queue": self.queue.name, "consumer": member}
+        ).first()
+        held = None if row is None else row.current_batch
         if held != batch_id:
             raise _BatchLost(batch_id)
 
