@@ -55,6 +55,7 @@ from .errors import (
     PgqueError,
     QueueNotFound,
     first_line,
+    sqlstate,
     translate,
 )
 from .message import Message
@@ -190,7 +191,7 @@ def check_subscription(
         connection.execute(_TRIAL_LOCK_TIMEOUT)
         _try_first_call(connection, queue, consumer, subconsumer)
     except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) not in _CONSUMER_IN_USE:
+        if sqlstate(exc.orig) not in _CONSUMER_IN_USE:
             raise
     finally:
         trial.rollback()
@@ -400,7 +401,7 @@ class _ConsumerBase:
         except DBAPIError as exc:
             # Under REPEATABLE READ, a peer's change to the row we waited for (a
             # takeover) is a serialization failure: the batch is gone all the same.
-            if getattr(exc.orig, "sqlstate", None) == "40001":
+            if sqlstate(exc.orig) == "40001":
                 raise _BatchLost(batch_id) from None
             raise
         member = f"{self.name}.{self.subconsumer}"

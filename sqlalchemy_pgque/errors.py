@@ -23,6 +23,7 @@ __all__ = [
     "PgqueError",
     "QueueNotFound",
     "first_line",
+    "sqlstate",
     "translate",
 ]
 
@@ -145,7 +146,8 @@ def first_line(exc: BaseException) -> str:
     return message.splitlines()[0] if message else type(exc).__name__
 
 
-def _sqlstate(orig: BaseException) -> str | None:
+def sqlstate(orig: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver exception (``DBAPIError.orig``), if it has one."""
     # psycopg exposes ``sqlstate``; psycopg2 and asyncpg adapters use ``pgcode``.
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code if isinstance(code, str) else None
@@ -165,7 +167,7 @@ def translate(
     if orig is None:
         return None
     detail = first_line(orig)
-    state = _sqlstate(orig)
+    state = sqlstate(orig)
     lowered = detail.lower()
     if state in (_UNDEFINED_FUNCTION, _UNDEFINED_TABLE, _UNDEFINED_OBJECT, _INVALID_SCHEMA_NAME):
         if "pgque" in lowered:

@@ -47,6 +47,15 @@ def send_many(conn: Conn, queue: str, count: int, type: str = "default") -> list
     return [int(i) for i in row[0]]
 
 
+def send_batches(conn: Conn, batches: int, size: int, queue: str = "q") -> list[int]:
+    """Send ``batches`` batches of ``size`` events, each ticked; their ids."""
+    ids: list[int] = []
+    for _ in range(batches):
+        ids += send_many(conn, queue, size)
+        tick(conn, queue)
+    return ids
+
+
 def tick(conn: Conn, queue: str) -> int:
     """Tick ``queue`` now, whatever its thresholds (two transactions, autocommit)."""
     conn.execute("SELECT pgque.force_next_tick(%s)", (queue,))

@@ -20,6 +20,7 @@ from consumer_support import (
     move_retries,
     open_batch,
     send,
+    send_batches,
     setup_queue,
     tick,
     wait_until,
@@ -459,10 +460,7 @@ def test_cooperative_members_handle_each_event_once(
                             poll_interval=30)
         consumer.on("*")(member_handler(member))
         start(running, consumer)
-    ids: list[int] = []
-    for _ in range(20):
-        ids += [send(conn, "q") for _ in range(5)]
-        tick(conn, "q")
+    ids = send_batches(conn, batches=20, size=5)
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="every event once")
     assert all(len(members) == 1 for members in handled_by.values())
 
@@ -487,15 +485,6 @@ def group(engine: Engine, queue: Queue) -> Queue:
         for member in ("a", "b"):
             queue.subscribe_subconsumer(session, "group", member)
     return queue
-
-
-def send_batches(conn: Conn, batches: int, size: int) -> list[int]:
-    """Send ``batches`` ticked batches of ``size`` events; their ids."""
-    ids: list[int] = []
-    for _ in range(batches):
-        ids += [send(conn, "q") for _ in range(size)]
-        tick(conn, "q")
-    return ids
 
 
 def member_idle_for(conn: Conn, member: str, seconds: float) -> bool:

@@ -15,6 +15,7 @@ from consumer_support import (
     one_error_line,
     open_batch,
     send,
+    send_batches,
     send_many,
     setup_queue,
     tick,
@@ -64,10 +65,7 @@ def _waiting_on_block(conn: Conn) -> bool:
 
 @pytest.mark.usefixtures("queue_q")
 def test_sigterm_mid_stream_exits_zero_and_loses_nothing(conn: Conn, workers: Any) -> None:
-    ids: list[int] = []
-    for _ in range(30):
-        ids += send_many(conn, "q", 20)
-        tick(conn, "q")
+    ids = send_batches(conn, batches=30, size=20)
     worker = workers("workers_app:consumer", APP_HANDLER_DELAY="0.002")
     wait_until(lambda: len(handled_counts(conn)) >= 40, what="some progress")
     worker.signal(signal.SIGTERM)

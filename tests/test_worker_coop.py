@@ -16,7 +16,7 @@ from consumer_support import (
     move_retries,
     one_error_line,
     open_batch,
-    send_many,
+    send_batches,
     setup_queue,
     tick,
     wait_until,
@@ -48,14 +48,6 @@ def members(conn: Conn) -> list[str]:
 def handlers(conn: Conn) -> set[str]:
     """The worker threads (labelled ``q/group.<member>``) that handled messages."""
     return {str(row[0]) for row in conn.execute("SELECT DISTINCT handled_by FROM handled")}
-
-
-def send_batches(conn: Conn, batches: int, size: int) -> list[int]:
-    ids: list[int] = []
-    for _ in range(batches):
-        ids += send_many(conn, "q", size)
-        tick(conn, "q")
-    return ids
 
 
 def drain_and_stop(conn: Conn, worker: Any, batches: int, size: int,
