@@ -119,11 +119,14 @@ class PendingEvent:
         if self._factory is None:
             assert self._text is not None
             return self._text
+        payload = self._factory()
         try:
-            return encode_payload(self._factory())
+            return encode_payload(payload)
         except PayloadError as exc:
+            name = getattr(self._factory, "__qualname__", None) or repr(self._factory)
             raise PayloadError(
-                f"payload callable for queue {self.queue.name!r}, type {self.type!r}: {exc}"
+                f"payload callable {name} for queue {self.queue.name!r}, type {self.type!r}, "
+                f"returned a payload that cannot be sent: {exc}"
             ) from exc
 
     def __repr__(self) -> str:

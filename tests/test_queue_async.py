@@ -181,6 +181,34 @@ def test_payload_error_raises_in_send(engine: Engine, run: Callable[[Scenario], 
     assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [{"good": 1}]
 
 
+def deep_note() -> str:
+    return "[" * 1000 + "]" * 1000
+
+
+@pytest.mark.parametrize("emit", ["flush", "commit"])
+def test_payload_callable_error_reaches_the_caller_and_undoes_the_transaction(
+    engine: Engine, run: Callable[[Scenario], None], emit: str
+) -> None:
+    async def scenario(sessions: async_sessionmaker[AsyncSession]) -> None:
+        async with sessions() as session:
+            session.add(Invoice(amount=7))
+            invoices_q.send(session, {"good": 1})
+            invoices_q.send(session, deep_note, type="noted")
+            with pytest.raises(PayloadError) as raised:
+                await (session.flush() if emit == "flush" else session.commit())
+            assert raised.type is PayloadError
+            assert str(raised.value) == (
+                "payload callable deep_note for queue 'invoices', type 'noted', returned a "
+                "payload that cannot be sent: payload nests arrays and objects 1000 levels "
+                "deep; the limit is MAX_PAYLOAD_DEPTH = 512"
+            )
+            await session.rollback()
+
+    run(scenario)
+    assert invoice_count(engine) == 0
+    assert deliver(engine, invoices_q, "worker") == []
+
+
 def test_wake_notification_on_commit_only(
     db: Database, run: Callable[[Scenario], None]
 ) -> None:

@@ -236,9 +236,11 @@ def test_savepoint_rollback_reemits_events_recorded_outside_it(
 @pytest.mark.parametrize(
     "payload",
     [{1, 2}, object(), "not json", "{'single': 'quotes'}", float("nan"), float("inf"),
-     {"x": float("-inf")}, "NaN", {"nul": "a\x00b"}, "\"\\u0000\"", {"bad": "\ud800"}],
+     {"x": float("-inf")}, "NaN", {"nul": "a\x00b"}, "\"\\u0000\"", {"bad": "\ud800"},
+     "[" * 1000 + "]" * 1000, "\"\\ud800\""],
     ids=["set", "object", "plain-text", "python-repr", "nan", "inf", "nested-inf",
-         "nan-text", "nul", "nul-escape", "lone-surrogate"],
+         "nan-text", "nul", "nul-escape", "lone-surrogate", "1000-deep-text",
+         "lone-surrogate-escape"],
 )
 def test_unencodable_payload_raises_in_send_and_records_nothing(
     engine: Engine, sessions: sessionmaker[Session], payload: object
@@ -263,6 +265,53 @@ def test_payload_callable_that_fails_to_encode_fails_the_commit(
         orders_q.send(session, lambda: {1, 2})
     assert order_count(engine) == 0
     assert deliver(engine, orders_q, "worker") == []
+
+
+def lone_surrogate_note() -> str:
+    return '{"note": "\\ud800"}'
+
+
+@pytest.mark.parametrize("emit", ["flush", "commit"])
+def test_payload_callable_error_names_the_event_and_undoes_the_transaction(
+    engine: Engine, sessions: sessionmaker[Session], emit: str
+) -> None:
+    with sessions() as session:
+        session.add(Order(total=14))
+        orders_q.send(session, {"fine": True})
+        orders_q.send(session, lone_surrogate_note, type="order.noted")
+        with pytest.raises(PayloadError) as raised:
+            if emit == "flush":
+                session.flush()
+            else:
+                session.commit()
+        assert raised.type is PayloadError
+        assert str(raised.value) == (
+            "payload callable lone_surrogate_note for queue 'orders', type 'order.noted', "
+            "returned a payload that cannot be sent: payload JSON text has the escape "
+            "\\ud800 at character 10: a high surrogate not directly followed by a low "
+            "surrogate escape"
+        )
+        session.rollback()
+    assert order_count(engine) == 0
+    assert deliver(engine, orders_q, "worker") == []
+
+
+def test_payloads_nested_to_the_limit_round_trip(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    """512 levels survive each statement shape, some of which wrap payloads deeper."""
+    nested: list[object] = []
+    for _ in range(511):
+        nested = [nested]
+    with sessions.begin() as session:
+        orders_q.send(session, nested)
+    with sessions.begin() as session:
+        orders_q.send_batch(session, [json.dumps(nested), lambda: nested])
+    with sessions.begin() as session:
+        orders_q.send(session, nested, extra1="mixed")
+        audit_q.send(session, nested)
+    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [nested] * 4
+    assert [m.payload for m in deliver(engine, audit_q, "worker")] == [nested]
 
 
 def test_unknown_queue_fails_the_commit(engine: Engine, sessions: sessionmaker[Session]) -> None:
