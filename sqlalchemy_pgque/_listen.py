@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import select
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -31,6 +33,7 @@ __all__ = [
     "AsyncListener",
     "Backoff",
     "Listener",
+    "Outage",
     "Waker",
     "aclose_quietly",
     "close_quietly",
@@ -112,21 +115,76 @@ async def connect_autocommit_async(engine: AsyncEngine) -> psycopg.AsyncConnecti
 
 
 class Backoff:
-    """Delays between reconnection attempts: 0.1 s doubling up to 30 s."""
+    """Delays between reconnection attempts: from 0.1 s, doubling, capped at 2 s.
+
+    Each delay is drawn from the upper half of its step, so that processes that lost
+    the server together do not come back in lockstep. The cap is low on purpose: an
+    attempt against a server that is down costs next to nothing, and a worker should
+    be delivering again within a couple of seconds of the server's return.
+    """
 
     FIRST = 0.1
-    MAX = 30.0
+    MAX = 2.0
 
-    def __init__(self) -> None:
-        self._delay = self.FIRST
+    def __init__(self, first: float = FIRST, cap: float = MAX) -> None:
+        self._first = first
+        self._cap = cap
+        self._step = first
 
     def next(self) -> float:
-        delay = self._delay
-        self._delay = min(delay * 2, self.MAX)
-        return delay
+        step = self._step
+        self._step = min(step * 2, self._cap)
+        return random.uniform(step / 2, step)
 
     def reset(self) -> None:
-        self._delay = self.FIRST
+        self._step = self._first
+
+
+class Outage:
+    """Backoff and logging for a loop that lost its database.
+
+    The first failure is logged with its error; while the failures go on, one line
+    every :attr:`REPEAT_LOG_INTERVAL` seconds says how long it has lasted, so a
+    restarting server does not flood the log; the recovery is logged once.
+    """
+
+    REPEAT_LOG_INTERVAL = 30.0
+
+    def __init__(self, label: str, logger: logging.Logger) -> None:
+        self.label = label
+        self._log = logger
+        self.backoff = Backoff()
+        self.started: float | None = None
+        """``time.monotonic()`` of the first failure of the outage in progress."""
+        self.failures = 0
+        self._next_log = 0.0
+
+    def failed(self, description: str) -> float:
+        """Record a failure described by ``description``; the delay before trying again."""
+        now = time.monotonic()
+        delay = self.backoff.next()
+        self.failures += 1
+        if self.started is None:
+            self.started = now
+            self._next_log = now + self.REPEAT_LOG_INTERVAL
+            self._log.warning("%s: %s; reconnecting in %.2f s", self.label, description, delay)
+        elif now >= self._next_log:
+            self._next_log = now + self.REPEAT_LOG_INTERVAL
+            self._log.warning("%s: still failing after %.0f s and %d attempts: %s",
+                              self.label, now - self.started, self.failures, description)
+        else:
+            self._log.debug("%s: %s; reconnecting in %.2f s", self.label, description, delay)
+        return delay
+
+    def succeeded(self) -> None:
+        """Record a success; ends (and logs the end of) the outage in progress."""
+        if self.started is None:
+            return
+        self._log.info("%s: database back after %.1f s (%d failed attempts)",
+                       self.label, time.monotonic() - self.started, self.failures)
+        self.started = None
+        self.failures = 0
+        self.backoff.reset()
 
 
 def listen_statement(channel: str) -> sql.Composed:

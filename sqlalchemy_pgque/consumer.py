@@ -32,14 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 import psycopg
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
 from ._listen import (
     AsyncListener,
-    Backoff,
     Listener,
+    Outage,
     Waker,
     aclose_quietly,
     close_quietly,
@@ -55,11 +54,20 @@ from .errors import (
     PgqueError,
     QueueNotFound,
     first_line,
+    is_connection_lost,
     sqlstate,
     translate,
 )
 from .message import Message
-from .queue import MAX_MESSAGES, Duration, Queue, as_seconds, check_cooperative_name
+from .queue import (
+    MAX_MESSAGES,
+    Duration,
+    Queue,
+    _connection,
+    _execute,
+    as_seconds,
+    check_cooperative_name,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -70,7 +78,10 @@ log = logging.getLogger(__name__)
 
 UnknownHandlerPolicy = Literal["nack", "ack"]
 
-# Configuration problems: retrying cannot fix them, so run() raises them.
+# Configuration problems: retrying cannot fix them, so run() raises them. Anything
+# else that fails a batch (the database or the network going away, a pool that stayed
+# exhausted, a failing commit hook) leaves the batch to be redelivered whole, and the
+# loop backs off and tries again: a worker never exits on them.
 _FATAL_ERRORS: tuple[type[PgqueError], ...] = (
     EngineNotInstalled,
     QueueNotFound,
@@ -78,15 +89,6 @@ _FATAL_ERRORS: tuple[type[PgqueError], ...] = (
     ConsumerModeConflict,
     InvalidName,
     PermissionDenied,
-)
-# Anything else the database or the network raises is retried with backoff, as is a
-# connection pool that stayed exhausted for its timeout.
-_RETRIED_ERRORS: tuple[type[BaseException], ...] = (
-    DBAPIError,
-    PoolTimeout,
-    psycopg.Error,
-    PgqueError,
-    OSError,
 )
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
@@ -144,6 +146,131 @@ class _BatchLost(Exception):
     """``ack`` or ``nack`` found no open batch: a cooperative peer took the batch over."""
 
 
+class _BatchAbandoned(Exception):
+    """The batch in progress is given up on shutdown: it rolls back and comes back whole."""
+
+
+class _DatabaseFailure(Exception):
+    """A handler failed because the batch's connection or transaction is gone.
+
+    That is the database's failure, not the handler's: the message is not nacked (the
+    nack could not be written anyway), the whole batch rolls back and comes back.
+    """
+
+    def __init__(self, message: Message, error: BaseException) -> None:
+        super().__init__(first_line(error))
+        self.message = message
+        self.error = error
+
+
+def _transaction_usable(session: Session) -> bool:
+    """Whether the batch transaction on ``session`` can still run statements.
+
+    A handler may have swallowed the error of a dead connection and raised its own, so
+    the connection is asked rather than the exception. No round trip: the state is
+    what SQLAlchemy and the driver already know.
+    """
+    try:
+        connection = session.connection()
+    except Exception:
+        return False  # PendingRollbackError and its kin: the transaction is invalid
+    if connection.invalidated:
+        return False
+    driver = connection.connection.driver_connection
+    if isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+        return not (driver.closed or driver.broken) and (
+            driver.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        )
+    return True
+
+
+class _Shutdown:
+    """One run's shutdown: the stop deadline, and abandoning the batch in progress.
+
+    A batch reported abandoned must never commit, and a batch whose commit is already
+    on its way must not be cancelled: both decisions are taken under one lock. The
+    batch's driver connection is kept so that abandoning can cancel the statement a
+    handler is waiting on (psycopg's ``cancel()`` may be called from another thread);
+    it is forgotten before the connection goes back to the pool, so a cancel never
+    reaches another consumer's statement.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self.abandoning = False
+        self.batch: tuple[int, int] | None = None
+        """``(batch_id, messages)`` of the batch in progress."""
+        self._connection: Any = None
+        self._committing = False
+
+    def batch_started(self, batch_id: int, size: int, connection: Any) -> None:
+        with self._lock:
+            self.batch = (batch_id, size)
+            self._connection = connection
+            self._committing = False
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`_BatchAbandoned` once the batch in progress is given up."""
+        if self.abandoning:
+            raise _BatchAbandoned()
+
+    def release_connection(self) -> None:
+        """The batch's connection is about to go back to the pool: never cancel on it."""
+        with self._lock:
+            self._connection = None
+
+    def commit_starts(self) -> None:
+        """Commit the batch unless it was abandoned first (then raise)."""
+        with self._lock:
+            self.check()
+            self._committing = True
+            self._connection = None
+
+    def batch_ended(self) -> None:
+        with self._lock:
+            self.batch = None
+            self._connection = None
+            self._committing = False
+
+    def stop_requested(self, timeout: float | None) -> None:
+        """Start counting the shutdown timeout (seconds; ``None``: no limit), once."""
+        if timeout is None or self._timer is not None:
+            return
+        if timeout <= 0:
+            self.abandon()
+            return
+        self._timer = threading.Timer(timeout, self._timed_out, (timeout,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _timed_out(self, timeout: float) -> None:
+        batch = self.batch
+        if batch is not None and not self.abandoning:
+            log.warning("%s: shutdown timeout of %g s reached in batch %s; abandoning it",
+                        self._label, timeout, batch[0])
+        self.abandon()
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self.abandoning:
+                return
+            self.abandoning = True
+            if self._connection is not None:
+                try:
+                    # Ends at once a handler statement waiting on a lock or a slow query.
+                    self._connection.cancel()
+                except Exception:
+                    log.debug("%s: cancelling the batch's statement failed", self._label,
+                              exc_info=True)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 _QUEUE_EXISTS = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
 # One row while ``consumer`` (a member: ``group.member``) is subscribed, else none.
 _CONSUMER_INFO = text(
@@ -154,6 +281,7 @@ _NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
 # Undone with the trial's SAVEPOINT, like everything else it does.
 _TRIAL_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', '100ms', true)")
 _CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
+_READER = "pgque_reader"
 
 
 def check_subscription(
@@ -162,7 +290,19 @@ def check_subscription(
     """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound`,
     :class:`ConsumerNotSubscribed` or :class:`ConsumerModeConflict` unless ``consumer``
     (as member ``subconsumer`` of a cooperative group, if given) can receive from
-    ``queue``."""
+    ``queue``; :class:`PermissionDenied` when the database user may not consume."""
+    try:
+        _check_subscription(connection, queue, consumer, subconsumer)
+    except DBAPIError as exc:
+        error = translate(exc, required_role=_READER, queue=queue)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _check_subscription(
+    connection: Connection, queue: str, consumer: str, subconsumer: str | None
+) -> None:
     schema.require_installed(connection)
     if connection.execute(_QUEUE_EXISTS, {"queue": queue}).first() is None:
         raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
@@ -243,6 +383,7 @@ class _ConsumerBase:
         unknown_handler_policy: UnknownHandlerPolicy,
         subconsumer: str | None,
         dead_interval: Duration | None,
+        shutdown_timeout: Duration | None,
     ) -> None:
         if unknown_handler_policy not in ("nack", "ack"):
             raise ValueError(
@@ -262,6 +403,8 @@ class _ConsumerBase:
             raise ValueError(f"retry_after must be >= 0, got {retry_after!r}")
         if dead_interval is not None and as_seconds(dead_interval) <= 0:
             raise ValueError(f"dead_interval must be > 0, got {dead_interval!r}")
+        if shutdown_timeout is not None and as_seconds(shutdown_timeout) < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
         self.queue = queue if isinstance(queue, Queue) else Queue(queue)
         self.name = name
         self.max_messages = max_messages
@@ -270,10 +413,12 @@ class _ConsumerBase:
         self.unknown_handler_policy: UnknownHandlerPolicy = unknown_handler_policy
         self.subconsumer = subconsumer
         self.dead_interval = dead_interval
+        self.shutdown_timeout = shutdown_timeout
         self.listening = threading.Event()
         """Set while the consumer is connected and listening for ticks."""
         self._handlers: dict[str, _Handler] = {}
         self._stopping = threading.Event()
+        self._shutdown = self._new_shutdown()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
@@ -293,6 +438,23 @@ class _ConsumerBase:
     def _clear_run_state(self) -> None:
         self.listening = threading.Event()
         self._stopping = threading.Event()
+        self._shutdown = self._new_shutdown()
+
+    def _new_shutdown(self) -> _Shutdown:
+        return _Shutdown(self.label)
+
+    def _request_stop(self, abandon: bool) -> None:
+        self._stopping.set()
+        if abandon:
+            self._shutdown.abandon()
+        else:
+            timeout = self.shutdown_timeout
+            self._shutdown.stop_requested(None if timeout is None else as_seconds(timeout))
+
+    def _run_ended(self) -> None:
+        self._shutdown.close()
+        self._shutdown = self._new_shutdown()
+        self._stopping.clear()
 
     @property
     def label(self) -> str:
@@ -351,8 +513,9 @@ class _ConsumerBase:
         An empty receive only says the next tick's window was empty: a later window
         may be ready, and its notification may have fired before we listened.
         """
-        pending = session.execute(
-            _CONSUMER_INFO, {"queue": self.queue.name, "consumer": self.name}
+        pending = _execute(
+            _connection(session), _CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": self.name}, _READER,
         ).scalar()
         return bool(pending and pending > 0)
 
@@ -405,8 +568,9 @@ class _ConsumerBase:
                 raise _BatchLost(batch_id) from None
             raise
         member = f"{self.name}.{self.subconsumer}"
-        row = session.execute(
-            _CONSUMER_INFO, {"queue": self.queue.name, "consumer": member}
+        row = _execute(
+            _connection(session), _CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": member}, _READER,
         ).first()
         held = None if row is None else row.current_batch
         if held != batch_id:
@@ -416,6 +580,33 @@ class _ConsumerBase:
         log.warning("%s: batch %s was taken over by another member; rolled back",
                     self.label, lost.args[0])
 
+    def stop(self, *, abandon: bool = False) -> None:
+        raise NotImplementedError
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping.is_set():
+            log.info("%s: %s received again; abandoning the current batch", self.label,
+                     sig.name)
+            self.stop(abandon=True)
+            return
+        log.info("%s: %s received; finishing the current batch", self.label, sig.name)
+        self.stop()
+
+    def _batch_started(self, session: Session, messages: list[Message]) -> None:
+        connection = session.connection().connection.driver_connection
+        self._shutdown.batch_started(messages[0].batch_id, len(messages), connection)
+
+    def _raise_unless_handler_failure(
+        self, session: Session, message: Message, exc: BaseException
+    ) -> None:
+        """Tell a handler's own failure (nack the message, go on with the batch) from
+        the loss of the batch's connection or transaction (raise: the batch is over)."""
+        if self._shutdown.abandoning:
+            # Most likely the handler's statement was cancelled to abandon the batch.
+            raise _BatchAbandoned() from exc
+        if is_connection_lost(exc) or not _transaction_usable(session):
+            raise _DatabaseFailure(message, exc) from exc
+
     def _log_handler_failure(self, message: Message, exc: BaseException) -> None:
         log.error(
             "%s: handler for %r failed on message %s (retry %s); nacked for retry in %s s",
@@ -423,8 +614,36 @@ class _ConsumerBase:
             as_seconds(self.retry_after), exc_info=exc,
         )
 
-    def _log_database_error(self, exc: BaseException, delay: float) -> None:
-        log.warning("%s: %s; retrying in %.1f s", self.label, first_line(exc), delay)
+    def _describe_failure(self, exc: BaseException) -> str:
+        """The log line of a failed round of the run loop: what broke and what it cost."""
+        batch = self._shutdown.batch
+        lost = "" if batch is None else (
+            f"; batch {batch[0]} rolled back, its {batch[1]} messages will be redelivered"
+        )
+        if isinstance(exc, _DatabaseFailure):
+            return (f"database connection lost in the handler of message "
+                    f"{exc.message.msg_id} ({exc}){lost}")
+        if is_connection_lost(exc):
+            return f"database connection lost ({first_line(exc)}){lost}"
+        return f"{type(exc).__name__}: {first_line(exc)}{lost}"
+
+    def _failed_round(self, exc: Exception, outage: Outage) -> float:
+        """Log a failed round of the run loop; the delay before the next one."""
+        if not isinstance(exc, _DatabaseFailure) and not is_connection_lost(exc) \
+                and not isinstance(exc, (DBAPIError, PgqueError)):
+            # Not the database: a bug or a failing hook of the application, shown whole.
+            log.error("%s: unexpected error in the run loop", self.label, exc_info=exc)
+        delay = outage.failed(self._describe_failure(exc))
+        self._shutdown.batch_ended()
+        return delay
+
+    def _log_abandoned(self) -> None:
+        batch = self._shutdown.batch
+        if batch is None:
+            return
+        log.warning("%s: batch %s abandoned on shutdown: rolled back, its %d messages will "
+                    "be redelivered", self.label, batch[0], batch[1])
+        self._shutdown.batch_ended()
 
 
 class Consumer(_ConsumerBase):
@@ -446,6 +665,8 @@ class Consumer(_ConsumerBase):
         (``receive_coop``), sharing the consumer's batches with the other members.
     :param dead_interval: cooperative mode: take over a member's batch when that member
         has been silent this long.
+    :param shutdown_timeout: how long :meth:`stop` lets the batch in progress run
+        before abandoning it (a :data:`Duration`; ``None``, the default, waits for it).
 
     Each batch runs in one short Session and transaction: ``receive``, then each
     message's handler, then ``ack``, then commit. A handler taking ``(msg, session)``
@@ -454,6 +675,12 @@ class Consumer(_ConsumerBase):
     ``max_retries``). The handlers' writes and the ack commit together: a crash
     before the commit redelivers the whole batch with none of its writes. If a nack
     fails, the batch is rolled back and redelivered rather than acked.
+
+    A handler's exception is a *handler failure* only while the batch's connection
+    and transaction are still good (an IntegrityError or a statement timeout the
+    handler ran into, or any error of its own). When the connection is lost or the
+    transaction is no longer usable, it is a *database failure*: nothing is nacked,
+    the whole batch rolls back and comes back, and :meth:`run` reconnects.
 
     A cooperative member commits its ``receive_coop`` at once, because allocating a
     batch locks the group's row until commit, then handles and acks the batch in a
@@ -465,7 +692,8 @@ class Consumer(_ConsumerBase):
     :meth:`run` blocks, waking on the queue's tick notifications (LISTEN) and at
     least every ``poll_interval``, reconnecting with backoff after database errors,
     until :meth:`stop` (from any thread) or SIGTERM / SIGINT; it finishes the batch in
-    progress first. Handlers must not commit the session themselves.
+    progress first, for at most ``shutdown_timeout``. Handlers must not commit the
+    session themselves.
     """
 
     def __init__(
@@ -480,6 +708,7 @@ class Consumer(_ConsumerBase):
         unknown_handler_policy: UnknownHandlerPolicy = "nack",
         subconsumer: str | None = None,
         dead_interval: Duration | None = None,
+        shutdown_timeout: Duration | None = None,
     ) -> None:
         if _is_async_factory(session_factory):
             raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
@@ -487,6 +716,7 @@ class Consumer(_ConsumerBase):
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
+            shutdown_timeout=shutdown_timeout,
         )
         self._session_factory: Callable[..., Session] = (
             sessionmaker(session_factory) if isinstance(session_factory, Engine)
@@ -537,11 +767,24 @@ class Consumer(_ConsumerBase):
             )
 
     def process_batch(self) -> int:
-        """Receive and handle one batch; return how many messages it had (0: none)."""
-        return self._process_batch()[0]
+        """Receive and handle one batch; return how many messages it had (0: none).
+
+        When the batch fails as a whole (the connection is lost, the ack fails), it is
+        rolled back and the error is raised.
+        """
+        try:
+            return self._process_batch()[0]
+        except _DatabaseFailure as failure:
+            raise failure.error from None
+        finally:
+            self._shutdown.batch_ended()
 
     def _process_batch(self) -> tuple[int, bool]:
-        """``(messages handled, whether another batch may be ready at once)``."""
+        """``(messages handled, whether another batch may be ready at once)``.
+
+        Raises what failed the batch, after rolling it back; :class:`_BatchAbandoned`
+        when it was abandoned on shutdown.
+        """
         with self._session() as session:
             try:
                 with session.begin():
@@ -557,18 +800,32 @@ class Consumer(_ConsumerBase):
                     # member until its ack; handler writes and the ack still commit
                     # together.
                     with session.begin():
-                        self._hold_member_row(session, messages[0].batch_id)
                         self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)
+        self._shutdown.batch_ended()
         return len(messages), True
 
     def _handle_batch(self, session: Session, messages: list[Message]) -> None:
-        self._warn_if_truncated(messages)
-        handler_for = self._handler_for
-        for message in messages:
-            self._handle(session, message, handler_for(message.type))
-        self._ack(session, messages[0].batch_id)
+        """Handle and ack the batch; on return the caller's ``begin()`` commits it."""
+        shutdown = self._shutdown
+        try:
+            self._batch_started(session, messages)
+            if self.subconsumer is not None:
+                self._hold_member_row(session, messages[0].batch_id)
+            self._warn_if_truncated(messages)
+            handler_for = self._handler_for
+            for message in messages:
+                shutdown.check()
+                self._handle(session, message, handler_for(message.type))
+            shutdown.check()
+            self._ack(session, messages[0].batch_id)
+            shutdown.commit_starts()
+        except BaseException as exc:
+            shutdown.release_connection()
+            if shutdown.abandoning and not isinstance(exc, _BatchAbandoned):
+                raise _BatchAbandoned() from exc
+            raise
 
     def _handle(self, session: Session, message: Message, handler: _Handler | None) -> None:
         if handler is None:
@@ -582,12 +839,20 @@ class Consumer(_ConsumerBase):
             else:
                 handler.function(message)
         except Exception as exc:
+            self._raise_unless_handler_failure(session, message, exc)
             self._log_handler_failure(message, exc)
             self._nack(session, message, repr(exc))
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to return after the batch in progress; safe from any thread."""
-        self._stopping.set()
+    def stop(self, *, abandon: bool = False) -> None:
+        """Ask :meth:`run` to return; safe from any thread.
+
+        The batch in progress is finished first, for at most ``shutdown_timeout``;
+        with ``abandon=True`` (or once the timeout runs out) it is abandoned instead:
+        rolled back, with its statement in progress cancelled, and redelivered whole
+        later. A handler busy in its own code keeps running until it returns, but
+        nothing of the abandoned batch commits.
+        """
+        self._request_stop(abandon)
         waker = self._waker
         if waker is not None:
             waker.wake()
@@ -616,10 +881,10 @@ class Consumer(_ConsumerBase):
             finally:
                 self._waker = None
                 waker.close()
-                self._stopping.clear()
+                self._run_ended()
 
     def _consume(self, engine: Engine, waker: Waker) -> None:
-        backoff = Backoff()
+        outage = Outage(self.label, log)
         listener: Listener | None = None
         try:
             while not self._stopping.is_set():
@@ -629,28 +894,25 @@ class Consumer(_ConsumerBase):
                         self.listening.set()
                         log.info("%s: listening on %s", self.label, self.channel)
                     _, more = self._process_batch()
-                    backoff.reset()
+                    outage.succeeded()
                     if not more:
                         listener.wait(self.poll_interval)
                 except _FATAL_ERRORS:
                     raise
-                except _RETRIED_ERRORS as exc:
+                except _BatchAbandoned:
+                    self._log_abandoned()
+                except Exception as exc:
                     self.listening.clear()
                     if listener is not None:
                         close_quietly(listener.close)
                         listener = None
-                    delay = backoff.next()
-                    self._log_database_error(exc, delay)
-                    self._stopping.wait(delay)
+                    self._stopping.wait(self._failed_round(exc, outage))
         finally:
             self.listening.clear()
             if listener is not None:
                 close_quietly(listener.close)
             log.info("%s: stopped", self.label)
 
-    def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("%s: %s received; finishing the current batch", self.label, sig.name)
-        self.stop()
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -677,6 +939,7 @@ class AsyncConsumer(_ConsumerBase):
         unknown_handler_policy: UnknownHandlerPolicy = "nack",
         subconsumer: str | None = None,
         dead_interval: Duration | None = None,
+        shutdown_timeout: Duration | None = None,
     ) -> None:
         asyncio_ext = _asyncio_ext()
         if isinstance(session_factory, (Engine, sessionmaker)):
@@ -685,6 +948,7 @@ class AsyncConsumer(_ConsumerBase):
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
+            shutdown_timeout=shutdown_timeout,
         )
         if isinstance(session_factory, asyncio_ext.AsyncEngine):
             session_factory = asyncio_ext.async_sessionmaker(session_factory)
@@ -728,11 +992,16 @@ class AsyncConsumer(_ConsumerBase):
             )
 
     async def process_batch(self) -> int:
-        """Receive and handle one batch; return how many messages it had (0: none)."""
-        return (await self._process_batch())[0]
+        """See :meth:`Consumer.process_batch`."""
+        try:
+            return (await self._process_batch())[0]
+        except _DatabaseFailure as failure:
+            raise failure.error from None
+        finally:
+            self._shutdown.batch_ended()
 
     async def _process_batch(self) -> tuple[int, bool]:
-        """``(messages handled, whether another batch may be ready at once)``."""
+        """See :meth:`Consumer._process_batch`."""
         async with self._session() as session:
             try:
                 async with session.begin():
@@ -744,18 +1013,32 @@ class AsyncConsumer(_ConsumerBase):
                 if self.subconsumer is not None:
                     # See Consumer._process_batch: commit the allocation, then handle.
                     async with session.begin():
-                        await session.run_sync(self._hold_member_row, messages[0].batch_id)
                         await self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)
+        self._shutdown.batch_ended()
         return len(messages), True
 
     async def _handle_batch(self, session: AsyncSession, messages: list[Message]) -> None:
-        self._warn_if_truncated(messages)
-        handler_for = self._handler_for
-        for message in messages:
-            await self._handle(session, message, handler_for(message.type))
-        await session.run_sync(self._ack, messages[0].batch_id)
+        """See :meth:`Consumer._handle_batch`."""
+        shutdown = self._shutdown
+        try:
+            await session.run_sync(self._batch_started, messages)
+            if self.subconsumer is not None:
+                await session.run_sync(self._hold_member_row, messages[0].batch_id)
+            self._warn_if_truncated(messages)
+            handler_for = self._handler_for
+            for message in messages:
+                shutdown.check()
+                await self._handle(session, message, handler_for(message.type))
+            shutdown.check()
+            await session.run_sync(self._ack, messages[0].batch_id)
+            shutdown.commit_starts()
+        except BaseException as exc:
+            shutdown.release_connection()
+            if shutdown.abandoning and not isinstance(exc, _BatchAbandoned):
+                raise _BatchAbandoned() from exc
+            raise
 
     async def _handle(
         self, session: AsyncSession, message: Message, handler: _Handler | None
@@ -771,12 +1054,13 @@ class AsyncConsumer(_ConsumerBase):
             else:
                 await handler.function(message)
         except Exception as exc:
+            await session.run_sync(self._raise_unless_handler_failure, message, exc)
             self._log_handler_failure(message, exc)
             await session.run_sync(self._nack, message, repr(exc))
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to return after the batch in progress; safe from any thread."""
-        self._stopping.set()
+    def stop(self, *, abandon: bool = False) -> None:
+        """See :meth:`Consumer.stop`; safe from any thread."""
+        self._request_stop(abandon)
         loop, wake_event = self._loop, self._wake_event
         if loop is not None and wake_event is not None:
             try:
@@ -802,7 +1086,7 @@ class AsyncConsumer(_ConsumerBase):
             install_signal_handlers = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
         for sig in signals:
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self._consume(engine, self._wake_event)
         finally:
@@ -810,10 +1094,10 @@ class AsyncConsumer(_ConsumerBase):
                 loop.remove_signal_handler(sig)
             self._loop = None
             self._wake_event = None
-            self._stopping.clear()
+            self._run_ended()
 
     async def _consume(self, engine: AsyncEngine, wake_event: asyncio.Event) -> None:
-        backoff = Backoff()
+        outage = Outage(self.label, log)
         listener: AsyncListener | None = None
         try:
             while not self._stopping.is_set():
@@ -823,18 +1107,19 @@ class AsyncConsumer(_ConsumerBase):
                         self.listening.set()
                         log.info("%s: listening on %s", self.label, self.channel)
                     _, more = await self._process_batch()
-                    backoff.reset()
+                    outage.succeeded()
                     if not more:
                         await listener.wait(self.poll_interval, wake_event)
                 except _FATAL_ERRORS:
                     raise
-                except _RETRIED_ERRORS as exc:
+                except _BatchAbandoned:
+                    self._log_abandoned()
+                except Exception as exc:
                     self.listening.clear()
                     if listener is not None:
                         await aclose_quietly(listener.close)
                         listener = None
-                    delay = backoff.next()
-                    self._log_database_error(exc, delay)
+                    delay = self._failed_round(exc, outage)
                     try:
                         await asyncio.wait_for(wake_event.wait(), delay)
                     except asyncio.TimeoutError:

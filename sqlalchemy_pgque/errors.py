@@ -7,7 +7,9 @@ SQLAlchemy exception, so the SQL and its parameters stay available for debugging
 
 from __future__ import annotations
 
-from sqlalchemy.exc import DBAPIError
+import psycopg
+from sqlalchemy.exc import DBAPIError, PendingRollbackError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 __all__ = [
     "BatchInProgress",
@@ -23,6 +25,8 @@ __all__ = [
     "PgqueError",
     "QueueNotFound",
     "first_line",
+    "is_connection_lost",
+    "is_transient",
     "sqlstate",
     "translate",
 ]
@@ -185,3 +189,74 @@ def translate(
                 )
             return error_class(detail)
     return None
+
+
+# The server ended the session for reasons outside the statement: admin_shutdown
+# (pg_terminate_backend, a fast shutdown), crash_shutdown, cannot_connect_now (starting
+# up or in recovery), idle_session_timeout. Class 08 (connection_exception) is checked
+# separately.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+# Errors of one statement on a healthy connection that succeed when simply tried again:
+# serialization_failure, deadlock_detected, lock_not_available, query_canceled, and the
+# insufficient_resources class (too many connections, out of memory, disk full).
+_RETRY_LATER = frozenset({"40001", "40P01", "55P03", "57014"})
+
+# Connection attempts fail without a SQLSTATE; these texts (libpq's and the server's,
+# in English) say the settings are wrong rather than the server away, so waiting for
+# the server cannot help.
+_WRONG_SETTINGS = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "no password supplied",
+    "invalid connection option",
+    "invalid integer value",
+    "server does not support ssl",
+)
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database connection, or the transaction on it, cannot be
+    used any more: the server went away, restarted or ended the session, or SQLAlchemy
+    invalidated the connection and wants the transaction rolled back.
+
+    Errors of one statement on a connection that is still good (a constraint, a
+    timeout, a deadlock, a missing privilege) are not.
+    """
+    if isinstance(exc, PendingRollbackError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if exc.orig is None:
+            return False
+        exc = exc.orig
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        # Raised by the client, not the server: "server closed the connection
+        # unexpectedly", "the connection is closed", a failed connection attempt.
+        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+    return state.startswith("08") or state in _SESSION_ENDED
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed where ``exc`` failed: a lost connection,
+    a server that is down, restarting or out of resources, a conflict with another
+    transaction, an exhausted connection pool. Wrong settings (a bad password, a
+    database that does not exist) and errors of the SQL itself are not transient.
+    """
+    if isinstance(exc, PoolTimeout):
+        return True
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    if isinstance(orig, psycopg.Error) and orig.sqlstate is None:
+        lowered = str(orig).lower()
+        if any(text in lowered for text in _WRONG_SETTINGS):
+            return False
+    if is_connection_lost(exc):
+        return True
+    state = sqlstate(orig)
+    return state is not None and (state in _RETRY_LATER or state.startswith("53"))

@@ -23,15 +23,24 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from . import schema
 from ._listen import (
-    Backoff,
     Listener,
+    Outage,
     Waker,
     close_quietly,
     connect_autocommit,
     stop_signals_handled,
 )
-from .errors import first_line
+from .errors import (
+    EngineNotInstalled,
+    PermissionDenied,
+    first_line,
+    is_connection_lost,
+    is_transient,
+    sqlstate,
+    translate,
+)
 from .queue import WAKE_CHANNEL
 
 __all__ = ["TICKER_LOCK_KEY", "Ticker"]
@@ -43,6 +52,26 @@ TICKER_LOCK_KEY = (0x70677175, 0x7469636B)
 
 _DEFAULT_TICK_PERIOD = 0.1
 _RETRY_MOVER_BATCH = 10
+_ADMIN = "pgque_admin"
+# What the ticker calls, all granted to pgque_admin.
+_TICKER_FUNCTIONS = (
+    "pgque.ticker()",
+    "pgque.ticker(text)",
+    "pgque.force_next_tick(text)",
+    "pgque.maint()",
+    "pgque.maint_retry_events()",
+    "pgque.maint_rotate_tables_step2()",
+)
+
+
+def _configuration_error(exc: BaseException) -> Exception | None:
+    """The error to stop the ticker with, when ``exc`` is one waiting cannot cure."""
+    state = sqlstate(exc.orig if isinstance(exc, DBAPIError) else exc)
+    if state == "42501":  # insufficient_privilege
+        return PermissionDenied(first_line(exc), _ADMIN)
+    if state in ("42883", "3F000") and "pgque" in str(exc):  # undefined function / schema
+        return EngineNotInstalled(first_line(exc))
+    return None
 
 
 class Ticker:
@@ -103,8 +132,34 @@ class Ticker:
         if waker is not None:
             waker.wake()
 
+    def check(self) -> None:
+        """Raise :class:`EngineNotInstalled` or :class:`PermissionDenied` (naming
+        ``pgque_admin``) when this database user cannot tick: the configuration errors
+        :meth:`run` cannot recover from."""
+        with self.engine.connect() as connection:
+            try:
+                schema.require_installed(connection)
+                missing = [
+                    function for function in _TICKER_FUNCTIONS
+                    if not connection.exec_driver_sql(
+                        "SELECT has_function_privilege(%(function)s, 'EXECUTE')",
+                        {"function": function},
+                    ).scalar_one()
+                ]
+            except DBAPIError as exc:
+                error = translate(exc, required_role=_ADMIN)
+                if error is None:
+                    raise
+                raise error from exc
+        if missing:
+            raise PermissionDenied(f"no EXECUTE on {', '.join(missing)}", _ADMIN)
+
     def run(self, *, install_signal_handlers: bool | None = None) -> None:
         """Tick until :meth:`stop`, SIGTERM or SIGINT, reconnecting after errors.
+
+        A lost connection, a server restart or any other transient error is waited out
+        with backoff; :class:`PermissionDenied` and :class:`EngineNotInstalled` are
+        raised.
 
         Signal handlers are installed when ``install_signal_handlers`` is true, or
         when it is ``None`` and this is the main thread.
@@ -126,7 +181,7 @@ class Ticker:
                 self._stopping.clear()
 
     def _run(self, waker: Waker) -> None:
-        backoff = Backoff()
+        outage = Outage("ticker", log)
         while not self._stopping.is_set():
             connection: psycopg.Connection[Any] | None = None
             try:
@@ -140,12 +195,15 @@ class Ticker:
                 # WAL past it, and a tick, retry move or rotation lost whole in a crash
                 # is simply done again. The flush was most of a woken tick's latency.
                 connection.execute("SELECT set_config('synchronous_commit', 'off', false)")
-                if self._acquire_lock(connection, backoff):
-                    self._lead(Listener(connection, waker), backoff)
-            except (psycopg.Error, DBAPIError) as exc:
-                delay = backoff.next()
-                log.warning("ticker: %s; reconnecting in %.1f s", first_line(exc), delay)
-                self._stopping.wait(delay)
+                if self._acquire_lock(connection, outage):
+                    self._lead(Listener(connection, waker), outage)
+            except Exception as exc:
+                error = _configuration_error(exc)
+                if error is not None:
+                    raise error from exc
+                if not is_transient(exc):
+                    log.error("ticker: unexpected error", exc_info=exc)
+                self._stopping.wait(outage.failed(first_line(exc)))
             finally:
                 if self.leading.is_set():
                     log.info("ticker: released the ticker lock")
@@ -153,23 +211,24 @@ class Ticker:
                 if connection is not None:
                     close_quietly(connection.close)
 
-    def _acquire_lock(self, connection: psycopg.Connection[Any], backoff: Backoff) -> bool:
+    def _acquire_lock(self, connection: psycopg.Connection[Any], outage: Outage) -> bool:
         """Wait for the lock on ``connection``; ``False`` when stopped first."""
         while not self._stopping.is_set():
             row = connection.execute(
                 "SELECT pg_try_advisory_lock(%s, %s)", TICKER_LOCK_KEY
             ).fetchone()
-            backoff.reset()
+            outage.succeeded()
             if row is not None and row[0]:
                 return True
             self._stopping.wait(self.lock_retry_interval)
         return False
 
-    def _lead(self, listener: Listener, backoff: Backoff) -> None:
+    def _lead(self, listener: Listener, outage: Outage) -> None:
         connection = listener.connection
         period = self.tick_period or _configured_tick_period(connection)
         if self.wake:
             listener.listen(WAKE_CHANNEL)
+            self._catch_up(connection)
         self.leading.set()
         log.info("ticker: holding the ticker lock; ticking every %.3f s%s", period,
                  ", and on commit wake-ups" if self.wake else "")
@@ -182,7 +241,7 @@ class Ticker:
             now = time.monotonic()
             if now >= next_tick:
                 connection.execute("SELECT pgque.ticker()")
-                backoff.reset()
+                outage.succeeded()
                 next_tick += period
                 if next_tick <= now:
                     next_tick = now + period
@@ -211,14 +270,34 @@ class Ticker:
                 else:
                     deferred[queue_name] = ready_at
 
+    def _catch_up(self, connection: psycopg.Connection[Any]) -> None:
+        """Tick the queues that have events since their last tick.
+
+        Commits made while no ticker listened (this process starting, reconnecting
+        after a fault, or taking over from a dead leader) woke nobody; without this
+        their events would wait for the periodic ticker's thresholds (``ticker_max_lag``,
+        3 s by default) instead of being delivered at once.
+        """
+        try:
+            rows = connection.execute(
+                "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
+            ).fetchall()
+        except psycopg.Error as exc:
+            if is_connection_lost(exc):
+                raise
+            log.debug("ticker: no catch-up tick: %s", first_line(exc))
+            return
+        for (queue_name,) in rows:
+            self._tick_now(connection, queue_name)
+
     def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
         """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""
         try:
             connection.execute("SELECT pgque.force_next_tick(%s)", (queue_name,))
             connection.execute("SELECT pgque.ticker(%s)", (queue_name,))
-        except psycopg.OperationalError:
-            raise
         except psycopg.Error as exc:
+            if is_connection_lost(exc) or _configuration_error(exc) is not None:
+                raise
             # A paused, external or dropped queue: the periodic ticker decides for it.
             log.debug("ticker: wake-up tick of %r skipped: %s", queue_name, first_line(exc))
 
@@ -234,8 +313,9 @@ class Ticker:
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
     try:
         row = connection.execute("SELECT tick_period_ms FROM pgque.config").fetchone()
-    except psycopg.OperationalError:
-        raise
-    except psycopg.Error:
+    except psycopg.Error as exc:
+        if is_connection_lost(exc):
+            raise
+        # Another PgQue install may keep its settings elsewhere, or not let us read them.
         return _DEFAULT_TICK_PERIOD
     return row[0] / 1000.0 if row and row[0] and row[0] > 0 else _DEFAULT_TICK_PERIOD

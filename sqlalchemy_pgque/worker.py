@@ -19,10 +19,19 @@ members of its group, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its o
 thread; ``--subconsumer NAME`` replaces the member name set in code, so that worker
 processes started from one command line can be given names of their own.
 
-SIGTERM or SIGINT stops the consumers after their current batch; the exit code is then
-0. Configuration problems (import path, URL, engine not installed, consumer not
-subscribed) print one line on stderr and exit with code 2; a consumer failing later
-stops the process with code 1.
+SIGTERM or SIGINT stops the consumers after their current batch, for at most
+``--shutdown-timeout`` seconds (25 by default): then the batch is abandoned (rolled
+back, redelivered whole later); a second SIGTERM or SIGINT abandons it at once. The
+exit code is then 0.
+
+At start the worker checks the database; while the database cannot be reached (it is
+restarting, or not up yet) it tries again with backoff for ``--startup-timeout``
+seconds (60 by default). Configuration problems (import path, URL, engine not
+installed, consumer not subscribed, a missing pgque role) print one line on stderr and
+exit with code 2; a database still unreachable after the startup timeout exits with
+code 1. Once running, losing the database is never a reason to exit: every consumer
+and the ticker reconnect by themselves. A consumer failing on a configuration problem
+later (say, unsubscribed while running) stops the process with code 1.
 """
 
 from __future__ import annotations
@@ -35,17 +44,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import URL, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 
-from ._listen import stop_signals_handled
+from ._listen import Outage, stop_signals_handled
 from .consumer import AsyncConsumer, Consumer, check_subscription
-from .errors import InvalidName, PgqueError, first_line
+from .errors import InvalidName, PgqueError, first_line, is_transient
+from .queue import as_seconds
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -58,11 +69,52 @@ log = logging.getLogger("sqlalchemy_pgque.worker")
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
 
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0
+"""Seconds a stopping worker gives the batches in progress. Kubernetes, ECS and
+Heroku kill 30 s after SIGTERM: this leaves 5 s to roll back, log and exit cleanly."""
+DEFAULT_STARTUP_TIMEOUT = 60.0
+
+# After the shutdown timeout, how long the batches being abandoned get to roll back
+# before the process exits without them (their transactions die with the process).
+_ABANDON_GRACE = 3.0
+
+# libpq settings for the connections of the engines the worker makes: TCP keepalives
+# and a timeout on unacknowledged data, so that a connection to a host that vanished
+# (a partition, a failed-over address) fails in about half a minute instead of
+# hanging until the kernel gives up two hours later; and a bound on each connection
+# attempt, which otherwise waits for the kernel's SYN retries (about two minutes).
+# Keepalives are ignored on Unix sockets. A setting given in the URL wins.
+_CLIENT_SETTINGS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+# The same on the server's side of those connections, so that a backend left behind
+# by a partitioned worker ends, with its transaction and locks, instead of holding the
+# consumer's batch until the server's own keepalive gives up.
+_SERVER_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false), "
+    "set_config('tcp_keepalives_interval', '5', false), "
+    "set_config('tcp_keepalives_count', '3', false), "
+    "set_config('tcp_user_timeout', '30000', false)"
+)
+
 AnyConsumer = Consumer | AsyncConsumer
 
 
 class ConfigError(Exception):
     """A problem to report in one line before anything runs."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached within the startup timeout."""
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived before the worker started."""
 
 
 def load_consumers(target: str) -> list[AnyConsumer]:
@@ -130,7 +182,11 @@ class _Engines:
     def sync_engine(self) -> Engine:
         assert self.url is not None
         if self.sync is None:
-            self.sync = create_engine(_sync_url(self.url), pool_size=self.pool_size)
+            self.sync = create_engine(
+                _sync_url(self.url), pool_size=self.pool_size,
+                connect_args=_connect_args(self.url),
+            )
+            event.listen(self.sync.pool, "connect", _set_server_keepalives)
         return self.sync
 
     def async_engine(self) -> AsyncEngine:
@@ -138,12 +194,31 @@ class _Engines:
         if self.asynchronous is None:
             from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet
 
-            self.asynchronous = create_async_engine(self.url, pool_size=self.pool_size)
+            self.asynchronous = create_async_engine(
+                self.url, pool_size=self.pool_size, connect_args=_connect_args(self.url),
+            )
+            event.listen(self.asynchronous.sync_engine.pool, "connect", _set_server_keepalives)
         return self.asynchronous
 
     def dispose_sync(self) -> None:
         if self.sync is not None:
             self.sync.dispose()
+
+
+def _connect_args(url: URL) -> dict[str, str]:
+    """Worker connection settings the URL does not set itself."""
+    wanted = {**_CLIENT_SETTINGS, "application_name": f"sqlalchemy_pgque worker {os.getpid()}"}
+    return {key: value for key, value in wanted.items() if key not in url.query}
+
+
+def _set_server_keepalives(dbapi_connection: Any, connection_record: object) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(_SERVER_KEEPALIVES)
+    finally:
+        cursor.close()
+    # Leave no transaction open behind the pool's back (psycopg starts one implicitly).
+    dbapi_connection.rollback()
 
 
 def _sync_url(url: URL) -> URL:
@@ -182,28 +257,55 @@ def _bind(consumers: list[AnyConsumer], engines: _Engines) -> None:
 
 
 def _check(consumer: AnyConsumer) -> None:
-    """Fail early, in one line, on what the consumer cannot recover from at run time."""
+    """Raise what the consumer cannot recover from at run time (or a transient error)."""
+    if isinstance(consumer, Consumer):
+        consumer.check()
+        return
+    # Checked on a synchronous engine: an asyncio.run() here would leave the async
+    # engine's pool holding connections of a closed event loop.
+    async_engine = consumer.engine
+    assert async_engine is not None
+    engine = create_engine(_sync_url(async_engine.url))
     try:
-        if isinstance(consumer, Consumer):
-            consumer.check()
-        else:
-            # Checked on a synchronous engine: an asyncio.run() here would leave the
-            # async engine's pool holding connections of a closed event loop.
-            async_engine = consumer.engine
-            assert async_engine is not None
-            engine = create_engine(_sync_url(async_engine.url))
+        with engine.connect() as connection:
+            check_subscription(connection, consumer.queue.name, consumer.name,
+                               consumer.subconsumer)
+    finally:
+        engine.dispose()
+
+
+def _start_up(
+    checks: list[tuple[str, Callable[[], None]]], timeout: float, stopping: threading.Event
+) -> None:
+    """Run ``checks`` in order, waiting out a database that is not reachable yet.
+
+    Configuration errors raise :class:`ConfigError` at once; transient errors (the
+    server restarting, refusing connections, out of connection slots) are retried with
+    backoff until ``timeout`` seconds have passed, then :class:`DatabaseUnavailable`.
+    """
+    deadline = time.monotonic() + timeout
+    outage = Outage("worker start-up", log)
+    for label, check in checks:
+        while True:
             try:
-                with engine.connect() as connection:
-                    check_subscription(connection, consumer.queue.name, consumer.name,
-                                       consumer.subconsumer)
-            finally:
-                engine.dispose()
-    except PgqueError as exc:
-        raise ConfigError(f"{consumer.label}: {exc}") from None
-    except DBAPIError as exc:
-        raise ConfigError(
-            f"{consumer.label}: cannot use the database: {first_line(exc.orig or exc)}"
-        ) from None
+                check()
+                break
+            except PgqueError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
+            except Exception as exc:
+                detail = first_line(getattr(exc, "orig", None) or exc)
+                if not is_transient(exc):
+                    raise ConfigError(f"{label}: cannot use the database: {detail}") from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DatabaseUnavailable(
+                        f"{label}: the database did not answer within the startup timeout "
+                        f"of {timeout:g} s (--startup-timeout): {detail}"
+                    ) from None
+                delay = outage.failed(f"{label}: waiting for the database: {detail}")
+                if stopping.wait(min(delay, remaining)):
+                    raise _Stopped() from None
+    outage.succeeded()
 
 
 def _ticker_engine(consumers: list[AnyConsumer], engines: _Engines) -> Engine:
@@ -233,11 +335,23 @@ class _Runner:
         self.ticker = ticker
         self.engines = engines
         self.failed = threading.Event()
+        self.deadline: float | None = None
+        """``time.monotonic()`` after which the process exits without the threads left."""
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
-    def stop(self) -> None:
+    def stop(self, *, abandon: bool = False) -> None:
+        """Stop everything: finish the batches in progress within their shutdown
+        timeout, or (``abandon``) roll them back now."""
+        grace = 0.0 if abandon else max(
+            (as_seconds(c.shutdown_timeout or 0) for c in self.consumers), default=0.0
+        )
+        with self._lock:
+            deadline = time.monotonic() + grace + _ABANDON_GRACE
+            if self.deadline is None or deadline < self.deadline:
+                self.deadline = deadline
         for consumer in self.consumers:
-            consumer.stop()
+            consumer.stop(abandon=abandon)
         if self.ticker is not None:
             self.ticker.stop()
 
@@ -280,9 +394,26 @@ class _Runner:
         if self.ticker is not None:
             self._spawn("ticker", partial(self._run_blocking, "ticker", self.ticker))
 
-    def join(self) -> None:
+    def join(self) -> bool:
+        """Wait for the threads; ``False`` when the stop deadline passed first."""
         for thread in self._threads:
-            thread.join()
+            while thread.is_alive():
+                # Short joins: the deadline is set by a signal handler meanwhile.
+                thread.join(0.2)
+                deadline = self.deadline
+                if deadline is not None and time.monotonic() > deadline and thread.is_alive():
+                    return False
+        return True
+
+    def report_left_behind(self) -> None:
+        for consumer in self.consumers:
+            batch = consumer._shutdown.batch
+            if batch is not None:
+                log.warning(
+                    "%s: still in a handler after the shutdown timeout; exiting without "
+                    "it: batch %s rolls back with its connection and its %d messages will "
+                    "be redelivered", consumer.label, batch[0], batch[1],
+                )
 
 
 def _positive_int(raw: str) -> int:
@@ -292,6 +423,16 @@ def _positive_int(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {raw}")
     return value
 
 
@@ -318,9 +459,40 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--subconsumer", default=None, metavar="NAME",
                         help="member name of the cooperative consumers (NAME-1 … NAME-N "
                              "with --concurrency), instead of the one set in code")
+    parser.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long the batches in progress may "
+                             "still run before they are abandoned and redelivered later "
+                             "(default: each consumer's shutdown_timeout, else "
+                             f"{DEFAULT_SHUTDOWN_TIMEOUT:g})")
+    parser.add_argument("--startup-timeout", type=_seconds,
+                        default=DEFAULT_STARTUP_TIMEOUT, metavar="SECONDS",
+                        help="how long to wait at start for a database that cannot be "
+                             f"reached yet (default: {DEFAULT_STARTUP_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(list(argv) if argv is not None else None)
+
+
+@dataclass
+class _Signals:
+    """The stop signals received so far, and what they reach."""
+
+    starting: threading.Event = field(default_factory=threading.Event)
+    runner: _Runner | None = None
+    received: int = 0
+
+    def __call__(self, sig: signal.Signals) -> None:
+        self.received += 1
+        runner = self.runner
+        if runner is None:
+            log.info("%s received during start-up: exiting", sig.name)
+            self.starting.set()
+        elif self.received == 1:
+            log.info("%s received: stopping after the current batches", sig.name)
+            runner.stop()
+        else:
+            log.info("%s received again: abandoning the current batches", sig.name)
+            runner.stop(abandon=True)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -331,40 +503,57 @@ def main(argv: Iterable[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     engines = _Engines(url=None)
+    signals = _Signals()
     try:
-        try:
-            if args.url:
-                engines.url = _parse_url(args.url)
-            consumers = [c for target in args.targets for c in load_consumers(target)]
-            consumers = expand_members(consumers, args.concurrency, args.subconsumer)
-            engines.pool_size = max(engines.pool_size, len(consumers) + 1)
-            _bind(consumers, engines)
-            for consumer in consumers:
-                _check(consumer)
-            ticker = None
-            if args.ticker:
-                ticker = Ticker(_ticker_engine(consumers, engines),
-                                tick_period=args.tick_period, wake=not args.no_wake)
-        except ConfigError as exc:
-            print(f"sqlalchemy_pgque.worker: error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        return _run(_Runner(consumers, ticker, engines))
+        with stop_signals_handled(signals):
+            try:
+                runner = _prepare(args, engines, signals.starting)
+            except ConfigError as exc:
+                print(f"sqlalchemy_pgque.worker: error: {exc}", file=sys.stderr)
+                return EXIT_CONFIG_ERROR
+            except DatabaseUnavailable as exc:
+                print(f"sqlalchemy_pgque.worker: error: {exc}", file=sys.stderr)
+                return EXIT_RUNTIME_ERROR
+            except _Stopped:
+                return 0
+            signals.runner = runner
+            return _run(runner)
     finally:
         engines.dispose_sync()
 
 
+def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Event) -> _Runner:
+    """Load, bind and check the consumers (and the ticker) of the command line."""
+    if args.url:
+        engines.url = _parse_url(args.url)
+    consumers = [c for target in args.targets for c in load_consumers(target)]
+    consumers = expand_members(consumers, args.concurrency, args.subconsumer)
+    for consumer in consumers:
+        if args.shutdown_timeout is not None:
+            consumer.shutdown_timeout = args.shutdown_timeout
+        elif consumer.shutdown_timeout is None:
+            consumer.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
+    engines.pool_size = max(engines.pool_size, len(consumers) + 1)
+    _bind(consumers, engines)
+    checks: list[tuple[str, Callable[[], None]]] = [
+        (consumer.label, partial(_check, consumer)) for consumer in consumers
+    ]
+    ticker = None
+    if args.ticker:
+        ticker = Ticker(_ticker_engine(consumers, engines),
+                        tick_period=args.tick_period, wake=not args.no_wake)
+        checks.append(("ticker", ticker.check))
+    _start_up(checks, args.startup_timeout, stopping)
+    return _Runner(consumers, ticker, engines)
+
+
 def _run(runner: _Runner) -> int:
     consumers, ticker = runner.consumers, runner.ticker
-
-    def on_signal(sig: signal.Signals) -> None:
-        log.info("%s received: stopping after the current batches", sig.name)
-        runner.stop()
-
-    with stop_signals_handled(on_signal):
-        log.info("worker started: %s%s", ", ".join(c.label for c in consumers),
-                 " and the ticker" if ticker else "")
-        runner.start()
-        runner.join()
+    log.info("worker started: %s%s", ", ".join(c.label for c in consumers),
+             " and the ticker" if ticker else "")
+    runner.start()
+    if not runner.join():
+        runner.report_left_behind()
     if runner.failed.is_set():
         return EXIT_RUNTIME_ERROR
     log.info("worker stopped")

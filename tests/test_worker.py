@@ -156,9 +156,23 @@ def test_configuration_errors_are_one_line(workers: Any, empty_db: Database) -> 
         "workers_app:consumer", with_url=False,
         extra_args=("--url", empty_db.url.render_as_string(hide_password=False))))
     assert "has no database" in one_error_line(workers("workers_app:consumer", with_url=False))
+    missing_db = empty_db.url.set(database="no_such_database").render_as_string(
+        hide_password=False)
+    assert 'database "no_such_database" does not exist' in one_error_line(
+        workers("workers_app:consumer", extra_args=("--url", missing_db), with_url=False))
+
+
+def test_unreachable_database_is_waited_for_then_reported(workers: Any) -> None:
     unreachable = "postgresql+psycopg://nobody@127.0.0.1:1/nowhere?connect_timeout=2"
-    assert "cannot use the database" in one_error_line(
-        workers("workers_app:consumer", extra_args=("--url", unreachable), with_url=False))
+    worker = workers("workers_app:consumer", with_url=False,
+                     extra_args=("--url", unreachable, "--startup-timeout", "1"))
+    assert worker.wait() == 1, worker.output()
+    output = worker.output()
+    assert "Traceback" not in output
+    assert "waiting for the database" in output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("sqlalchemy_pgque.worker: error: q/c: the database did not answer "
+                           "within the startup timeout of 1 s"), output
 
 
 def _ticker_holder(conn: Conn) -> str | None:
