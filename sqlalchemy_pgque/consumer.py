@@ -862,9 +862,11 @@ class Consumer(_ConsumerBase):
 
         Signal handlers are installed when ``install_signal_handlers`` is true, or when
         it is ``None`` and this is the main thread; the previous ones are restored on
-        return. Configuration errors (engine missing, queue unknown, consumer not
-        subscribed, missing role) are raised; other database errors are logged and
-        retried with exponential backoff from 0.1 s to 30 s.
+        return; a second SIGTERM or SIGINT abandons the batch in progress. Configuration
+        errors (engine missing, queue unknown, consumer not subscribed, missing role)
+        are raised; anything else that fails a batch (a lost connection, a server
+        restart) rolls the batch back, is logged, and is retried after a backoff of
+        0.1 s doubling to 2 s: run() does not return on it.
         """
         engine = self.engine
         if engine is None:

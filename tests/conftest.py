@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 import pytest
+from faultkit import WorkerProcess as Worker
+from faultkit import worker_env
 from pgcluster import PgCluster, find_bindir
 from psycopg import conninfo, sql
 from sqlalchemy import Engine, create_engine
@@ -28,9 +28,6 @@ from sqlalchemy.engine import URL
 
 from sqlalchemy_pgque import schema
 from sqlalchemy_pgque._listen import url_from_conninfo
-
-_TESTS = Path(__file__).resolve().parent
-_ROOT = _TESTS.parent
 
 
 @dataclass(frozen=True)
@@ -233,39 +230,6 @@ def role_conn(
             conn.execute(f"drop role {role}")
 
 
-class Worker:
-    """One ``python -m sqlalchemy_pgque.worker`` process with its output in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sqlalchemy_pgque.worker", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=_ROOT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 20) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.wait()
-
-
 @pytest.fixture
 def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
     started: list[Worker] = []
@@ -273,9 +237,7 @@ def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
 
     def start(*targets: str, extra_args: tuple[str, ...] = (), with_url: bool = True,
               **env_overrides: str) -> Worker:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        env["PYTHONPATH"] = os.pathsep.join([str(_TESTS), str(_ROOT)])
-        env.update(env_overrides)
+        env = worker_env(**env_overrides)
         args = [*targets, *extra_args]
         if with_url:
             args += ["--url", url]

@@ -440,13 +440,7 @@ def sigkill_case(dsn: str, url: URL, kind_name: str, log_dir: Path, *, events: i
                 worker.kill()
                 worker = workers.start()
             producer.join(drain_timeout)
-            assert producer.error is None, producer.error
-        wait_drained(dsn, kind.consumers, drain_timeout)
-        figures.add_tally(tally(dsn, kind.consumers, producer.confirmed))
-        assert worker.process.poll() is None, worker.output()
-        worker.signal(signal.SIGTERM)
-        figures.extra["exit_code"] = worker.wait()
-        figures.extra["tracebacks"] = len(workers.tracebacks())
+        _finish(figures, dsn, kind, workers, producer, drain_timeout)
     finally:
         workers.kill_all()
     return figures
@@ -462,7 +456,7 @@ def storm_case(dsn: str, url: URL, kind_name: str, log_dir: Path, *, events: int
     workers = Workers(url, kind, log_dir, env=worker_env(FAULT_HANDLER_DELAY=str(handler_delay)))
     figures = Figures("storm", kind_name)
     try:
-        worker = workers.start()
+        workers.start()
         wait_for_worker(dsn, kind)
         with producing(Producer(url, events, rate)) as producer:
             storm = Storm(dsn, duration)
@@ -475,13 +469,7 @@ def storm_case(dsn: str, url: URL, kind_name: str, log_dir: Path, *, events: int
             figures.recovery_s.append(resumed)
             figures.catch_up_s.append(caught_up)
             producer.join(drain_timeout)
-            assert producer.error is None, producer.error
-        wait_drained(dsn, kind.consumers, drain_timeout)
-        figures.add_tally(tally(dsn, kind.consumers, producer.confirmed))
-        figures.worker_exits = 0 if worker.process.poll() is None else 1
-        worker.signal(signal.SIGTERM)
-        figures.extra["exit_code"] = worker.wait()
-        figures.extra["tracebacks"] = len(workers.tracebacks())
+        _finish(figures, dsn, kind, workers, producer, drain_timeout)
     finally:
         workers.kill_all()
     return figures
@@ -498,7 +486,7 @@ def restart_case(cluster: Any, dsn: str, url: URL, kind_name: str, log_dir: Path
     workers = Workers(url, kind, log_dir, env=worker_env(FAULT_HANDLER_DELAY=str(handler_delay)))
     figures = Figures(f"restart-{mode}", kind_name, faults=restarts)
     try:
-        worker = workers.start()
+        workers.start()
         wait_for_worker(dsn, kind)
         with producing(Producer(url, events, rate)) as producer:
             for _ in range(restarts):
@@ -509,18 +497,25 @@ def restart_case(cluster: Any, dsn: str, url: URL, kind_name: str, log_dir: Path
                 figures.recovery_s.append(resumed)
                 figures.catch_up_s.append(caught_up)
             producer.join(drain_timeout)
-            assert producer.error is None, producer.error
-            figures.extra["producer_retries"] = producer.retries
-            figures.extra["commits_found_after_failure"] = producer.found_after_failure
-        wait_drained(dsn, kind.consumers, drain_timeout)
-        figures.add_tally(tally(dsn, kind.consumers, producer.confirmed))
-        figures.worker_exits = 0 if worker.process.poll() is None else 1
-        worker.signal(signal.SIGTERM)
-        figures.extra["exit_code"] = worker.wait()
-        figures.extra["tracebacks"] = len(workers.tracebacks())
+        _finish(figures, dsn, kind, workers, producer, drain_timeout)
     finally:
         workers.kill_all()
     return figures
+
+
+def _finish(figures: Figures, dsn: str, kind: Kind, workers: Workers, producer: Producer,
+            drain_timeout: float) -> None:
+    """After the faults: drain, count, and stop the last worker with SIGTERM."""
+    assert producer.error is None, producer.error
+    figures.extra["producer_retries"] = producer.retries
+    figures.extra["commits_found_after_failure"] = producer.found_after_failure
+    wait_drained(dsn, kind.consumers, drain_timeout)
+    figures.add_tally(tally(dsn, kind.consumers, producer.confirmed))
+    worker = workers.started[-1]
+    figures.worker_exits = 0 if worker.process.poll() is None else 1
+    worker.signal(signal.SIGTERM)
+    figures.extra["exit_code"] = worker.wait()
+    figures.extra["tracebacks"] = len(workers.tracebacks())
 
 
 def wait_for_worker(dsn: str, kind: Kind, timeout: float = 30) -> None:

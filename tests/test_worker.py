@@ -292,3 +292,23 @@ def test_worker_exits_one_when_a_consumer_fails_at_run_time(
     tick(conn, "q")
     assert worker.wait() == 1, worker.output()
     assert "Not subscriber to queue: q/c" in worker.output()
+
+
+def test_missing_role_is_a_one_line_permission_error(
+    conn: Conn, workers: Any, db: Database
+) -> None:
+    setup_queue(conn, "q", "c")
+    role = f"nobody_{db.name}"[:63]
+    conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        url = db.url.set(username=role).render_as_string(hide_password=False)
+        line = one_error_line(workers("workers_app:consumer", with_url=False,
+                                      extra_args=("--url", url)))
+        assert "permission denied: the database user needs the pgque_reader role" in line
+        conn.execute(f'GRANT pgque_reader TO "{role}"')
+        line = one_error_line(workers("workers_app:consumer", with_url=False,
+                                      extra_args=("--url", url, "--ticker")))
+        assert line.startswith("sqlalchemy_pgque.worker: error: ticker: permission denied")
+        assert "pgque_admin" in line
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')
