@@ -159,21 +159,21 @@ class Outage:
         self.failures = 0
         self._next_log = 0.0
 
-    def failed(self, description: str) -> float:
-        """Record a failure described by ``description``; the delay before trying again."""
+    def failed(self, description: str, action: str = "reconnecting") -> float:
+        """Record a failure described by ``description``; the delay before ``action``."""
         now = time.monotonic()
         delay = self.backoff.next()
         self.failures += 1
         if self.started is None:
             self.started = now
             self._next_log = now + self.REPEAT_LOG_INTERVAL
-            self._log.warning("%s: %s; reconnecting in %.2f s", self.label, description, delay)
+            self._log.warning("%s: %s; %s in %.2f s", self.label, description, action, delay)
         elif now >= self._next_log:
             self._next_log = now + self.REPEAT_LOG_INTERVAL
             self._log.warning("%s: still failing after %.0f s and %d attempts: %s",
                               self.label, now - self.started, self.failures, description)
         else:
-            self._log.debug("%s: %s; reconnecting in %.2f s", self.label, description, delay)
+            self._log.debug("%s: %s; %s in %.2f s", self.label, description, action, delay)
         return delay
 
     def succeeded(self) -> None:

@@ -184,32 +184,78 @@ def _transaction_usable(session: Session) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _BatchInProgress:
+    batch_id: int
+    size: int
+    first_msg_id: int
+
+
+_CANCEL_TIMEOUT = 5.0
+
+
+def _cancel_quietly(connection: Any, label: str) -> None:
+    # cancel_safe() waits for the server with the GIL released; the older cancel()
+    # holds it in libpq's blocking call, freezing every thread of the process for as
+    # long as an unreachable server takes to time out.
+    try:
+        if isinstance(connection, psycopg.AsyncConnection):
+            asyncio.run(connection.cancel_safe(timeout=_CANCEL_TIMEOUT))
+        elif isinstance(connection, psycopg.Connection):
+            connection.cancel_safe(timeout=_CANCEL_TIMEOUT)
+        else:
+            connection.cancel()
+    except Exception:
+        log.debug("%s: cancelling the batch's statement failed", label, exc_info=True)
+
+
+def _listener_in_doubt(exc: BaseException) -> bool:
+    """Whether a failed round may have lost the LISTEN connection too (then reopen it)."""
+    return isinstance(exc, _DatabaseFailure) or is_connection_lost(exc)
+
+
+def _discard_connection(session: Session) -> None:
+    """Invalidate the batch's connection instead of returning it to the pool: a cancel
+    sent for this batch may still arrive, and must not hit another statement."""
+    try:
+        session.connection().invalidate()
+    except Exception:
+        log.debug("invalidating the batch's connection failed", exc_info=True)
+
+
 class _Shutdown:
     """One run's shutdown: the stop deadline, and abandoning the batch in progress.
 
     A batch reported abandoned must never commit, and a batch whose commit is already
-    on its way must not be cancelled: both decisions are taken under one lock. The
-    batch's driver connection is kept so that abandoning can cancel the statement a
-    handler is waiting on (psycopg's ``cancel()`` may be called from another thread);
-    it is forgotten before the connection goes back to the pool, so a cancel never
-    reaches another consumer's statement.
+    on its way must not be cancelled: both decisions are taken under one lock, which is
+    never held across I/O and never taken in a signal handler (the interrupted thread
+    may hold it). Abandoning cancels the statement a handler is waiting on, from a
+    thread of its own: psycopg's ``cancel()`` opens a connection to the server and, on
+    a partitioned network, blocks for seconds. A connection that was sent a cancel is
+    invalidated rather than returned to the pool, so that a late cancel never reaches
+    another statement.
     """
 
     def __init__(self, label: str) -> None:
         self._label = label
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self.running = False
+        """Set by ``run()``: outside a run there is nothing to time or abandon."""
         self.abandoning = False
-        self.batch: tuple[int, int] | None = None
-        """``(batch_id, messages)`` of the batch in progress."""
+        self.batch: _BatchInProgress | None = None
+        self.committing = False
+        """The batch's COMMIT is on its way: it commits whole or not at all."""
         self._connection: Any = None
-        self._committing = False
+        self._cancel_sent = False
 
-    def batch_started(self, batch_id: int, size: int, connection: Any) -> None:
+    def batch_started(self, messages: list[Message], connection: Any) -> None:
         with self._lock:
-            self.batch = (batch_id, size)
+            self.batch = _BatchInProgress(messages[0].batch_id, len(messages),
+                                          messages[0].msg_id)
             self._connection = connection
-            self._committing = False
+            self.committing = False
+            self._cancel_sent = False
         self.check()
 
     def check(self) -> None:
@@ -217,27 +263,29 @@ class _Shutdown:
         if self.abandoning:
             raise _BatchAbandoned()
 
-    def release_connection(self) -> None:
-        """The batch's connection is about to go back to the pool: never cancel on it."""
+    def release_connection(self) -> bool:
+        """The batch's connection is about to go back to the pool: never cancel on it.
+        ``True`` when a cancel was already sent on it (discard it, then)."""
         with self._lock:
             self._connection = None
+            return self._cancel_sent
 
     def commit_starts(self) -> None:
         """Commit the batch unless it was abandoned first (then raise)."""
         with self._lock:
             self.check()
-            self._committing = True
+            self.committing = True
             self._connection = None
 
     def batch_ended(self) -> None:
         with self._lock:
             self.batch = None
             self._connection = None
-            self._committing = False
+            self.committing = False
 
     def stop_requested(self, timeout: float | None) -> None:
         """Start counting the shutdown timeout (seconds; ``None``: no limit), once."""
-        if timeout is None or self._timer is not None:
+        if not self.running or timeout is None or self._timer is not None:
             return
         if timeout <= 0:
             self.abandon()
@@ -247,26 +295,34 @@ class _Shutdown:
         self._timer.start()
 
     def _timed_out(self, timeout: float) -> None:
-        batch = self.batch
+        with self._lock:
+            batch, committing = self.batch, self.committing
         if batch is not None and not self.abandoning:
-            log.warning("%s: shutdown timeout of %g s reached in batch %s; abandoning it",
-                        self._label, timeout, batch[0])
+            if committing:
+                log.info("%s: shutdown timeout of %g s reached while batch %s commits; "
+                         "the commit goes on", self._label, timeout, batch.batch_id)
+            else:
+                log.warning("%s: shutdown timeout of %g s reached in batch %s; "
+                            "abandoning it", self._label, timeout, batch.batch_id)
         self.abandon()
 
     def abandon(self) -> None:
+        """Give up the batch in progress (from any thread but a signal handler's)."""
+        if not self.running:
+            return
         with self._lock:
             if self.abandoning:
                 return
             self.abandoning = True
-            if self._connection is not None:
-                try:
-                    # Ends at once a handler statement waiting on a lock or a slow query.
-                    self._connection.cancel()
-                except Exception:
-                    log.debug("%s: cancelling the batch's statement failed", self._label,
-                              exc_info=True)
+            connection = None if self.committing else self._connection
+            self._cancel_sent = connection is not None
+        if connection is not None:
+            # Ends at once a handler statement waiting on a lock or a slow query.
+            threading.Thread(target=_cancel_quietly, args=(connection, self._label),
+                             name=f"{self._label} cancel", daemon=True).start()
 
     def close(self) -> None:
+        self.running = False
         if self._timer is not None:
             self._timer.cancel()
 
@@ -282,6 +338,8 @@ _NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
 _TRIAL_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', '100ms', true)")
 _CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
 _READER = "pgque_reader"
+# Runs the checks of deferred constraints now, inside a handler's SAVEPOINT.
+_CHECK_DEFERRED_CONSTRAINTS = text("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 def check_subscription(
@@ -419,6 +477,8 @@ class _ConsumerBase:
         self._handlers: dict[str, _Handler] = {}
         self._stopping = threading.Event()
         self._shutdown = self._new_shutdown()
+        self._commit_failed_for: int | None = None
+        """First message id of a batch whose COMMIT failed on a handler's writes."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
@@ -439,6 +499,7 @@ class _ConsumerBase:
         self.listening = threading.Event()
         self._stopping = threading.Event()
         self._shutdown = self._new_shutdown()
+        self._commit_failed_for = None
 
     def _new_shutdown(self) -> _Shutdown:
         return _Shutdown(self.label)
@@ -584,65 +645,98 @@ class _ConsumerBase:
         raise NotImplementedError
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._stopping.is_set():
+        # A signal handler runs between two bytecodes of the main thread, which may be
+        # holding the locks that stop() takes: hand the work to a thread.
+        abandon = self._stopping.is_set()
+        self._stopping.set()
+        if abandon:
             log.info("%s: %s received again; abandoning the current batch", self.label,
                      sig.name)
-            self.stop(abandon=True)
-            return
-        log.info("%s: %s received; finishing the current batch", self.label, sig.name)
-        self.stop()
+        else:
+            log.info("%s: %s received; finishing the current batch", self.label, sig.name)
+        threading.Thread(target=self.stop, kwargs={"abandon": abandon},
+                         name=f"{self.label} stop", daemon=True).start()
 
     def _batch_started(self, session: Session, messages: list[Message]) -> None:
         connection = session.connection().connection.driver_connection
-        self._shutdown.batch_started(messages[0].batch_id, len(messages), connection)
+        self._shutdown.batch_started(messages, connection)
+
+    def _checks_constraints_per_handler(self, messages: list[Message]) -> bool:
+        return self._commit_failed_for == messages[0].msg_id
 
     def _raise_unless_handler_failure(
         self, session: Session, message: Message, exc: BaseException
     ) -> None:
         """Tell a handler's own failure (nack the message, go on with the batch) from
-        the loss of the batch's connection or transaction (raise: the batch is over)."""
+        the loss of the batch's connection or transaction (raise: the batch is over).
+
+        Only the batch's own connection decides: an error the handler got from another
+        database or service is the handler's, however it looks.
+        """
         if self._shutdown.abandoning:
             # Most likely the handler's statement was cancelled to abandon the batch.
             raise _BatchAbandoned() from exc
-        if is_connection_lost(exc) or not _transaction_usable(session):
+        if not _transaction_usable(session):
             raise _DatabaseFailure(message, exc) from exc
 
-    def _log_handler_failure(self, message: Message, exc: BaseException) -> None:
-        log.error(
-            "%s: handler for %r failed on message %s (retry %s); nacked for retry in %s s",
-            self.label, message.type, message.msg_id, message.retry_count or 0,
-            as_seconds(self.retry_after), exc_info=exc,
-        )
+    def _log_handler_failure(self, message: Message, exc: BaseException, nacked: bool) -> None:
+        outcome = (f"nacked for retry in {as_seconds(self.retry_after):g} s" if nacked
+                   else "its nack failed, so the batch is rolled back")
+        log.error("%s: handler for %r failed on message %s (retry %s); %s", self.label,
+                  message.type, message.msg_id, message.retry_count or 0, outcome,
+                  exc_info=exc)
 
     def _describe_failure(self, exc: BaseException) -> str:
         """The log line of a failed round of the run loop: what broke and what it cost."""
         batch = self._shutdown.batch
-        lost = "" if batch is None else (
-            f"; batch {batch[0]} rolled back, its {batch[1]} messages will be redelivered"
-        )
+        if batch is None:
+            cost = ""
+        elif self._shutdown.committing:
+            cost = (f"; batch {batch.batch_id} was committing: it committed whole, or its "
+                    f"{batch.size} messages will be redelivered")
+        else:
+            cost = (f"; batch {batch.batch_id} rolled back, its {batch.size} messages will "
+                    "be redelivered")
         if isinstance(exc, _DatabaseFailure):
             return (f"database connection lost in the handler of message "
-                    f"{exc.message.msg_id} ({exc}){lost}")
+                    f"{exc.message.msg_id} ({exc}){cost}")
         if is_connection_lost(exc):
-            return f"database connection lost ({first_line(exc)}){lost}"
-        return f"{type(exc).__name__}: {first_line(exc)}{lost}"
+            return f"database connection lost ({first_line(exc)}){cost}"
+        return f"{type(exc).__name__}: {first_line(exc)}{cost}"
 
     def _failed_round(self, exc: Exception, outage: Outage) -> float:
         """Log a failed round of the run loop; the delay before the next one."""
-        if not isinstance(exc, _DatabaseFailure) and not is_connection_lost(exc) \
-                and not isinstance(exc, (DBAPIError, PgqueError)):
+        batch, committing = self._shutdown.batch, self._shutdown.committing
+        lost = isinstance(exc, _DatabaseFailure) or is_connection_lost(exc)
+        state = sqlstate(exc.orig) if isinstance(exc, DBAPIError) else None
+        if committing and not lost and batch is not None and state and state.startswith("23"):
+            # A handler's writes broke a deferred constraint, which only COMMIT checks:
+            # rolled back and redelivered as it is, the batch would fail forever. The
+            # next time, each handler's SAVEPOINT checks the constraints itself, so the
+            # message at fault is nacked like any handler failure.
+            self._commit_failed_for = batch.first_msg_id
+            log.error("%s: batch %s failed at commit: %s; handling it again with "
+                      "constraints checked after each handler", self.label, batch.batch_id,
+                      first_line(exc))
+        elif not lost and not isinstance(exc, (DBAPIError, PgqueError)):
             # Not the database: a bug or a failing hook of the application, shown whole.
             log.error("%s: unexpected error in the run loop", self.label, exc_info=exc)
-        delay = outage.failed(self._describe_failure(exc))
+        delay = outage.failed(self._describe_failure(exc),
+                              "reconnecting" if lost else "retrying")
         self._shutdown.batch_ended()
         return delay
+
+    def _batch_committed(self, messages: list[Message]) -> None:
+        if self._commit_failed_for == messages[0].msg_id:
+            self._commit_failed_for = None
+        self._shutdown.batch_ended()
 
     def _log_abandoned(self) -> None:
         batch = self._shutdown.batch
         if batch is None:
             return
         log.warning("%s: batch %s abandoned on shutdown: rolled back, its %d messages will "
-                    "be redelivered", self.label, batch[0], batch[1])
+                    "be redelivered", self.label, batch.batch_id, batch.size)
         self._shutdown.batch_ended()
 
 
@@ -803,7 +897,9 @@ class Consumer(_ConsumerBase):
                         self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)
-        self._shutdown.batch_ended()
+                self._shutdown.batch_ended()
+                return len(messages), True
+        self._batch_committed(messages)
         return len(messages), True
 
     def _handle_batch(self, session: Session, messages: list[Message]) -> None:
@@ -815,19 +911,23 @@ class Consumer(_ConsumerBase):
                 self._hold_member_row(session, messages[0].batch_id)
             self._warn_if_truncated(messages)
             handler_for = self._handler_for
+            check_constraints = self._checks_constraints_per_handler(messages)
             for message in messages:
                 shutdown.check()
-                self._handle(session, message, handler_for(message.type))
+                self._handle(session, message, handler_for(message.type), check_constraints)
             shutdown.check()
             self._ack(session, messages[0].batch_id)
             shutdown.commit_starts()
         except BaseException as exc:
-            shutdown.release_connection()
-            if shutdown.abandoning and not isinstance(exc, _BatchAbandoned):
+            if shutdown.release_connection():
+                _discard_connection(session)
+            if shutdown.abandoning and isinstance(exc, Exception) \
+                    and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
                 raise _BatchAbandoned() from exc
             raise
 
-    def _handle(self, session: Session, message: Message, handler: _Handler | None) -> None:
+    def _handle(self, session: Session, message: Message, handler: _Handler | None,
+                check_constraints: bool) -> None:
         if handler is None:
             if self.unknown_handler_policy == "nack":
                 self._nack_unknown(session, message)
@@ -836,12 +936,18 @@ class Consumer(_ConsumerBase):
             if handler.takes_session:
                 with session.begin_nested():
                     handler.function(message, session)
+                    if check_constraints:
+                        session.execute(_CHECK_DEFERRED_CONSTRAINTS)
             else:
                 handler.function(message)
         except Exception as exc:
             self._raise_unless_handler_failure(session, message, exc)
-            self._log_handler_failure(message, exc)
-            self._nack(session, message, repr(exc))
+            try:
+                self._nack(session, message, repr(exc))
+            except BaseException:
+                self._log_handler_failure(message, exc, nacked=False)
+                raise
+            self._log_handler_failure(message, exc, nacked=True)
 
     def stop(self, *, abandon: bool = False) -> None:
         """Ask :meth:`run` to return; safe from any thread.
@@ -865,8 +971,8 @@ class Consumer(_ConsumerBase):
         return; a second SIGTERM or SIGINT abandons the batch in progress. Configuration
         errors (engine missing, queue unknown, consumer not subscribed, missing role)
         are raised; anything else that fails a batch (a lost connection, a server
-        restart) rolls the batch back, is logged, and is retried after a backoff of
-        0.1 s doubling to 2 s: run() does not return on it.
+        restart) rolls the batch back, is logged, and is retried after a backoff that
+        starts near 0.1 s and doubles up to 2 s (jittered): run() does not return on it.
         """
         engine = self.engine
         if engine is None:
@@ -878,6 +984,7 @@ class Consumer(_ConsumerBase):
             stop_signals_handled(self._on_signal) if install_signal_handlers else nullcontext()
         )
         with signals:
+            self._shutdown.running = True
             try:
                 self._consume(engine, waker)
             finally:
@@ -904,8 +1011,8 @@ class Consumer(_ConsumerBase):
                 except _BatchAbandoned:
                     self._log_abandoned()
                 except Exception as exc:
-                    self.listening.clear()
-                    if listener is not None:
+                    if listener is not None and _listener_in_doubt(exc):
+                        self.listening.clear()
                         close_quietly(listener.close)
                         listener = None
                     self._stopping.wait(self._failed_round(exc, outage))
@@ -914,7 +1021,6 @@ class Consumer(_ConsumerBase):
             if listener is not None:
                 close_quietly(listener.close)
             log.info("%s: stopped", self.label)
-
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -1018,7 +1124,9 @@ class AsyncConsumer(_ConsumerBase):
                         await self._handle_batch(session, messages)
             except _BatchLost as lost:
                 self._log_batch_lost(lost)
-        self._shutdown.batch_ended()
+                self._shutdown.batch_ended()
+                return len(messages), True
+        self._batch_committed(messages)
         return len(messages), True
 
     async def _handle_batch(self, session: AsyncSession, messages: list[Message]) -> None:
@@ -1030,21 +1138,24 @@ class AsyncConsumer(_ConsumerBase):
                 await session.run_sync(self._hold_member_row, messages[0].batch_id)
             self._warn_if_truncated(messages)
             handler_for = self._handler_for
+            check_constraints = self._checks_constraints_per_handler(messages)
             for message in messages:
                 shutdown.check()
-                await self._handle(session, message, handler_for(message.type))
+                await self._handle(session, message, handler_for(message.type),
+                                   check_constraints)
             shutdown.check()
             await session.run_sync(self._ack, messages[0].batch_id)
             shutdown.commit_starts()
         except BaseException as exc:
-            shutdown.release_connection()
-            if shutdown.abandoning and not isinstance(exc, _BatchAbandoned):
+            if shutdown.release_connection():
+                await session.run_sync(_discard_connection)
+            if shutdown.abandoning and isinstance(exc, Exception) \
+                    and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
                 raise _BatchAbandoned() from exc
             raise
 
-    async def _handle(
-        self, session: AsyncSession, message: Message, handler: _Handler | None
-    ) -> None:
+    async def _handle(self, session: AsyncSession, message: Message,
+                      handler: _Handler | None, check_constraints: bool) -> None:
         if handler is None:
             if self.unknown_handler_policy == "nack":
                 await session.run_sync(self._nack_unknown, message)
@@ -1053,12 +1164,18 @@ class AsyncConsumer(_ConsumerBase):
             if handler.takes_session:
                 async with session.begin_nested():
                     await handler.function(message, session)
+                    if check_constraints:
+                        await session.execute(_CHECK_DEFERRED_CONSTRAINTS)
             else:
                 await handler.function(message)
         except Exception as exc:
             await session.run_sync(self._raise_unless_handler_failure, message, exc)
-            self._log_handler_failure(message, exc)
-            await session.run_sync(self._nack, message, repr(exc))
+            try:
+                await session.run_sync(self._nack, message, repr(exc))
+            except BaseException:
+                self._log_handler_failure(message, exc, nacked=False)
+                raise
+            self._log_handler_failure(message, exc, nacked=True)
 
     def stop(self, *, abandon: bool = False) -> None:
         """See :meth:`Consumer.stop`; safe from any thread."""
@@ -1089,6 +1206,7 @@ class AsyncConsumer(_ConsumerBase):
         signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._shutdown.running = True
         try:
             await self._consume(engine, self._wake_event)
         finally:
@@ -1117,8 +1235,8 @@ class AsyncConsumer(_ConsumerBase):
                 except _BatchAbandoned:
                     self._log_abandoned()
                 except Exception as exc:
-                    self.listening.clear()
-                    if listener is not None:
+                    if listener is not None and _listener_in_doubt(exc):
+                        self.listening.clear()
                         await aclose_quietly(listener.close)
                         listener = None
                     delay = self._failed_round(exc, outage)

@@ -198,22 +198,27 @@ def translate(
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 # Errors of one statement on a healthy connection that succeed when simply tried again:
-# serialization_failure, deadlock_detected, lock_not_available, query_canceled, and the
-# insufficient_resources class (too many connections, out of memory, disk full).
-_RETRY_LATER = frozenset({"40001", "40P01", "55P03", "57014"})
+# serialization_failure, deadlock_detected, lock_not_available, query_canceled,
+# read_only_sql_transaction (a standby, until a failover promotes it or the connection
+# moves to the new primary), and the insufficient_resources class (too many
+# connections, out of memory, disk full).
+_RETRY_LATER = frozenset({"40001", "40P01", "55P03", "57014", "25006"})
 
-# Connection attempts fail without a SQLSTATE; these texts (libpq's and the server's,
-# in English) say the settings are wrong rather than the server away, so waiting for
-# the server cannot help.
-_WRONG_SETTINGS = (
-    "password authentication failed",
-    "authentication failed for user",
-    "no pg_hba.conf entry",
-    "does not exist",
-    "no password supplied",
-    "invalid connection option",
-    "invalid integer value",
-    "server does not support ssl",
+# Connection attempts fail without a SQLSTATE. A refusal by the server ("FATAL: ...")
+# means wrong settings (a bad password, no such database or role, pg_hba, no CONNECT
+# privilege) except for these texts (the server's, in English), which say it is not
+# ready yet; failures below the server (refused, timed out, no such socket) are
+# transient too.
+_SERVER_NOT_READY = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "too many clients already",
+    "remaining connection slots are reserved",
+    "terminating connection",
+    "out of memory",
 )
 
 
@@ -253,9 +258,10 @@ def is_transient(exc: BaseException) -> bool:
         return True
     orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     if isinstance(orig, psycopg.Error) and orig.sqlstate is None:
-        lowered = str(orig).lower()
-        if any(text in lowered for text in _WRONG_SETTINGS):
-            return False
+        message = str(orig)
+        if "FATAL:" in message:
+            lowered = message.lower()
+            return any(text in lowered for text in _SERVER_NOT_READY)
     if is_connection_lost(exc):
         return True
     state = sqlstate(orig)

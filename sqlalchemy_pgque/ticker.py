@@ -217,9 +217,11 @@ class Ticker:
             row = connection.execute(
                 "SELECT pg_try_advisory_lock(%s, %s)", TICKER_LOCK_KEY
             ).fetchone()
-            outage.succeeded()
             if row is not None and row[0]:
+                # Only a tick proves the outage over: ticking may fail where
+                # connecting works (a read-only server, a full disk).
                 return True
+            outage.succeeded()
             self._stopping.wait(self.lock_retry_interval)
         return False
 

@@ -117,6 +117,10 @@ class _Stopped(Exception):
     """SIGTERM or SIGINT arrived before the worker started."""
 
 
+# --shutdown-timeout not given (None is given: "inf", no limit).
+_UNSET: Any = object()
+
+
 def load_consumers(target: str) -> list[AnyConsumer]:
     """The consumers named by ``module:attribute`` (a consumer or a list of them)."""
     module_name, sep, attribute = target.partition(":")
@@ -256,22 +260,26 @@ def _bind(consumers: list[AnyConsumer], engines: _Engines) -> None:
             )
 
 
-def _check(consumer: AnyConsumer) -> None:
+def _check(consumer: AnyConsumer, engines: _Engines) -> None:
     """Raise what the consumer cannot recover from at run time (or a transient error)."""
     if isinstance(consumer, Consumer):
         consumer.check()
         return
     # Checked on a synchronous engine: an asyncio.run() here would leave the async
     # engine's pool holding connections of a closed event loop.
-    async_engine = consumer.engine
-    assert async_engine is not None
-    engine = create_engine(_sync_url(async_engine.url))
+    if engines.url is not None:
+        engine, own = engines.sync_engine(), False
+    else:
+        async_engine = consumer.engine
+        assert async_engine is not None
+        engine, own = create_engine(_sync_url(async_engine.url)), True
     try:
         with engine.connect() as connection:
             check_subscription(connection, consumer.queue.name, consumer.name,
                                consumer.subconsumer)
     finally:
-        engine.dispose()
+        if own:
+            engine.dispose()
 
 
 def _start_up(
@@ -302,9 +310,12 @@ def _start_up(
                         f"{label}: the database did not answer within the startup timeout "
                         f"of {timeout:g} s (--startup-timeout): {detail}"
                     ) from None
-                delay = outage.failed(f"{label}: waiting for the database: {detail}")
+                delay = outage.failed(f"{label}: waiting for the database: {detail}",
+                                      "trying again")
                 if stopping.wait(min(delay, remaining)):
                     raise _Stopped() from None
+        if stopping.is_set():
+            raise _Stopped()
     outage.succeeded()
 
 
@@ -343,13 +354,16 @@ class _Runner:
     def stop(self, *, abandon: bool = False) -> None:
         """Stop everything: finish the batches in progress within their shutdown
         timeout, or (``abandon``) roll them back now."""
-        grace = 0.0 if abandon else max(
-            (as_seconds(c.shutdown_timeout or 0) for c in self.consumers), default=0.0
-        )
-        with self._lock:
-            deadline = time.monotonic() + grace + _ABANDON_GRACE
-            if self.deadline is None or deadline < self.deadline:
-                self.deadline = deadline
+        timeouts = [c.shutdown_timeout for c in self.consumers]
+        if abandon or None not in timeouts:
+            # Without a limit for some consumer, the process waits for it as long as it
+            # takes (until a second signal).
+            grace = 0.0 if abandon else max(
+                (as_seconds(t) for t in timeouts if t is not None), default=0.0)
+            with self._lock:
+                deadline = time.monotonic() + grace + _ABANDON_GRACE
+                if self.deadline is None or deadline < self.deadline:
+                    self.deadline = deadline
         for consumer in self.consumers:
             consumer.stop(abandon=abandon)
         if self.ticker is not None:
@@ -406,14 +420,24 @@ class _Runner:
         return True
 
     def report_left_behind(self) -> None:
+        """Say what exiting now leaves behind: threads still busy, and their batches."""
         for consumer in self.consumers:
-            batch = consumer._shutdown.batch
-            if batch is not None:
-                log.warning(
-                    "%s: still in a handler after the shutdown timeout; exiting without "
-                    "it: batch %s rolls back with its connection and its %d messages will "
-                    "be redelivered", consumer.label, batch[0], batch[1],
-                )
+            shutdown = consumer._shutdown
+            batch = shutdown.batch
+            if batch is None:
+                continue
+            if shutdown.committing:
+                log.warning("%s: batch %s was committing when the process exited: it "
+                            "committed whole, or its %d messages will be redelivered",
+                            consumer.label, batch.batch_id, batch.size)
+            else:
+                log.warning("%s: still in a handler after the shutdown timeout; exiting "
+                            "without it: batch %s rolls back with its connection and its %d "
+                            "messages will be redelivered", consumer.label, batch.batch_id,
+                            batch.size)
+        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        log.warning("exiting without the threads that did not stop in time: %s",
+                    ", ".join(busy))
 
 
 def _positive_int(raw: str) -> int:
@@ -434,6 +458,13 @@ def _seconds(raw: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {raw}")
     return value
+
+
+def _seconds_or_no_limit(raw: str) -> float | None:
+    """Seconds, or ``inf`` / ``none`` for no limit."""
+    if raw.strip().lower() in ("inf", "none"):
+        return None
+    return _seconds(raw)
 
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
@@ -459,11 +490,12 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--subconsumer", default=None, metavar="NAME",
                         help="member name of the cooperative consumers (NAME-1 … NAME-N "
                              "with --concurrency), instead of the one set in code")
-    parser.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
+    parser.add_argument("--shutdown-timeout", type=_seconds_or_no_limit, default=_UNSET,
+                        metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long the batches in progress may "
-                             "still run before they are abandoned and redelivered later "
-                             "(default: each consumer's shutdown_timeout, else "
-                             f"{DEFAULT_SHUTDOWN_TIMEOUT:g})")
+                             "still run before they are abandoned and redelivered later; "
+                             "'inf' waits for them (default: each consumer's "
+                             f"shutdown_timeout, else {DEFAULT_SHUTDOWN_TIMEOUT:g})")
     parser.add_argument("--startup-timeout", type=_seconds,
                         default=DEFAULT_STARTUP_TIMEOUT, metavar="SECONDS",
                         help="how long to wait at start for a database that cannot be "
@@ -483,16 +515,20 @@ class _Signals:
 
     def __call__(self, sig: signal.Signals) -> None:
         self.received += 1
+        self.starting.set()
         runner = self.runner
         if runner is None:
             log.info("%s received during start-up: exiting", sig.name)
-            self.starting.set()
-        elif self.received == 1:
-            log.info("%s received: stopping after the current batches", sig.name)
-            runner.stop()
-        else:
+            return
+        abandon = self.received > 1
+        if abandon:
             log.info("%s received again: abandoning the current batches", sig.name)
-            runner.stop(abandon=True)
+        else:
+            log.info("%s received: stopping after the current batches", sig.name)
+        # Not in the handler itself: it interrupts the main thread anywhere, maybe
+        # inside a lock that stopping takes.
+        threading.Thread(target=runner.stop, kwargs={"abandon": abandon},
+                         name="stop", daemon=True).start()
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -517,6 +553,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             except _Stopped:
                 return 0
             signals.runner = runner
+            if signals.starting.is_set():
+                return 0  # a signal arrived while the last check ran
             return _run(runner)
     finally:
         engines.dispose_sync()
@@ -529,14 +567,14 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
     consumers = [c for target in args.targets for c in load_consumers(target)]
     consumers = expand_members(consumers, args.concurrency, args.subconsumer)
     for consumer in consumers:
-        if args.shutdown_timeout is not None:
+        if args.shutdown_timeout is not _UNSET:
             consumer.shutdown_timeout = args.shutdown_timeout
         elif consumer.shutdown_timeout is None:
             consumer.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
     engines.pool_size = max(engines.pool_size, len(consumers) + 1)
     _bind(consumers, engines)
     checks: list[tuple[str, Callable[[], None]]] = [
-        (consumer.label, partial(_check, consumer)) for consumer in consumers
+        (consumer.label, partial(_check, consumer, engines)) for consumer in consumers
     ]
     ticker = None
     if args.ticker:
@@ -552,11 +590,12 @@ def _run(runner: _Runner) -> int:
     log.info("worker started: %s%s", ", ".join(c.label for c in consumers),
              " and the ticker" if ticker else "")
     runner.start()
-    if not runner.join():
+    stopped = runner.join()
+    if not stopped:
         runner.report_left_behind()
     if runner.failed.is_set():
         return EXIT_RUNTIME_ERROR
-    log.info("worker stopped")
+    log.info("worker stopped" if stopped else "worker exiting")
     return 0
 
 

@@ -286,12 +286,11 @@ def tally(dsn: str, consumers: tuple[str, ...], confirmed: set[int]) -> Tally:
         lost, duplicated, unknown = {}, {}, {}
         for consumer in consumers:
             rows = conn.execute(
-                "SELECT k, count(*), count(DISTINCT msg_id) FROM handled WHERE consumer = %s "
-                "GROUP BY k", (consumer,),
+                "SELECT k, count(*) FROM handled WHERE consumer = %s GROUP BY k", (consumer,),
             ).fetchall()
-            handled = {int(k): (int(n), int(distinct)) for k, n, distinct in rows}
+            handled = {int(k): int(n) for k, n in rows}
             lost[consumer] = len(produced - handled.keys())
-            duplicated[consumer] = sum(n - 1 for n, _ in handled.values())
+            duplicated[consumer] = sum(n - 1 for n in handled.values())
             unknown[consumer] = len(handled.keys() - produced)
     missing_confirmed = confirmed - produced
     assert not missing_confirmed, f"commits that returned but are not in the database: " \

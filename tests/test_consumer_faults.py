@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import Database
 from consumer_support import (
@@ -421,3 +425,145 @@ def test_receive_and_ack_without_the_role_are_permission_denied(
     consumer.on("*")(lambda msg: None)
     with pytest.raises(PermissionDenied, match="pgque_reader"):
         consumer.process_batch()
+
+
+def test_handler_error_from_another_database_is_a_handler_failure(
+    conn: Conn, engine: Engine, queue: Queue
+) -> None:
+    """Only the batch's own connection tells a database failure: a handler whose call
+    to some other database fails has failed itself, and its message is nacked."""
+    ids = send_batches(conn, batches=1, size=3)
+    consumer = Consumer(engine, queue=queue, name="c")
+
+    @consumer.on("*")
+    def handle(msg: Message) -> None:
+        if msg.msg_id == ids[1]:
+            psycopg.connect("host=/nonexistent-socket-dir dbname=other", connect_timeout=1)
+
+    assert consumer.process_batch() == 3
+    assert retry_rows(conn) == [ids[1]]
+
+
+def test_deferred_constraint_broken_by_one_handler_nacks_that_message(
+    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Any, threading.Thread]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler's writes that break a DEFERRED constraint fail the batch's COMMIT, not
+    the handler's SAVEPOINT. Redelivered as it is, the batch would fail forever; handled
+    again with constraints checked per handler, only the message at fault is nacked."""
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_pgque")
+    conn.execute("CREATE TABLE once (k int, CONSTRAINT once_k UNIQUE (k) "
+                 "DEFERRABLE INITIALLY DEFERRED)")
+    conn.execute("INSERT INTO once VALUES (1)")
+    ids = send_batches(conn, batches=1, size=3)
+    later = send_batches(conn, batches=1, size=2)
+    consumer = Consumer(engine, queue=queue, name="c", poll_interval=30)
+
+    @consumer.on("*")
+    def handle(msg: Message, session: Session) -> None:
+        session.execute(_INSERT, _row(msg))
+        if msg.msg_id == ids[1]:
+            session.execute(text("INSERT INTO once VALUES (1)"))
+
+    start(running, consumer)
+    wait_until(lambda: retry_rows(conn) == [ids[1]], what="the message at fault nacked")
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys([ids[0], ids[2], *later], 1),
+               what="the rest of the batch, and the next batch")
+    assert "failed at commit" in caplog.text
+    assert "reconnecting" not in caplog.text
+
+
+def test_shutdown_timeout_during_commit_lets_the_commit_finish(
+    conn: Conn, engine: Engine, queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pgque")
+    # A deferred constraint trigger runs inside COMMIT, which it makes slow (as
+    # synchronous replication waiting for a standby would).
+    conn.execute("""
+        CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.8); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON handled
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+    """)
+    ids = send_batches(conn, batches=1, size=1)
+    consumer = Consumer(engine, queue=queue, name="c", poll_interval=30,
+                        shutdown_timeout=0.2)
+    consumer.on("*")(lambda msg, session: session.execute(_INSERT, _row(msg)))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_until(lambda: _commit_in_progress(conn), what="the batch's COMMIT")
+    consumer.stop()  # the 0.2 s run out while the COMMIT (0.8 s) is on its way
+    thread.join(10)
+    assert not thread.is_alive()
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+    assert "while batch" in caplog.text and "commits; the commit goes on" in caplog.text
+    assert "abandon" not in caplog.text
+
+
+def _commit_in_progress(conn: Conn) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND query = 'COMMIT'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_stop_outside_run_changes_nothing(conn: Conn, engine: Engine, queue: Queue) -> None:
+    ids = send_batches(conn, batches=1, size=2)
+    consumer = Consumer(engine, queue=queue, name="c", shutdown_timeout=30)
+    consumer.on("*")(lambda msg, session: session.execute(_INSERT, _row(msg)))
+    threads = threading.active_count()
+    consumer.stop()
+    consumer.stop(abandon=True)
+    assert threading.active_count() == threads  # no shutdown timer left running
+    assert consumer.process_batch() == 2
+    assert handled_counts(conn) == dict.fromkeys(ids, 1)
+
+
+# The signal lands right after the main thread took the shutdown lock, which stop()
+# also takes: handling it in the signal handler itself would deadlock.
+_SIGNAL_UNDER_LOCK = textwrap.dedent("""
+    import os, signal, sys, threading
+    from sqlalchemy import create_engine
+    from sqlalchemy_pgque.consumer import Consumer
+
+    consumer = Consumer(create_engine(sys.argv[1]), queue="q", name="c",
+                        poll_interval=0.1, shutdown_timeout=0)
+    consumer.on("*")(lambda msg: None)
+
+    class SignalLandsHere:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.fired = False
+        def __enter__(self):
+            self.lock.acquire()
+            if not self.fired and threading.current_thread() is threading.main_thread():
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # bytecodes: the handler runs here
+                    pass
+            return self
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    consumer._shutdown._lock = SignalLandsHere()
+    consumer.run()
+    print("returned", flush=True)
+""")
+
+
+def test_signal_while_the_main_thread_holds_the_shutdown_lock(
+    conn: Conn, db: Database, queue: Queue
+) -> None:
+    send_batches(conn, batches=1, size=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_UNDER_LOCK, db.url.render_as_string(hide_password=False)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"run() deadlocked in its signal handler:\n{out}") from None
+    assert "returned" in out, out

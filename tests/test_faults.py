@@ -12,6 +12,8 @@ from __future__ import annotations
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,9 @@ def test_server_restart_is_survived_by_producer_and_worker(
     assert figures.recovery_s[0] < RECOVERY_LIMIT, figures
 
 
-def test_sigterm_without_timeout_finishes_the_batch(own_db: Database, tmp_path: Path) -> None:
+def test_sigterm_with_the_default_timeout_finishes_the_batch(
+    own_db: Database, tmp_path: Path
+) -> None:
     figures = faultkit.sigterm_case(own_db.dsn, own_db.url, tmp_path, batch_size=40,
                                     handler_delay=0.05, shutdown_timeout=None)
     assert_exact(figures)
@@ -127,50 +131,87 @@ def _wait_for_output(worker: Any, text: str, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_partitioned_worker_notices_and_resumes_when_the_network_heals(
-    pg_server: Any, tmp_path: Path
-) -> None:
-    """The server stays up, but the network between it and the worker drops every
-    packet: nothing closes, so only keepalives and timeouts can tell. Here they are
-    shortened through the URL (the worker's own defaults notice in about 30 s)."""
+@contextmanager
+def worker_on_another_host(
+    pg_server: Any, tmp_path: Path, kind: faultkit.Kind, handler_delay: float,
+    query: dict[str, str],
+) -> Iterator[tuple[netns.NetworkNamespace, str, faultkit.Workers]]:
+    """A cluster of our own reached over TCP from a network namespace, where the
+    workers run: ``(namespace, dsn for the test, workers)``."""
     reason = netns.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     bindir = find_bindir(pg_server.major)
     if bindir is None:
         pytest.skip(f"no PostgreSQL {pg_server.major} programs to run a server of our own")
-    kind = faultkit.KINDS["single"]
     with netns.NetworkNamespace() as ns, PgCluster(
         bindir, Path(tempfile.mkdtemp(prefix="pgque-cluster-")), also_on=ns.host_address
     ) as cluster:
         cluster.init()
         cluster.start()
         dsn, unix_url = faultkit.create_database(cluster, "partition")
-        url = unix_url.set(host=ns.host_address, port=cluster.port, query={
-            "keepalives_idle": "1", "keepalives_interval": "1", "keepalives_count": "2",
-            "tcp_user_timeout": "3000", "connect_timeout": "2",
-        })
+        url = unix_url.set(host=ns.host_address, port=cluster.port, query=query)
         faultkit.prepare(dsn, kind)
-        workers = faultkit.Workers(url, kind, tmp_path, prefix=ns.exec_prefix,
-                                   env=faultkit.worker_env(FAULT_HANDLER_DELAY="0.2"))
+        workers = faultkit.Workers(
+            url, kind, tmp_path, prefix=ns.exec_prefix,
+            env=faultkit.worker_env(FAULT_HANDLER_DELAY=str(handler_delay)))
         try:
-            worker = workers.start()
-            faultkit.wait_for_worker(dsn, kind)
-            keys = list(range(30))
-            faultkit.send_one_batch(dsn, keys)
-            faultkit.wait_for_batch_in_progress(dsn)
-            ns.partition()
-            cut = time.monotonic()
-            _wait_for_output(worker, "reconnecting in", timeout=20)
-            noticed = time.monotonic() - cut
-            assert noticed < 10, worker.output()
-            ns.heal()
-            faultkit.wait_drained(dsn, kind.consumers, 60)
-            result = faultkit.tally(dsn, kind.consumers, set(keys))
-            assert result.exact, result
-            assert worker.process.poll() is None, worker.output()
-            worker.signal(signal.SIGTERM)
-            assert worker.wait() == 0, worker.output()
-            assert "Traceback" not in worker.output()
+            yield ns, dsn, workers
         finally:
+            if ns.partitioned:
+                ns.heal()
             workers.kill_all()
+
+
+def test_partitioned_worker_notices_and_resumes_when_the_network_heals(
+    pg_server: Any, tmp_path: Path
+) -> None:
+    """The server stays up, but the network between it and the worker drops every
+    packet: nothing closes, so only keepalives and timeouts can tell. Here they are
+    shortened through the URL (the worker's own defaults notice in about 30 s)."""
+    kind = faultkit.KINDS["single"]
+    fast_keepalives = {"keepalives_idle": "1", "keepalives_interval": "1",
+                       "keepalives_count": "2", "tcp_user_timeout": "3000",
+                       "connect_timeout": "2"}
+    with worker_on_another_host(pg_server, tmp_path, kind, 0.2, fast_keepalives) \
+            as (ns, dsn, workers):
+        worker = workers.start()
+        faultkit.wait_for_worker(dsn, kind)
+        keys = list(range(30))
+        faultkit.send_one_batch(dsn, keys)
+        faultkit.wait_for_batch_in_progress(dsn)
+        ns.partition()
+        cut = time.monotonic()
+        _wait_for_output(worker, "reconnecting in", timeout=20)
+        assert time.monotonic() - cut < 10, worker.output()
+        ns.heal()
+        faultkit.wait_drained(dsn, kind.consumers, 60)
+        result = faultkit.tally(dsn, kind.consumers, set(keys))
+        assert result.exact, result
+        assert worker.process.poll() is None, worker.output()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.output()
+        assert "Traceback" not in worker.output()
+
+
+def test_second_sigterm_during_a_partition_exits_at_once(
+    pg_server: Any, tmp_path: Path
+) -> None:
+    """Abandoning sends each busy consumer's cancel from a thread of its own: towards
+    a partitioned server that takes seconds, and must hold up neither the process
+    nor the other consumers."""
+    kind = faultkit.KINDS["fanout"]
+    with worker_on_another_host(pg_server, tmp_path, kind, 0.5, {}) as (ns, dsn, workers):
+        worker = workers.start()
+        faultkit.wait_for_worker(dsn, kind)
+        faultkit.send_one_batch(dsn, list(range(30)))
+        faultkit.wait_for_batch_in_progress(dsn)
+        ns.partition()
+        worker.signal(signal.SIGTERM)
+        _wait_for_output(worker, "stopping after the current batches")
+        signalled = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, worker.output()
+        # The deadline after a second signal: the 3 s the abandoned batches get.
+        assert time.monotonic() - signalled < 5, worker.output()
+        assert "its 30 messages will be redelivered" in worker.output()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -9,7 +11,7 @@ from typing import Any
 
 import pytest
 from consumer_support import Conn, send, setup_queue, tick, wait_until
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
 from sqlalchemy_pgque import Message, Queue
@@ -212,3 +214,35 @@ def test_maintenance_rotates_tables_with_step_two_in_between(
 
     # A second rotation needs maint_rotate_tables_step2() to have run after the first.
     wait_until(rotated_twice, timeout=10, what="two rotations")
+
+
+def test_ticker_backs_off_while_ticking_fails_after_it_connects(
+    conn: Conn, db: Any, tickers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connecting works but every tick fails (a server that takes no writes, as a
+    standby reached before a failover completes): the delays must grow to the cap,
+    not start over at each reconnection, and the outage is never declared over."""
+    setup_queue(conn, "q", "c")
+    engine = create_engine(db.url)
+
+    @event.listens_for(engine, "connect")
+    def read_only(dbapi_connection: Any, record: object) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET default_transaction_read_only = on")
+        dbapi_connection.commit()
+
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_pgque")
+    try:
+        tickers(Ticker(engine, wake=False))
+        wait_until(lambda: max(_retry_delays(caplog), default=0) >= 1.0, timeout=20,
+                   what="the backoff to reach a second")
+    finally:
+        engine.dispose()
+    assert "database back" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    found = (re.search(r"(?:reconnecting|retrying) in ([0-9.]+) s", r.getMessage())
+             for r in caplog.records)
+    return [float(match.group(1)) for match in found if match]

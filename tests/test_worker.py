@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import Database
 from consumer_support import (
@@ -312,3 +313,74 @@ def test_missing_role_is_a_one_line_permission_error(
         assert "pgque_admin" in line
     finally:
         conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_sigterm_during_a_start_up_check_stops_the_worker(
+    conn: Conn, db: Database, workers: Any
+) -> None:
+    setup_queue(conn, "q", "c")
+    conn.execute(HANDLED_TABLE)
+    # Holds up the start-up check: its read of pgque.queue waits for this lock.
+    with psycopg.connect(db.dsn) as locker:
+        locker.execute("LOCK TABLE pgque.queue IN ACCESS EXCLUSIVE MODE")
+        worker = workers("workers_app:consumer")
+        wait_until(lambda: _waiting_for(conn, "pgque.queue"), what="the check to wait")
+        worker.signal(signal.SIGTERM)
+        wait_until(lambda: "during start-up" in worker.output(), what="the signal")
+        locker.rollback()  # the check completes now
+    assert worker.wait() == 0, worker.output()
+    assert "worker started" not in worker.output()
+
+
+def _waiting_for(conn: Conn, table: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+        (table,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_server_refusing_the_login_is_a_configuration_error(
+    conn: Conn, workers: Any, db: Database
+) -> None:
+    setup_queue(conn, "q", "c")
+    role = f"nologin_{db.name}"[:63]
+    conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        url = db.url.set(username=role).render_as_string(hide_password=False)
+        line = one_error_line(workers("workers_app:consumer", with_url=False,
+                                      extra_args=("--url", url)))
+        assert "is not permitted to log in" in line
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_batch_committing_at_exit_is_reported_as_such(
+    conn: Conn, workers: Any
+) -> None:
+    setup_queue(conn, "q", "c")
+    conn.execute(HANDLED_TABLE)
+    # A deferred constraint trigger makes the batch's COMMIT itself slow, longer than
+    # the shutdown timeout and the grace after it.
+    conn.execute("""
+        CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(6); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON handled
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+    """)
+    ids = send_batches(conn, batches=1, size=1)
+    worker = workers("workers_app:consumer", extra_args=("--shutdown-timeout", "0.5"))
+    wait_until(lambda: conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND query = 'COMMIT'").fetchone() == (1,),
+        what="the batch's COMMIT")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.output()
+    output = worker.output()
+    assert "was committing when the process exited: it committed whole, or its 1 " \
+           "messages will be redelivered" in output, output
+    assert "abandon" not in output, output
+    # The server finishes the COMMIT it was given.
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=15,
+               what="the commit")
+    assert open_batch(conn, "q", "c") is None
