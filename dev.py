@@ -1,8 +1,9 @@
 """Bootstrap for the quick start: ``python3 dev.py demo`` and ``python3 dev.py test``.
 
 Needs only Python 3.10+: it creates ``.venv`` beside this file, installs the project
-with its ``dev`` extra into it (again whenever pyproject.toml changes), then runs the
-demo or pytest there. Extra arguments go to pytest: ``python3 dev.py test -k outbox``.
+and its ``dev`` dependency group into it (again whenever pyproject.toml changes), then
+runs the demo or pytest there. Extra arguments go to pytest: ``python3 dev.py test -k
+outbox``. ``python3 dev.py lint`` runs ruff and mypy.
 """
 
 from __future__ import annotations
@@ -28,20 +29,27 @@ def ensure_venv() -> None:
     if not PYTHON.exists():
         print(f"creating {VENV} ...", flush=True)
         venv.create(VENV, with_pip=True)
-    print("installing sqlalchemy-pgque[dev] into .venv ...", flush=True)
-    subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-e", f"{ROOT}[dev]"],
-        check=True,
-    )
+    print("installing sqlalchemy-pgque and its dev group into .venv ...", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # Dependency groups (PEP 735) need pip 25.1; a new venv may bring an older one.
+    subprocess.run([*pip, "--upgrade", "pip>=25.1"], check=True)
+    subprocess.run([*pip, "-e", str(ROOT), "--group", f"{ROOT / 'pyproject.toml'}:dev"],
+                   check=True)
     STAMP.write_text(wanted)
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test"}:
+    if not argv or argv[0] not in {"demo", "test", "lint"}:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     ensure_venv()
+    if argv[0] == "lint":
+        for tool in ("ruff", "mypy"):
+            args = ["check", "."] if tool == "ruff" else []
+            code = subprocess.run([str(BIN / tool), *args], cwd=ROOT).returncode
+            if code:
+                return code
+        return 0
     if argv[0] == "demo":
         cmd = [str(PYTHON), str(ROOT / "examples" / "demo.py"), *argv[1:]]
     else:

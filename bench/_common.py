@@ -18,6 +18,7 @@ import sqlalchemy
 from psycopg import conninfo, sql
 
 from sqlalchemy_pgque import schema
+from sqlalchemy_pgque._listen import url_from_conninfo
 
 SHARED_MACHINE_NOTE = ("shared 2-core machine: other sessions' work may run alongside; "
                        "load_average is taken at the end of the run")
@@ -47,11 +48,12 @@ def payload(n: int) -> dict[str, Any]:
 
 @contextmanager
 def scratch_database(
-    dsn: str | None, label: str, *, install: bool = True, setup: str | None = None
+    dsn: str | None, label: str, *, sql_path: str | None = None, setup: str | None = None
 ) -> Iterator[str]:
     """The dsn of a fresh database, dropped afterwards; on an embedded server if no dsn.
 
-    ``install`` installs the bundled engine; ``setup`` is SQL run after it.
+    The engine is installed with ``schema.install`` (the bundled one, or the PgQue SQL
+    file ``sql_path``); ``setup`` is SQL run after it.
     """
     embedded = None
     if dsn is None:
@@ -66,10 +68,14 @@ def scratch_database(
             admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
         try:
             scratch = conninfo.make_conninfo(dsn, dbname=name)
-            with psycopg.connect(scratch) as conn:
-                if install:
-                    conn.execute(schema.engine_sql().encode())
-                if setup:
+            engine = sqlalchemy.create_engine(url_from_conninfo(scratch))
+            try:
+                with engine.begin() as conn:
+                    schema.install(conn, sql_path)
+            finally:
+                engine.dispose()
+            if setup:
+                with psycopg.connect(scratch) as conn:
                     conn.execute(setup.encode())
             yield scratch
         finally:

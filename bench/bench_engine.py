@@ -36,8 +36,6 @@ from _common import payload as common_payload
 from _common import scratch_database
 from psycopg import sql
 
-from sqlalchemy_pgque import schema
-
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 QUEUE = "bench_q"
@@ -74,13 +72,10 @@ def payload(n: int) -> str:
     return json.dumps(common_payload(n))
 
 
-def prepare_database(dsn: str, sql_path: str | None) -> None:
-    script = Path(sql_path).read_text(encoding="utf-8") if sql_path else schema.engine_sql()
-    with psycopg.connect(dsn) as conn:
-        conn.execute(script.encode())  # one multi-statement script, one transaction
-        conn.execute(PLAIN_TABLE.encode())
-        conn.execute("select pgque.create_queue(%s)", (QUEUE,))
-        conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, CONSUMER))
+SETUP = PLAIN_TABLE + (
+    f"select pgque.create_queue('{QUEUE}');\n"
+    f"select pgque.subscribe('{QUEUE}', '{CONSUMER}');\n"
+)
 
 
 def checkpoint(conn: Conn) -> None:
@@ -285,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    with scratch_database(args.dsn, "engine", install=False) as dsn:
-        prepare_database(dsn, args.sql_path)
+    with scratch_database(args.dsn, "engine", sql_path=args.sql_path, setup=SETUP) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             results: dict[str, Any] = {
                 "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,7 +1,7 @@
-"""``python -m sqlalchemy_pgque install|uninstall|version|sql``: manage the engine."""
+"""``python -m sqlalchemy_pgque``: the command line of :mod:`sqlalchemy_pgque.cli`."""
 
 from __future__ import annotations
 
-from .schema import main
+from .cli import main
 
 raise SystemExit(main())

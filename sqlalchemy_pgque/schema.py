@@ -5,22 +5,20 @@ order in one transaction. Installing is idempotent: running it again keeps queue
 subscriptions, cursors and queued events, and upgrades functions in place. A PgQue SQL
 file of the user's choosing can be installed instead with ``sql_path``.
 
-Command line::
+Command line (:mod:`sqlalchemy_pgque.cli`)::
 
-    python -m sqlalchemy_pgque install --url postgresql+psycopg://...
-    python -m sqlalchemy_pgque sql > pgque.sql     # the script, for psql or review
+    sqlalchemy-pgque install --url postgresql+psycopg://...
+    sqlalchemy-pgque sql > pgque.sql     # the script, for psql or review
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from importlib import resources
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from .errors import EngineNotInstalled, ForeignSchemaError, first_line
@@ -123,36 +121,3 @@ def require_installed(conn: Connection) -> str:
     if version is None:
         raise EngineNotInstalled()
     return version
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sqlalchemy_pgque", description="Manage the PgQue engine."
-    )
-    parser.add_argument("command", choices=["install", "uninstall", "version", "sql"])
-    parser.add_argument("--url", default=os.environ.get("DATABASE_URL"), help="SQLAlchemy URL")
-    parser.add_argument("--sql-path", help="install this PgQue SQL file instead of the bundled one")
-    parser.add_argument("--take-over", action="store_true", help="replace a foreign pgque schema")
-    args = parser.parse_args(argv)
-    if args.command == "sql":
-        sys.stdout.write(engine_sql())
-        return 0
-    if not args.url:
-        parser.error("give --url or set DATABASE_URL")
-    engine = create_engine(args.url)
-    try:
-        with engine.begin() as conn:
-            if args.command == "install":
-                install(conn, args.sql_path, take_over=args.take_over)
-                print(f"pgque {installed_version(conn)} installed")
-            elif args.command == "uninstall":
-                uninstall(conn)
-                print("pgque uninstalled")
-            else:
-                print(installed_version(conn) or "not installed")
-    except ForeignSchemaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        engine.dispose()
-    return 0

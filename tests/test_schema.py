@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import Database
@@ -73,3 +74,14 @@ def test_foreign_schema_is_refused_unless_taken_over(empty_db: Database) -> None
             assert conn.execute(text("SELECT count(*) FROM pgque.theirs")).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_console_script_runs_the_command_line_and_the_worker() -> None:
+    script = Path(sys.executable).with_name("sqlalchemy-pgque")
+    assert script.exists(), "the console script is installed with the package"
+    out = subprocess.run([str(script), "sql"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out == schema.engine_sql()
+    worker_help = subprocess.run([str(script), "worker", "--help"], capture_output=True,
+                                 text=True, timeout=60, check=True).stdout
+    assert "--shutdown-timeout" in worker_help
