@@ -18,7 +18,15 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from sqlalchemy_pgque import schema
-from sqlalchemy_pgque.errors import PgqueError, first_line
+from sqlalchemy_pgque.errors import (
+    EngineNotInstalled,
+    PermissionDenied,
+    PgqueError,
+    QueueHasConsumers,
+    QueueNotFound,
+    first_line,
+    translate,
+)
 
 from .ops import (
     CreateQueueOp,
@@ -45,40 +53,30 @@ class PgqueMigrationError(PgqueError):
     SQLAlchemy exception is chained as ``__cause__``.
     """
 
-    def __init__(self, operation: PgqueOperation, detail: str) -> None:
+    def __init__(self, operation: PgqueOperation, detail: str, hint: str | None = None) -> None:
         self.operation = operation
-        hint = _hint(detail)
         super().__init__(
             f"op.{operation.source(prefix='')} failed: {detail}" + (f" ({hint})" if hint else "")
         )
 
 
-_HINTS = (
-    (
-        ("consumers still attached",),
-        "unsubscribe its consumers first with op.pgque_unsubscribe, or pass force=True",
+# What a migration can do about an engine error, by the error's class.
+_HINTS: dict[type[PgqueError], str] = {
+    QueueHasConsumers: (
+        "unsubscribe its consumers first with op.pgque_unsubscribe, or pass force=True"
     ),
-    (
-        ("event queue not created yet", "queue not found", "no such event queue", "no such queue"),
-        "create the queue first with op.pgque_create_queue",
+    QueueNotFound: "create the queue first with op.pgque_create_queue",
+    EngineNotInstalled: "install the engine first with op.pgque_install()",
+    PermissionDenied: (
+        "run migrations as the owner of the pgque schema or a member of pgque_admin"
     ),
-    (
-        ('schema "pgque" does not exist', "function pgque."),
-        "install the engine first with op.pgque_install()",
-    ),
-    (
-        ("permission denied",),
-        "run migrations as the owner of the pgque schema or a member of pgque_admin",
-    ),
-)
+}
 
 
-def _hint(detail: str) -> str | None:
-    lowered = detail.lower()
-    for needles, hint in _HINTS:
-        if any(n in lowered for n in needles):
-            return hint
-    return None
+def _failure(operation: PgqueOperation, exc: DBAPIError) -> PgqueMigrationError:
+    error = translate(exc)
+    hint = _HINTS.get(type(error)) if error is not None else None
+    return PgqueMigrationError(operation, first_line(exc.orig or exc), hint)
 
 
 def quote_literal(value: str | int | bool | None) -> str:
@@ -135,7 +133,7 @@ def _run(operations: Operations, operation: PgqueOperation, *statements: str) ->
         try:
             operations.execute(VerbatimSQL(sql, offline=False))
         except DBAPIError as exc:
-            raise PgqueMigrationError(operation, first_line(exc.orig or exc)) from exc
+            raise _failure(operation, exc) from exc
 
 
 @Operations.implementation_for(InstallOp)
@@ -154,7 +152,7 @@ def install(operations: Operations, operation: InstallOp) -> None:
     try:
         schema.install(operations.get_bind(), operation.sql_path)
     except DBAPIError as exc:
-        raise PgqueMigrationError(operation, first_line(exc.orig or exc)) from exc
+        raise _failure(operation, exc) from exc
 
 
 @Operations.implementation_for(UninstallOp)

@@ -16,6 +16,7 @@ from .errors import (
     PayloadError,
     PermissionDenied,
     PgqueError,
+    QueueHasConsumers,
     QueueNotFound,
 )
 from .message import Message
@@ -40,6 +41,7 @@ __all__ = [
     "PermissionDenied",
     "PgqueError",
     "Queue",
+    "QueueHasConsumers",
     "QueueNotFound",
     "QueueRegistry",
     "Ticker",

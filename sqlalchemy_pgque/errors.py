@@ -1,8 +1,11 @@
 """Exceptions raised by sqlalchemy-pgque.
 
 Every error a user can cause has its own class; errors raised by the engine are
-mapped from the database message and chained (``raise ... from``) to the original
-SQLAlchemy exception, so the SQL and its parameters stay available for debugging.
+mapped from their SQLSTATE and chained (``raise ... from``) to the original SQLAlchemy
+exception, so the SQL and its parameters stay available for debugging. The bundled
+engine gives each kind of error its own code (the table heads ``sql/00_objects.sql``);
+another PgQue 0.2 install raises the same texts as ``P0001``, and those are mapped by
+their leading words.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "PayloadError",
     "PermissionDenied",
     "PgqueError",
+    "QueueHasConsumers",
     "QueueNotFound",
     "first_line",
     "is_connection_lost",
@@ -62,6 +66,11 @@ class InvalidName(PgqueError, ValueError):
 
 class QueueNotFound(PgqueError):
     """The queue does not exist: create it (``op.pgque_create_queue`` or ``pgque.create_queue``)."""
+
+
+class QueueHasConsumers(PgqueError):
+    """The queue still has consumers, so it cannot be dropped: unsubscribe them first,
+    or drop it with ``force`` (which unsubscribes them, losing their place)."""
 
 
 class ConsumerNotSubscribed(PgqueError):
@@ -112,7 +121,22 @@ class PermissionDenied(PgqueError):
         return (type(self), (self.detail, self.required_role))
 
 
-# Substrings of the engine's error texts (spec §6.2: stable leading words), lower-cased.
+# The bundled engine's own SQLSTATEs that have a class here.
+_CODE_MAP: dict[str, type[PgqueError]] = {
+    "PQ001": QueueNotFound,
+    "PQ002": ConsumerNotSubscribed,
+    "PQ003": BatchNotFound,
+    "PQ004": MessageNotInBatch,
+    "PQ101": ConsumerModeConflict,
+    "PQ102": BatchInProgress,
+    "PQ103": QueueHasConsumers,
+    "PQ201": InvalidName,
+    "PQ301": ForeignSchemaError,
+}
+
+# Another PgQue 0.2 install raises every error as a plain RAISE EXCEPTION; its texts
+# keep stable leading words (spec §6.2). Substrings, lower-cased.
+_RAISE_EXCEPTION = "P0001"
 _MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
     ("queue not found", QueueNotFound),
     ("no such event queue", QueueNotFound),
@@ -135,6 +159,7 @@ _MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
     ("queue name too long", InvalidName),
     ("must not contain dot", InvalidName),
     ("name must not be empty", InvalidName),
+    ("consumers still attached", QueueHasConsumers),
 )
 
 _UNDEFINED_FUNCTION = "42883"
@@ -179,16 +204,21 @@ def translate(
         return None
     if state == _INSUFFICIENT_PRIVILEGE:
         return PermissionDenied(detail, required_role)
-    for needle, error_class in _MESSAGE_MAP:
-        if needle in lowered:
-            if error_class is QueueNotFound and queue is not None:
-                return QueueNotFound(
-                    f"queue {queue!r} does not exist; create it with "
-                    f"op.pgque_create_queue({queue!r}) in an Alembic migration or "
-                    f"SELECT pgque.create_queue({queue!r}) ({detail})"
-                )
-            return error_class(detail)
-    return None
+    if state is None or state == _RAISE_EXCEPTION:
+        # Another install's error, or a driver that exposes no SQLSTATE: only the text
+        # tells the kind.
+        error_class = next((cls for needle, cls in _MESSAGE_MAP if needle in lowered), None)
+    else:
+        error_class = _CODE_MAP.get(state)
+    if error_class is None:
+        return None
+    if error_class is QueueNotFound and queue is not None:
+        return QueueNotFound(
+            f"queue {queue!r} does not exist; create it with "
+            f"op.pgque_create_queue({queue!r}) in an Alembic migration or "
+            f"SELECT pgque.create_queue({queue!r}) ({detail})"
+        )
+    return error_class(detail)
 
 
 # The server ended the session for reasons outside the statement: admin_shutdown

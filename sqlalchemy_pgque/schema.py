@@ -21,7 +21,7 @@ import psycopg
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from .errors import EngineNotInstalled, ForeignSchemaError, first_line
+from .errors import EngineNotInstalled, ForeignSchemaError, translate
 
 __all__ = [
     "engine_build",
@@ -30,8 +30,6 @@ __all__ = [
     "installed_version",
     "uninstall",
 ]
-
-_FOREIGN_MARKER = "not created by sqlalchemy-pgque"
 
 
 def engine_sql() -> str:
@@ -73,8 +71,12 @@ def install(
             # The script ran on the driver cursor, so wrap the driver error the way
             # SQLAlchemy would have for a statement it executed itself.
             wrapped = DBAPIError.instance(script[:200], None, exc, psycopg.Error)
-            if _FOREIGN_MARKER in str(exc):
-                raise ForeignSchemaError(first_line(exc)) from wrapped
+            # Only a non-DB-API original would give a bare StatementError.
+            assert isinstance(wrapped, DBAPIError)
+            # The script's guard against a foreign pgque schema, known by its SQLSTATE.
+            foreign = translate(wrapped)
+            if isinstance(foreign, ForeignSchemaError):
+                raise foreign from wrapped
             raise wrapped from exc
 
 

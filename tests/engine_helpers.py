@@ -1,8 +1,11 @@
-"""Helpers shared by the engine tests (``test_engine_*.py``): plain psycopg calls."""
+"""Helpers shared by the engine tests (``test_engine_*.py``): plain psycopg calls, and
+the engine's SQL files read as text."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import psycopg
@@ -24,3 +27,34 @@ def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
     assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
     for consumer in consumers:
         assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
+
+
+def engine_files() -> dict[str, str]:
+    """The bundled engine's SQL files by name, in install order."""
+    sql_dir = resources.files("sqlalchemy_pgque") / "sql"
+    names = sorted(p.name for p in sql_dir.iterdir() if p.name.endswith(".sql"))
+    return {name: (sql_dir / name).read_text(encoding="utf-8") for name in names}
+
+
+def raise_exception_statements(source: str) -> list[str]:
+    """Every statement of ``source`` that raises an error, up to its semicolon:
+    ``RAISE EXCEPTION``, or ``RAISE`` without a level (which means the same); not a bare
+    ``RAISE;``, which re-raises the error being handled with its own code."""
+    source = re.sub(r"^\s*--.*$", "", source, flags=re.MULTILINE)
+    statements = []
+    error = r"\bRAISE\b(?!\s*;)(?!\s+(?:DEBUG|LOG|INFO|NOTICE|WARNING)\b)"
+    for match in re.finditer(error, source, re.IGNORECASE):
+        # A semicolon inside a quoted message does not end the statement.
+        quoted = False
+        end = match.end()
+        while quoted or source[end] != ";":
+            quoted ^= source[end] == "'"
+            end += 1
+        statements.append(source[match.start():end])
+    return statements
+
+
+def documented_error_codes() -> dict[str, str]:
+    """The SQLSTATE table at the top of the first engine file: code -> meaning."""
+    header = next(iter(engine_files().values())).split("\n\n", 1)[0]
+    return dict(re.findall(r"^--   ([0-9A-Z]{5})  (.+)$", header, re.MULTILINE))

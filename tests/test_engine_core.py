@@ -298,7 +298,7 @@ def test_unsubscribe_and_resubscribe(conn: Conn) -> None:
     tick(conn)
     assert scalar(conn, "select pgque.unsubscribe('q', 'c')") == 1
     assert scalar(conn, "select pgque.unsubscribe('q', 'c')") == 0
-    with pytest.raises(psycopg.errors.RaiseException, match="Not subscriber to queue: q/c"):
+    with pytest.raises(psycopg.ProgrammingError, match="Not subscriber to queue: q/c"):
         receive(conn, "c")
     assert scalar(conn, "select pgque.subscribe('q', 'c')") == 1
     conn.execute("select pgque.send('q', 'new'::text)")
@@ -317,7 +317,7 @@ def test_register_consumer_at_repositions_the_cursor(conn: Conn) -> None:
     # Moving back to the earlier tick replays the window after it.
     assert scalar(conn, "select pgque.register_consumer_at('q', 'c', %s)", start) == 0
     assert payloads(receive(conn, "c")) == ["one"]
-    with pytest.raises(psycopg.errors.RaiseException, match="tick not found: 999999"):
+    with pytest.raises(psycopg.ProgrammingError, match="tick not found: 999999"):
         conn.execute("select pgque.register_consumer_at('q', 'c', 999999)")
 
 
@@ -481,13 +481,13 @@ def test_paused_and_external_queues_refuse_local_ticks(conn: Conn) -> None:
     make_queue(conn, "x")
     conn.execute("select pgque.set_queue_config('p', 'ticker_paused', 'true')")
     conn.execute("select pgque.set_queue_config('x', 'queue_external_ticker', 'true')")
-    with pytest.raises(psycopg.errors.RaiseException, match="paused"):
+    with pytest.raises(psycopg.ProgrammingError, match="paused"):
         conn.execute("select pgque.ticker('p')")
-    with pytest.raises(psycopg.errors.RaiseException, match="external tick source"):
+    with pytest.raises(psycopg.ProgrammingError, match="external tick source"):
         conn.execute("select pgque.ticker('x')")
-    with pytest.raises(psycopg.errors.RaiseException, match="paused"):
+    with pytest.raises(psycopg.ProgrammingError, match="paused"):
         conn.execute("select pgque.force_next_tick('p')")
-    with pytest.raises(psycopg.errors.RaiseException, match="external"):
+    with pytest.raises(psycopg.ProgrammingError, match="external"):
         conn.execute("select pgque.force_next_tick('x')")
 
 
@@ -506,15 +506,15 @@ def test_external_ticker(conn: Conn) -> None:
     assert scalar(conn, "select pgque.ticker('x', 11, %s, %s)", stamp, sent) == 11
     assert receive(conn, "c", "x") == []  # window 1..10 is empty and gets finished
     assert payloads(receive(conn, "c", "x")) == ["e"]
-    with pytest.raises(psycopg.errors.RaiseException, match="tick_id"):
+    with pytest.raises(psycopg.ProgrammingError, match="tick_id"):
         conn.execute("select pgque.ticker('x', 11, now(), %s)", (sent,))
-    with pytest.raises(psycopg.errors.RaiseException, match="event_seq"):
+    with pytest.raises(psycopg.ProgrammingError, match="event_seq"):
         conn.execute("select pgque.ticker('x', 12, now(), 5)")
     make_queue(conn, "local")
-    with pytest.raises(psycopg.errors.RaiseException,
+    with pytest.raises(psycopg.ProgrammingError,
                        match="is not configured for external ticker"):
         conn.execute("select pgque.ticker('local', 50, now(), 50)")
-    with pytest.raises(psycopg.errors.RaiseException, match="queue not found: nosuch"):
+    with pytest.raises(psycopg.ProgrammingError, match="queue not found: nosuch"):
         conn.execute("select pgque.ticker('nosuch', 50, now(), 50)")
 
 
@@ -527,14 +527,14 @@ def test_create_and_drop_queue(conn: Conn) -> None:
     assert scalar(conn, "select count(*) from pgque.tick t join pgque.queue q"
                         " on q.queue_id = t.tick_queue where q.queue_name = 'q'") == 1
     conn.execute("select pgque.subscribe('q', 'c')")
-    with pytest.raises(psycopg.errors.RaiseException,
+    with pytest.raises(psycopg.ProgrammingError,
                        match="cannot drop queue, consumers still attached"):
         conn.execute("select pgque.drop_queue('q')")
     assert scalar(conn, "select pgque.drop_queue('q', true)") == 1
     assert scalar(conn, "select count(*) from pgque.queue") == 0
     assert scalar(conn, "select count(*) from pgque.subscription") == 0
     assert scalar(conn, "select count(*) from pgque.tick") == 0
-    with pytest.raises(psycopg.errors.RaiseException, match="No such event queue"):
+    with pytest.raises(psycopg.ProgrammingError, match="No such event queue"):
         conn.execute("select pgque.drop_queue('q')")
     # The name is free again and the new queue works from scratch.
     make_queue(conn, "q", "c")
@@ -736,7 +736,7 @@ def test_sessions_keep_sending_while_other_sessions_create_and_drop_queues(
 
         sent["q1"].append(scalar(producer, "select pgque.send('q1', 'after'::text)"))
         sent["q3"].append(scalar(producer, "select pgque.send('q3', 't', '{\"n\": 3}'::jsonb)"))
-        with pytest.raises(psycopg.errors.RaiseException, match="queue not found: q2"):
+        with pytest.raises(psycopg.ProgrammingError, match="queue not found: q2"):
             producer.execute("select pgque.send('q2', 'gone'::text)")
 
         with psycopg.connect(db.dsn) as snapshot_holder:

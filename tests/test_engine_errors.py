@@ -2,16 +2,37 @@
 
 Like test_engine_core, only the public PgQue 0.2 API and the tables the spec names as
 observable are used, so the suite also checks another install (``PGQUE_SCHEMA_SQL``).
+The SQLSTATE tests at the end are about our engine's own codes and skip another one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 
 import psycopg
 import pytest
-from engine_helpers import Conn, make_queue, scalar
-from psycopg import errors
+from conftest import Database
+from engine_helpers import Conn, documented_error_codes, make_queue, scalar
+from psycopg import errors, sql
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
+
+from sqlalchemy_pgque import (
+    BatchInProgress,
+    BatchNotFound,
+    ConsumerModeConflict,
+    ConsumerNotSubscribed,
+    ForeignSchemaError,
+    InvalidName,
+    MessageNotInBatch,
+    PgqueError,
+    QueueHasConsumers,
+    QueueNotFound,
+    schema,
+)
+from sqlalchemy_pgque.errors import sqlstate, translate
 
 
 def tick(conn: Conn, queue: str = "q") -> None:
@@ -366,3 +387,179 @@ def test_drop_queue_force_after_members_leave(conn: Conn) -> None:
     assert scalar(conn, "select pgque.drop_queue('q', true)") == 1
     assert scalar(conn, "select count(*) from pgque.subscription") == 0
     assert scalar(conn, "select count(*) from pgque.consumer") == 0
+
+
+# --- SQLSTATEs -----------------------------------------------------------------------
+#
+# Our engine gives every kind of error its own SQLSTATE (the table at the top of
+# sql/00_objects.sql) and translate() maps it by that code; another PgQue 0.2 install
+# raises the same texts as P0001, which translate() maps by their wording.
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    query: str
+    error: type[PgqueError] | None
+    setup: tuple[str, ...] = ()
+    # Whether the text alone, raised by another install, maps to ``error`` too.
+    by_text: bool = True
+
+    def __str__(self) -> str:
+        called = re.search(r"pgque\.(\w+)", self.query)
+        return f"{self.code}-{called.group(1) if called else self.query}"
+
+
+QUEUE = ("select pgque.create_queue('q')",)
+SUBSCRIBED = (*QUEUE, "select pgque.subscribe('q', 'c')")
+TICKED = (*SUBSCRIBED, "select pgque.send('q', 'x'::text)",
+          "select pgque.force_next_tick('q')", "select pgque.ticker('q')")
+GROUP = (*QUEUE, "select pgque.subscribe_subconsumer('q', 'g', 's1')")
+GROUP_BATCH = (*GROUP, "select pgque.send('q', 'x'::text)", "select pgque.force_next_tick('q')",
+               "select pgque.ticker('q')",
+               "select count(*) from pgque.receive_coop('q', 'g', 's1')")
+EXTERNAL = (*QUEUE, "select pgque.set_queue_config('q', 'external_ticker', 'true')")
+
+FAILURES = [
+    Failure("PQ001", "select pgque.send('nosuch', 'x'::text)", QueueNotFound),
+    Failure("PQ001", "select pgque.ticker('nosuch')", QueueNotFound),
+    Failure("PQ001", "select pgque.subscribe('nosuch', 'c')", QueueNotFound),
+    Failure("PQ001", "select pgque.drop_queue('nosuch')", QueueNotFound),
+    Failure("PQ002", "select * from pgque.receive('q', 'stranger')", ConsumerNotSubscribed,
+            QUEUE),
+    Failure("PQ002", "select pgque.event_retry_raw('q', 'stranger', now(), 1, now(), 0, 't',"
+                     " 'x', null, null, null, null)", ConsumerNotSubscribed, QUEUE),
+    Failure("PQ003", "select * from pgque.get_batch_events(424242)", BatchNotFound),
+    Failure("PQ003", "select pgque.nack(424242, null::pgque.message)", BatchNotFound),
+    Failure("PQ003", "select pgque.batch_retry(424242, 1)", BatchNotFound, by_text=False),
+    Failure("PQ004", "select pgque.nack(r.batch_id, row(999999, r.batch_id, 't', 'x', 0, now(),"
+                     " null, null, null, null)::pgque.message) from pgque.receive('q', 'c') r",
+            MessageNotInBatch, TICKED),
+    Failure("PQ004", "select pgque.event_retry(r.batch_id, 999999::bigint, 1)"
+                     " from pgque.receive('q', 'c') r", MessageNotInBatch, TICKED, by_text=False),
+    Failure("PQ005", "select pgque.register_consumer_at('q', 'c', 999999)", None, QUEUE),
+    Failure("PQ006", "select pgque.dlq_replay(424242)", None),
+    Failure("PQ101", "select pgque.next_batch('q', 'g')", ConsumerModeConflict, GROUP),
+    Failure("PQ101", "select pgque.register_subconsumer('q', 'c', 's1')", ConsumerModeConflict,
+            SUBSCRIBED),
+    Failure("PQ102", "select pgque.unregister_consumer('q', 'g.s1')", BatchInProgress,
+            GROUP_BATCH),
+    Failure("PQ102", "select pgque.unsubscribe_subconsumer('q', 'g', 's1', 0)", BatchInProgress,
+            GROUP_BATCH),
+    Failure("PQ103", "select pgque.drop_queue('q')", QueueHasConsumers, SUBSCRIBED),
+    Failure("PQ104", "select pgque.send('q', 'x'::text)", None,
+            (*QUEUE, "update pgque.queue set queue_disable_insert = true")),
+    Failure("PQ105", "select pgque.ticker('q')", None,
+            (*QUEUE, "select pgque.set_queue_config('q', 'ticker_paused', 'true')")),
+    Failure("PQ106", "select pgque.ticker('q')", None, EXTERNAL),
+    Failure("PQ107", "select pgque.subscribe('q', 'c')", None,
+            (*QUEUE, "delete from pgque.tick")),
+    Failure("PQ108", "select pgque.ticker('q', 1, now(), 1)", None, EXTERNAL),
+    Failure("PQ201", f"select pgque.create_queue('{'x' * 58}')", InvalidName),
+    Failure("PQ201", "select pgque.subscribe_subconsumer('q', 'a.b', 's')", InvalidName, QUEUE),
+    Failure("PQ901", "select pgque.next_batch('q', 'c')", None,
+            (*SUBSCRIBED, "update pgque.subscription set sub_last_tick = 999999")),
+    Failure("22004", "select pgque.create_queue(null)", None),
+    Failure("22004", "select pgque.send_batch('q', null::text[])", None, QUEUE),
+    Failure("22023", "select * from pgque.receive('q', 'c', 0)", None, SUBSCRIBED),
+    Failure("22023", "select pgque.set_queue_config('q', 'bogus', '1')", None, QUEUE),
+    Failure("0A000", "select pgque.start()", None),
+    Failure("0A000", "select pgque.start_timetable()", None),
+]
+# Raised by the install script and by start_timetable, with tests of their own below.
+SEPARATELY_TESTED = {"PQ301", "PQ302"}
+
+
+@pytest.fixture
+def ours(engine: Engine) -> bool:
+    """Whether the installed engine is this project's, whose errors carry our codes."""
+    with engine.connect() as c:
+        return schema.engine_build(c) is not None
+
+
+def failure_of(engine: Engine, statement: str) -> DBAPIError:
+    with engine.connect() as c, pytest.raises(DBAPIError) as info:
+        c.exec_driver_sql(statement)
+    return info.value
+
+
+def raised_by_another_install(engine: Engine, conn: Conn, message: str) -> DBAPIError:
+    """``message`` raised the way PgQue 0.2 raises its errors: without an ERRCODE."""
+    do = sql.SQL("DO $do$ BEGIN RAISE EXCEPTION USING MESSAGE = {}; END $do$").format(
+        sql.Literal(message))
+    error = failure_of(engine, do.as_string(conn))
+    assert sqlstate(error.orig) == "P0001"
+    return error
+
+
+def test_every_documented_code_is_triggered() -> None:
+    assert {f.code for f in FAILURES} | SEPARATELY_TESTED == set(documented_error_codes())
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=str)
+def test_error_code_and_class(conn: Conn, engine: Engine, ours: bool, failure: Failure) -> None:
+    if not ours:
+        pytest.skip("another engine: its errors carry no codes of ours")
+    for statement in failure.setup:
+        conn.execute(statement)
+    error = failure_of(engine, failure.query)
+    assert sqlstate(error.orig) == failure.code, str(error.orig)
+    translated = translate(error)
+    assert type(translated) is (failure.error or type(None)), repr(translated)
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=str)
+def test_same_text_from_another_install_maps_by_wording(
+    conn: Conn, engine: Engine, ours: bool, failure: Failure
+) -> None:
+    if not ours:
+        pytest.skip("the texts to replay are our engine's")
+    for statement in failure.setup:
+        conn.execute(statement)
+    original = failure_of(engine, failure.query).orig
+    assert isinstance(original, psycopg.Error)
+    message = original.diag.message_primary
+    assert message is not None
+    expected = failure.error if failure.by_text else None
+    translated = translate(raised_by_another_install(engine, conn, message))
+    assert type(translated) is (expected or type(None)), (message, repr(translated))
+
+
+def test_foreign_schema_guard(empty_db: Database) -> None:
+    with psycopg.connect(empty_db.dsn, autocommit=True) as c:
+        c.execute("create schema pgque")
+    engine = create_engine(empty_db.url)
+    try:
+        with engine.begin() as c, pytest.raises(ForeignSchemaError) as info:
+            schema.install(c)
+    finally:
+        engine.dispose()
+    error = info.value.__cause__
+    assert isinstance(error, DBAPIError)
+    assert sqlstate(error.orig) == "PQ301"
+    assert isinstance(translate(error), ForeignSchemaError)
+
+
+def test_start_timetable_refuses_an_untrusted_owner(
+    app_role: str, conn: Conn, engine: Engine, ours: bool
+) -> None:
+    owner = sql.Identifier(app_role)
+    conn.execute(sql.SQL("create schema timetable authorization {}").format(owner))
+    try:
+        conn.execute("create function timetable.add_job(text, text, text, text, text, text,"
+                     " text, text, text, text, text) returns bigint language sql as 'select 1'")
+        conn.execute("create function timetable.delete_job(text) returns boolean"
+                     " language sql as 'select true'")
+        for function in ("add_job(text, text, text, text, text, text, text, text, text,"
+                         " text, text)", "delete_job(text)"):
+            conn.execute(sql.SQL("alter function timetable.{} owner to {}").format(
+                sql.SQL(function), owner))
+        error = failure_of(engine, "select pgque.start_timetable()")
+        assert "untrusted pg_timetable schema owner" in str(error.orig)
+        if ours:
+            assert sqlstate(error.orig) == "PQ302"
+        assert translate(error) is None
+        cfg = conn.execute("select ticker_job_id, maint_job_id, scheduler from pgque.config")
+        assert cfg.fetchall() == [(None, None, None)]
+    finally:
+        conn.execute("drop schema timetable cascade")

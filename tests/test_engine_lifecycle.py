@@ -159,6 +159,7 @@ def test_start_without_pg_cron_points_to_manual_mode(conn: Conn) -> None:
         conn.execute("select pgque.start()")
     message = str(info.value)
     assert message.startswith("pg_cron extension is not installed.")
+    assert "PgQue itself works without pg_cron" in message
     assert "manual" in message
     conn.execute("select pgque.stop()")
     conn.execute("select pgque.stop_timetable()")

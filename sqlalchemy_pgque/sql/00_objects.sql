@@ -3,6 +3,40 @@
 -- Every statement here is safe to run again: a reinstall keeps queues, subscriptions,
 -- cursors, event tables, retry and dead-letter rows, and adds whatever is missing.
 -- The files of this directory run in name order inside one transaction.
+--
+-- Error codes. Every RAISE EXCEPTION of the engine sets the SQLSTATE of its kind of
+-- error, so that clients can tell errors apart without reading the texts; the texts
+-- stay those of PgQue 0.2, which raises them all as P0001 and whose clients match them
+-- by substring. Our own kinds use class PQ: PostgreSQL leaves classes beginning with
+-- I-Z to implementations and uses none starting with PQ, and psycopg files class P
+-- (like PL/pgSQL's P0001) under the DB-API's ProgrammingError, as before. Where a
+-- standard code means exactly the same thing it is used instead, as PostgreSQL's own
+-- functions would raise it.
+--
+--   PQ001  queue not found
+--   PQ002  consumer not subscribed to the queue
+--   PQ003  batch not found: unknown, finished, or taken over by another member
+--   PQ004  event not in the batch
+--   PQ005  tick not found
+--   PQ006  dead-letter entry not found
+--   PQ101  consumer used as the wrong kind (normal, cooperative main, member)
+--   PQ102  the consumer or member holds an open batch, so it cannot change now
+--   PQ103  the queue still has consumers
+--   PQ104  inserts into the queue are disabled
+--   PQ105  the queue's ticker is paused
+--   PQ106  the queue's tick source (external or local) is not the one the call needs
+--   PQ107  the queue has no tick yet
+--   PQ108  an external tick not ahead of the latest (tick_id, event_seq)
+--   PQ201  a queue, consumer or subconsumer name the engine cannot accept
+--   PQ301  a pgque schema that sqlalchemy-pgque did not create is in the way
+--   PQ302  the pg_timetable API is owned by a role the engine cannot trust; not 42501
+--          (insufficient_privilege): the caller lacks no privilege
+--   PQ901  the engine's tables contradict its invariants (a bug or a manual edit);
+--          not XX001 (data_corrupted), which reports damaged storage
+--   22004  null_value_not_allowed: a required argument is NULL; not 23502
+--          (not_null_violation), which drivers report as a constraint failure of a row
+--   22023  invalid_parameter_value: an argument out of range, or an unknown parameter
+--   0A000  feature_not_supported: pg_cron or pg_timetable is not installed
 
 -- Serialise concurrent installs (two migrations, two test workers) on one database.
 SELECT pg_advisory_xact_lock(hashtext('sqlalchemy_pgque.install'));
@@ -19,7 +53,8 @@ BEGIN
         IF coalesce(marker, '') NOT LIKE 'sqlalchemy-pgque %'
            AND coalesce(current_setting('pgque.take_over', true), '') <> 'on' THEN
             RAISE EXCEPTION 'a pgque schema not created by sqlalchemy-pgque already exists in this database'
-                USING HINT = 'keep using that install (our Python layer works with any PgQue 0.2), '
+                USING ERRCODE = 'PQ301',
+                      HINT = 'keep using that install (our Python layer works with any PgQue 0.2), '
                              'or run SET LOCAL pgque.take_over = ''on'' before installing to replace its functions';
         END IF;
     END IF;

@@ -93,7 +93,7 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Queue not found';
+        RAISE EXCEPTION 'Queue not found' USING ERRCODE = 'PQ001';
     END IF;
     tbl := split_part(q.queue_data_pfx, '.', 2);
     PERFORM pgque._grant_perms_from('pgque', 'event_template', 'pgque', tbl);
@@ -210,14 +210,15 @@ DECLARE
     i integer;
 BEGIN
     IF i_queue_name IS NULL THEN
-        RAISE EXCEPTION 'Invalid NULL value';
+        RAISE EXCEPTION 'Invalid NULL value' USING ERRCODE = '22004';
     END IF;
     IF i_queue_name = '' THEN
-        RAISE EXCEPTION 'queue name must not be empty';
+        RAISE EXCEPTION 'queue name must not be empty' USING ERRCODE = 'PQ201';
     END IF;
     -- The notify channel 'pgque_' || name must fit in a 63-byte identifier.
     IF octet_length(i_queue_name) > 57 THEN
-        RAISE EXCEPTION 'queue name too long: % bytes (max 57). The notify channel pgque_<name> must fit in 63 bytes', octet_length(i_queue_name);
+        RAISE EXCEPTION 'queue name too long: % bytes (max 57). The notify channel pgque_<name> must fit in 63 bytes', octet_length(i_queue_name)
+            USING ERRCODE = 'PQ201';
     END IF;
     IF EXISTS (SELECT 1 FROM pgque.queue WHERE queue_name = i_queue_name) THEN
         RETURN 0;
@@ -269,11 +270,11 @@ DECLARE
 BEGIN
     SELECT queue_id INTO qid FROM pgque.queue WHERE queue_name = x_queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Event queue not created yet';
+        RAISE EXCEPTION 'Event queue not created yet' USING ERRCODE = 'PQ001';
     END IF;
     IF x_tick_pos IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM pgque.tick WHERE tick_queue = qid AND tick_id = x_tick_pos) THEN
-        RAISE EXCEPTION 'cannot reposition, tick not found: %', x_tick_pos;
+        RAISE EXCEPTION 'cannot reposition, tick not found: %', x_tick_pos USING ERRCODE = 'PQ005';
     END IF;
 
     SELECT co_id INTO cid FROM pgque.consumer WHERE co_name = x_consumer_name;
@@ -300,7 +301,8 @@ BEGIN
     ELSE
         SELECT max(tick_id) INTO start_tick FROM pgque.tick WHERE tick_queue = qid;
         IF start_tick IS NULL THEN
-            RAISE EXCEPTION 'No ticks for this queue.  Please run ticker on database.';
+            RAISE EXCEPTION 'No ticks for this queue.  Please run ticker on database.'
+                USING ERRCODE = 'PQ107';
         END IF;
     END IF;
     INSERT INTO pgque.subscription (sub_queue, sub_consumer, sub_last_tick)
@@ -391,7 +393,8 @@ BEGIN
     IF sub.sub_role = 'coop_member' THEN
         IF sub.sub_batch IS NOT NULL THEN
             RAISE EXCEPTION 'cannot unregister active cooperative subconsumer without forced batch handling: %/%',
-                x_queue_name, x_consumer_name;
+                x_queue_name, x_consumer_name
+                USING ERRCODE = 'PQ102';
         END IF;
         PERFORM pgque._drop_coop_member(sub.sub_queue, sub.sub_consumer, sub.sub_id);
         RETURN 1;
@@ -402,13 +405,15 @@ BEGIN
                     WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
                       AND o.sub_role = 'coop_member' AND o.sub_batch IS NOT NULL) THEN
             RAISE EXCEPTION 'cannot unregister cooperative consumer with active subconsumer batches: %/%',
-                x_queue_name, x_consumer_name;
+                x_queue_name, x_consumer_name
+                USING ERRCODE = 'PQ102';
         END IF;
         IF EXISTS (SELECT 1 FROM pgque.subscription o
                     WHERE o.sub_queue = sub.sub_queue AND o.sub_id = sub.sub_id
                       AND o.sub_role = 'coop_member') THEN
             RAISE EXCEPTION 'cannot unregister cooperative main consumer with registered subconsumers: %/%',
-                x_queue_name, x_consumer_name;
+                x_queue_name, x_consumer_name
+                USING ERRCODE = 'PQ101';
         END IF;
     END IF;
 
@@ -445,7 +450,7 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'No such event queue';
+        RAISE EXCEPTION 'No such event queue' USING ERRCODE = 'PQ001';
     END IF;
 
     IF x_force THEN
@@ -460,7 +465,7 @@ BEGIN
             PERFORM pgque.unregister_consumer(x_queue_name, member_name);
         END LOOP;
     ELSIF EXISTS (SELECT 1 FROM pgque.subscription WHERE sub_queue = q.queue_id) THEN
-        RAISE EXCEPTION 'cannot drop queue, consumers still attached';
+        RAISE EXCEPTION 'cannot drop queue, consumers still attached' USING ERRCODE = 'PQ103';
     END IF;
 
     EXECUTE 'DROP TABLE ' || pgque.quote_fqname(q.queue_data_pfx) || ' CASCADE';
@@ -496,18 +501,18 @@ DECLARE
     interval_value interval;
 BEGIN
     IF x_queue_name IS NULL OR x_param_name IS NULL THEN
-        RAISE EXCEPTION 'Invalid NULL value';
+        RAISE EXCEPTION 'Invalid NULL value' USING ERRCODE = '22004';
     END IF;
     SELECT queue_id INTO qid FROM pgque.queue WHERE queue_name = x_queue_name FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'No such event queue';
+        RAISE EXCEPTION 'No such event queue' USING ERRCODE = 'PQ001';
     END IF;
 
     param := CASE WHEN x_param_name LIKE 'queue\_%' THEN substr(x_param_name, 7)
                   ELSE x_param_name END;
     IF param NOT IN ('ticker_max_count', 'ticker_max_lag', 'ticker_idle_period',
                      'ticker_paused', 'rotation_period', 'external_ticker', 'max_retries') THEN
-        RAISE EXCEPTION 'cannot change parameter "%"', x_param_name;
+        RAISE EXCEPTION 'cannot change parameter "%"', x_param_name USING ERRCODE = '22023';
     END IF;
 
     IF x_param_value IS NULL THEN
@@ -519,17 +524,20 @@ BEGIN
     IF param = 'max_retries' THEN
         int_value := x_param_value::integer;
         IF int_value < 0 THEN
-            RAISE EXCEPTION 'set_queue_config: max_retries must be >= 0, got %', int_value;
+            RAISE EXCEPTION 'set_queue_config: max_retries must be >= 0, got %', int_value
+                USING ERRCODE = '22023';
         END IF;
     ELSIF param = 'ticker_max_count' THEN
         int_value := x_param_value::integer;
         IF int_value <= 0 THEN
-            RAISE EXCEPTION 'set_queue_config: ticker_max_count must be > 0, got %', int_value;
+            RAISE EXCEPTION 'set_queue_config: ticker_max_count must be > 0, got %', int_value
+                USING ERRCODE = '22023';
         END IF;
     ELSIF param IN ('ticker_max_lag', 'ticker_idle_period', 'rotation_period') THEN
         interval_value := x_param_value::interval;
         IF interval_value <= interval '0' THEN
-            RAISE EXCEPTION 'set_queue_config: % must be > 0, got %', param, interval_value;
+            RAISE EXCEPTION 'set_queue_config: % must be > 0, got %', param, interval_value
+                USING ERRCODE = '22023';
         END IF;
     END IF;
 
@@ -553,10 +561,10 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pgque.queue WHERE queue_name = x_queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Event queue not found';
+        RAISE EXCEPTION 'Event queue not found' USING ERRCODE = 'PQ001';
     END IF;
     IF q.queue_disable_insert AND current_setting('session_replication_role') <> 'replica' THEN
-        RAISE EXCEPTION 'Writing to queue disabled';
+        RAISE EXCEPTION 'Writing to queue disabled' USING ERRCODE = 'PQ104';
     END IF;
     RETURN q.queue_data_pfx || '_' || q.queue_cur_table;
 END

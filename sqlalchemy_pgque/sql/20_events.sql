@@ -33,10 +33,10 @@ BEGIN
       INTO event_table, event_seq, disabled
       FROM pgque.queue q WHERE q.queue_name = insert_event_raw.queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue not found: %', queue_name;
+        RAISE EXCEPTION 'queue not found: %', queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF disabled AND current_setting('session_replication_role') <> 'replica' THEN
-        RAISE EXCEPTION 'Insert into queue disallowed';
+        RAISE EXCEPTION 'Insert into queue disallowed' USING ERRCODE = 'PQ104';
     END IF;
     drawn := nextval(event_seq);
     EXECUTE 'INSERT INTO ' || event_table
@@ -68,10 +68,10 @@ BEGIN
       INTO qid, cur_table, data_pfx, event_seq, disabled
       FROM pgque.queue q WHERE q.queue_name = _insert_event.queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue not found: %', queue_name;
+        RAISE EXCEPTION 'queue not found: %', queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF disabled AND current_setting('session_replication_role') <> 'replica' THEN
-        RAISE EXCEPTION 'Insert into queue disallowed';
+        RAISE EXCEPTION 'Insert into queue disallowed' USING ERRCODE = 'PQ104';
     END IF;
     drawn := nextval(event_seq);
     IF NOT pgque._insert_static(qid, cur_table, drawn, ev_type, ev_data,
@@ -124,7 +124,7 @@ DECLARE
     ids bigint[];
 BEGIN
     IF ev_data_list IS NULL THEN
-        RAISE EXCEPTION 'payloads must not be null';
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     IF cardinality(ev_data_list) = 0 THEN
         RETURN '{}'::bigint[];
@@ -133,10 +133,10 @@ BEGIN
       INTO event_table, event_seq, disabled
       FROM pgque.queue q WHERE q.queue_name = insert_event_bulk.queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue not found: %', queue_name;
+        RAISE EXCEPTION 'queue not found: %', queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF disabled AND current_setting('session_replication_role') <> 'replica' THEN
-        RAISE EXCEPTION 'Insert into queue disallowed';
+        RAISE EXCEPTION 'Insert into queue disallowed' USING ERRCODE = 'PQ104';
     END IF;
     ids := ARRAY(SELECT nextval(event_seq) FROM generate_series(1, cardinality(ev_data_list)));
     EXECUTE 'INSERT INTO ' || event_table || ' (ev_id, ev_time, ev_type, ev_data)'
@@ -199,7 +199,7 @@ SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
     IF payloads IS NULL THEN
-        RAISE EXCEPTION 'payloads must not be null';
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     RETURN pgque.insert_event_bulk(queue_name, type_name, payloads);
 END
@@ -216,7 +216,7 @@ SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
     IF payloads IS NULL THEN
-        RAISE EXCEPTION 'payloads must not be null';
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     RETURN pgque.insert_event_bulk(queue_name, type_name, ARRAY(
         SELECT p::text FROM unnest(payloads) WITH ORDINALITY AS u(p, n) ORDER BY n));
@@ -231,7 +231,7 @@ SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
     IF payloads IS NULL THEN
-        RAISE EXCEPTION 'payloads must not be null';
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     RETURN pgque.insert_event_bulk(queue_name, 'default', payloads);
 END
@@ -245,7 +245,7 @@ SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
     IF payloads IS NULL THEN
-        RAISE EXCEPTION 'payloads must not be null';
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     RETURN pgque.insert_event_bulk(queue_name, 'default', ARRAY(
         SELECT p::text FROM unnest(payloads) WITH ORDINALITY AS u(p, n) ORDER BY n));

@@ -61,19 +61,19 @@ BEGIN
         IF i_skip_ineligible THEN
             RETURN NULL;
         END IF;
-        RAISE EXCEPTION 'no such queue: %', i_queue_name;
+        RAISE EXCEPTION 'no such queue: %', i_queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF q.queue_external_ticker THEN
         IF i_skip_ineligible THEN
             RETURN NULL;
         END IF;
-        RAISE EXCEPTION 'This queue has external tick source.';
+        RAISE EXCEPTION 'This queue has external tick source.' USING ERRCODE = 'PQ106';
     END IF;
     IF q.queue_ticker_paused THEN
         IF i_skip_ineligible THEN
             RETURN NULL;
         END IF;
-        RAISE EXCEPTION 'Ticker has been paused for this queue';
+        RAISE EXCEPTION 'Ticker has been paused for this queue' USING ERRCODE = 'PQ105';
     END IF;
 
     event_seq := pgque.seq_getval(q.queue_event_seq);
@@ -85,7 +85,8 @@ BEGIN
         IF pg_snapshot_xmin(last_tick.tick_snapshot)::text::bigint > cur_txid THEN
             RAISE EXCEPTION 'Invalid PgQ state: old xmin=%, old xmax=%, cur txid=%',
                 pg_snapshot_xmin(last_tick.tick_snapshot),
-                pg_snapshot_xmax(last_tick.tick_snapshot), cur_txid;
+                pg_snapshot_xmax(last_tick.tick_snapshot), cur_txid
+                USING ERRCODE = 'PQ901';
         END IF;
         IF pg_snapshot_xmax(last_tick.tick_snapshot)::text::bigint > cur_txid THEN
             RAISE WARNING 'Dubious PgQ state: old xmax=%, cur txid=%',
@@ -175,18 +176,21 @@ BEGIN
     PERFORM 1 FROM pgque.queue WHERE queue_name = i_queue_name FOR NO KEY UPDATE;
     SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue not found: %', i_queue_name;
+        RAISE EXCEPTION 'queue not found: %', i_queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF q.queue_ticker_paused THEN
-        RAISE EXCEPTION 'queue % is paused (queue_ticker_paused = true)', i_queue_name;
+        RAISE EXCEPTION 'queue % is paused (queue_ticker_paused = true)', i_queue_name
+            USING ERRCODE = 'PQ105';
     END IF;
     IF NOT q.queue_external_ticker THEN
         RAISE EXCEPTION 'queue % is not configured for external ticker (queue_external_ticker = false)',
-            i_queue_name;
+            i_queue_name
+            USING ERRCODE = 'PQ106';
     END IF;
     IF i_tick_id IS NULL OR i_orig_timestamp IS NULL OR i_event_seq IS NULL THEN
         RAISE EXCEPTION 'external tick for queue % needs tick_id, timestamp and event_seq, got %, %, %',
-            i_queue_name, i_tick_id, i_orig_timestamp, i_event_seq;
+            i_queue_name, i_tick_id, i_orig_timestamp, i_event_seq
+            USING ERRCODE = '22004';
     END IF;
 
     SELECT * INTO last_tick FROM pgque.tick
@@ -194,11 +198,13 @@ BEGIN
     IF FOUND THEN
         IF i_tick_id <= last_tick.tick_id THEN
             RAISE EXCEPTION 'external tick_id % must be greater than the latest tick_id % of queue %',
-                i_tick_id, last_tick.tick_id, i_queue_name;
+                i_tick_id, last_tick.tick_id, i_queue_name
+                USING ERRCODE = 'PQ108';
         END IF;
         IF i_event_seq < last_tick.tick_event_seq THEN
             RAISE EXCEPTION 'external event_seq % is below the latest tick event_seq % of queue %',
-                i_event_seq, last_tick.tick_event_seq, i_queue_name;
+                i_event_seq, last_tick.tick_event_seq, i_queue_name
+                USING ERRCODE = 'PQ108';
         END IF;
     END IF;
 
@@ -226,13 +232,15 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue not found: %', i_queue_name;
+        RAISE EXCEPTION 'queue not found: %', i_queue_name USING ERRCODE = 'PQ001';
     END IF;
     IF q.queue_ticker_paused THEN
-        RAISE EXCEPTION 'queue % is paused (queue_ticker_paused = true)', i_queue_name;
+        RAISE EXCEPTION 'queue % is paused (queue_ticker_paused = true)', i_queue_name
+            USING ERRCODE = 'PQ105';
     END IF;
     IF q.queue_external_ticker THEN
-        RAISE EXCEPTION 'queue % has an external tick source (queue_external_ticker = true)', i_queue_name;
+        RAISE EXCEPTION 'queue % has an external tick source (queue_external_ticker = true)', i_queue_name
+            USING ERRCODE = 'PQ106';
     END IF;
     seq := pgque.quote_fqname(q.queue_event_seq)::regclass;
     PERFORM setval(seq, nextval(seq) + 2 * q.queue_ticker_max_count + 1000);

@@ -84,19 +84,22 @@ BEGIN
        FOR UPDATE OF s;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'Not subscriber to queue: %/%',
-            coalesce(i_queue_name, 'NULL'), coalesce(i_consumer_name, 'NULL');
+            coalesce(i_queue_name, 'NULL'), coalesce(i_consumer_name, 'NULL')
+            USING ERRCODE = 'PQ002';
     END IF;
 
     IF sub.sub_role = 'coop_member' THEN
         RAISE EXCEPTION 'consumer % on queue % is a cooperative subconsumer; use cooperative receive/next_batch with its main consumer and subconsumer names',
-            i_consumer_name, i_queue_name;
+            i_consumer_name, i_queue_name
+            USING ERRCODE = 'PQ101';
     END IF;
     IF sub.sub_role = 'coop_main' THEN
         IF EXISTS (SELECT 1 FROM pgque.subscription m
                     WHERE m.sub_queue = sub.sub_queue AND m.sub_id = sub.sub_id
                       AND m.sub_role = 'coop_member') THEN
             RAISE EXCEPTION 'consumer % on queue % is a cooperative main consumer; use cooperative receive/next_batch with a subconsumer',
-                i_consumer_name, i_queue_name;
+                i_consumer_name, i_queue_name
+                USING ERRCODE = 'PQ101';
         END IF;
     END IF;
 
@@ -106,7 +109,8 @@ BEGIN
     END IF;
     IF sub.sub_last_tick IS NULL OR prev_tick.tick_id IS NULL THEN
         RAISE EXCEPTION 'PgQ corruption: Consumer % on queue % does not see tick %',
-            i_consumer_name, i_queue_name, coalesce(sub.sub_last_tick::text, 'NULL');
+            i_consumer_name, i_queue_name, coalesce(sub.sub_last_tick::text, 'NULL')
+            USING ERRCODE = 'PQ901';
     END IF;
 
     IF sub.sub_batch IS NOT NULL THEN
@@ -190,7 +194,7 @@ BEGIN
       JOIN pgque.tick tc ON tc.tick_queue = s.sub_queue AND tc.tick_id = s.sub_next_tick
      WHERE s.sub_batch = x_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch not found: %', x_batch_id;
+        RAISE EXCEPTION 'batch not found: %', x_batch_id USING ERRCODE = 'PQ003';
     END IF;
 
     lo := pg_snapshot_xmin(b.last_snapshot)::text::bigint;
@@ -236,7 +240,7 @@ BEGIN
       JOIN pgque.tick tc ON tc.tick_queue = s.sub_queue AND tc.tick_id = s.sub_next_tick
      WHERE s.sub_batch = x_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch not found: %', x_batch_id;
+        RAISE EXCEPTION 'batch not found: %', x_batch_id USING ERRCODE = 'PQ003';
     END IF;
 
     range_start := pg_snapshot_xmax(b.last_snapshot)::text::bigint;
@@ -343,7 +347,8 @@ BEGIN
 
     IF sub.sub_role = 'coop_main' THEN
         RAISE EXCEPTION 'cannot finish cooperative main consumer batch %: a main consumer never holds a batch',
-            x_batch_id;
+            x_batch_id
+            USING ERRCODE = 'PQ901';
     ELSIF sub.sub_role = 'coop_member' THEN
         -- The group cursor on the main row moved when the window was handed out.
         UPDATE pgque.subscription
@@ -382,7 +387,8 @@ DECLARE
     batch bigint;
 BEGIN
     IF i_max_return IS NULL OR i_max_return < 1 THEN
-        RAISE EXCEPTION 'pgque.receive: max_return must be >= 1, got %', coalesce(i_max_return::text, 'NULL');
+        RAISE EXCEPTION 'pgque.receive: max_return must be >= 1, got %', coalesce(i_max_return::text, 'NULL')
+            USING ERRCODE = '22023';
     END IF;
     batch := pgque.next_batch(i_queue, i_consumer);
     IF batch IS NULL THEN

@@ -66,11 +66,12 @@ BEGIN
     SELECT sub_queue, sub_id INTO sub
       FROM pgque.subscription WHERE sub_batch = x_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch not found: %', x_batch_id;
+        RAISE EXCEPTION 'batch not found: %', x_batch_id USING ERRCODE = 'PQ003';
     END IF;
     ev := pgque._batch_event(x_batch_id, x_event_id);
     IF ev.ev_id IS NULL THEN
-        RAISE EXCEPTION 'event not found: % in batch %', x_event_id, x_batch_id;
+        RAISE EXCEPTION 'event not found: % in batch %', x_event_id, x_batch_id
+            USING ERRCODE = 'PQ004';
     END IF;
     RETURN pgque._park_event(sub.sub_queue, sub.sub_id, x_retry_time, ev);
 END
@@ -101,7 +102,7 @@ BEGIN
     SELECT sub_queue, sub_id INTO sub
       FROM pgque.subscription WHERE sub_batch = i_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch_retry: batch % not found', i_batch_id;
+        RAISE EXCEPTION 'batch_retry: batch % not found', i_batch_id USING ERRCODE = 'PQ003';
     END IF;
     INSERT INTO pgque.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid,
                                    ev_owner, ev_retry, ev_type, ev_data,
@@ -136,7 +137,7 @@ BEGIN
       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
      WHERE q.queue_name = x_queue AND c.co_name = x_consumer;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'consumer not registered: %/%', x_queue, x_consumer;
+        RAISE EXCEPTION 'consumer not registered: %/%', x_queue, x_consumer USING ERRCODE = 'PQ002';
     END IF;
     new_id := coalesce(x_ev_id, nextval(pgque.quote_fqname(sub.queue_event_seq)::regclass));
     INSERT INTO pgque.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid,
@@ -198,7 +199,7 @@ BEGIN
     SELECT sub_queue, sub_consumer, sub_id, sub_role INTO sub
       FROM pgque.subscription WHERE sub_batch = i_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch not found: %', i_batch_id;
+        RAISE EXCEPTION 'batch not found: %', i_batch_id USING ERRCODE = 'PQ003';
     END IF;
     consumer_id := sub.sub_consumer;
     IF sub.sub_role = 'coop_member' THEN
@@ -242,13 +243,13 @@ BEGIN
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
      WHERE s.sub_batch = i_batch_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'batch not found: %', i_batch_id;
+        RAISE EXCEPTION 'batch not found: %', i_batch_id USING ERRCODE = 'PQ003';
     END IF;
     IF msg_id IS NOT NULL THEN
         ev := pgque._batch_event(i_batch_id, msg_id);
     END IF;
     IF ev.ev_id IS NULL THEN
-        RAISE EXCEPTION 'msg_id % not found in batch %', msg_id, i_batch_id;
+        RAISE EXCEPTION 'msg_id % not found in batch %', msg_id, i_batch_id USING ERRCODE = 'PQ004';
     END IF;
     IF coalesce(ev.ev_retry, 0) >= sub.retry_budget THEN
         PERFORM pgque.event_dead(i_batch_id, ev.ev_id,
@@ -304,7 +305,7 @@ BEGIN
      WHERE d.dl_id = i_dead_letter_id
        FOR UPDATE OF d;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'dead letter entry not found: %', i_dead_letter_id;
+        RAISE EXCEPTION 'dead letter entry not found: %', i_dead_letter_id USING ERRCODE = 'PQ006';
     END IF;
     new_id := pgque.insert_event(dl.queue_name, dl.ev_type, dl.ev_data,
                                  dl.ev_extra1, dl.ev_extra2, dl.ev_extra3, dl.ev_extra4);

@@ -33,7 +33,8 @@ BEGIN
     cur_txid := pg_current_xact_id()::text::bigint;
     IF cur_txid < q.queue_switch_step1 THEN
         RAISE EXCEPTION 'queue % maint failure: step1=%, current=%',
-            i_queue_name, q.queue_switch_step1, cur_txid;
+            i_queue_name, q.queue_switch_step1, cur_txid
+            USING ERRCODE = 'PQ901';
     END IF;
 
     -- The slowest subscription may still read the table written before the last
@@ -43,7 +44,8 @@ BEGIN
         SELECT pg_snapshot_xmin(tick_snapshot)::text::bigint INTO low_xmin
           FROM pgque.tick WHERE tick_queue = q.queue_id AND tick_id = low_tick;
         IF NOT FOUND THEN
-            RAISE EXCEPTION 'queue % maint failure: tick % not found', i_queue_name, low_tick;
+            RAISE EXCEPTION 'queue % maint failure: tick % not found', i_queue_name, low_tick
+                USING ERRCODE = 'PQ901';
         END IF;
         IF low_xmin <= q.queue_switch_step2 THEN
             RETURN 0;
@@ -243,7 +245,8 @@ BEGIN
     IF p_period_ms IS NULL OR p_period_ms < 1 OR p_period_ms > 1000
        OR 1000 % p_period_ms <> 0 THEN
         RAISE EXCEPTION 'tick_period_ms must be an exact divisor of 1000 between 1 and 1000 (got %)',
-            p_period_ms;
+            p_period_ms
+            USING ERRCODE = '22023';
     END IF;
     UPDATE pgque.config SET tick_period_ms = p_period_ms;
     RETURN p_period_ms;

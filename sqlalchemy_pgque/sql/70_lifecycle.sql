@@ -124,11 +124,13 @@ DECLARE
     maint_job bigint;
 BEGIN
     IF NOT pgque._pg_cron_installed() THEN
-        RAISE EXCEPTION 'pg_cron extension is not installed. Run PgQue in manual mode instead: '
-                        'call pgque.ticker() every tick period (or CALL pgque.ticker_loop() once a second), '
+        RAISE EXCEPTION 'pg_cron extension is not installed. PgQue itself works without pg_cron: '
+                        'run it in manual mode, calling pgque.ticker() every tick period '
+                        '(or CALL pgque.ticker_loop() once a second), '
                         'pgque.maint_retry_events() and pgque.maint() every 30 seconds, and '
                         'pgque.maint_rotate_tables_step2() every 10 seconds in its own transaction'
-            USING HINT = 'sqlalchemy-pgque runs these for you: python -m sqlalchemy_pgque.worker --ticker';
+            USING ERRCODE = '0A000',
+                  HINT = 'sqlalchemy-pgque runs these for you: python -m sqlalchemy_pgque.worker --ticker';
     END IF;
     PERFORM pgque.stop_timetable();
     PERFORM pgque.stop();
@@ -165,15 +167,18 @@ DECLARE
 BEGIN
     IF state = 'absent' THEN
         RAISE EXCEPTION 'pg_timetable is not installed (no timetable schema with add_job and delete_job). '
-                        'Use pgque.start() with pg_cron, or run the ticker in manual mode';
+                        'Use pgque.start() with pg_cron, or run the ticker in manual mode'
+            USING ERRCODE = '0A000';
     ELSIF state = 'untrusted' THEN
-        RAISE EXCEPTION 'untrusted pg_timetable API: schema timetable and its add_job / delete_job '
-                        'functions must be owned by % or a superuser', current_user;
+        RAISE EXCEPTION 'untrusted pg_timetable schema owner: schema timetable and its add_job / delete_job '
+                        'functions must be owned by % or a superuser', current_user
+            USING ERRCODE = 'PQ302';
     END IF;
     IF i_ticks_per_second IS NULL OR i_ticks_per_second < 1 OR i_ticks_per_second > 1000
        OR 1000 % i_ticks_per_second <> 0 THEN
         RAISE EXCEPTION 'ticks_per_second must be an exact divisor of 1000 between 1 and 1000 (got %)',
-            i_ticks_per_second;
+            i_ticks_per_second
+            USING ERRCODE = '22023';
     END IF;
     UPDATE pgque.config SET tick_period_ms = 1000 / i_ticks_per_second;
     PERFORM pgque.stop();

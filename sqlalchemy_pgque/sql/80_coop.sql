@@ -14,21 +14,23 @@ SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
     IF coalesce(i_queue, '') = '' THEN
-        RAISE EXCEPTION 'queue name must not be empty';
+        RAISE EXCEPTION 'queue name must not be empty' USING ERRCODE = 'PQ201';
     END IF;
     IF coalesce(i_consumer, '') = '' THEN
-        RAISE EXCEPTION 'consumer name must not be empty';
+        RAISE EXCEPTION 'consumer name must not be empty' USING ERRCODE = 'PQ201';
     END IF;
     IF coalesce(i_subconsumer, '') = '' THEN
-        RAISE EXCEPTION 'subconsumer name must not be empty';
+        RAISE EXCEPTION 'subconsumer name must not be empty' USING ERRCODE = 'PQ201';
     END IF;
     -- A member row is named consumer || '.' || subconsumer; a dot in either part would
     -- make that name ambiguous.
     IF strpos(i_consumer, '.') > 0 THEN
-        RAISE EXCEPTION 'cooperative consumer name must not contain dot: %', i_consumer;
+        RAISE EXCEPTION 'cooperative consumer name must not contain dot: %', i_consumer
+            USING ERRCODE = 'PQ201';
     END IF;
     IF strpos(i_subconsumer, '.') > 0 THEN
-        RAISE EXCEPTION 'cooperative subconsumer name must not contain dot: %', i_subconsumer;
+        RAISE EXCEPTION 'cooperative subconsumer name must not contain dot: %', i_subconsumer
+            USING ERRCODE = 'PQ201';
     END IF;
 END
 $$;
@@ -56,7 +58,7 @@ BEGIN
 
     SELECT queue_id INTO v_queue_id FROM pgque.queue WHERE queue_name = i_queue;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Event queue not created yet';
+        RAISE EXCEPTION 'Event queue not created yet' USING ERRCODE = 'PQ001';
     END IF;
 
     -- Concurrent first registrations of one name: the loser's insert waits for the
@@ -70,7 +72,8 @@ BEGIN
     IF NOT FOUND THEN
         SELECT max(tick_id) INTO v_latest FROM pgque.tick WHERE tick_queue = v_queue_id;
         IF v_latest IS NULL THEN
-            RAISE EXCEPTION 'No ticks for this queue.  Please run ticker on database.';
+            RAISE EXCEPTION 'No ticks for this queue.  Please run ticker on database.'
+                USING ERRCODE = 'PQ107';
         END IF;
         INSERT INTO pgque.subscription (sub_queue, sub_consumer, sub_last_tick, sub_role)
         VALUES (v_queue_id, v_main_co, v_latest, 'coop_main')
@@ -83,17 +86,20 @@ BEGIN
     IF main_sub.sub_role = 'normal' THEN
         IF NOT coalesce(i_convert_normal, false) THEN
             RAISE EXCEPTION 'consumer % on queue % is already a normal consumer; explicit conversion is required',
-                i_consumer, i_queue;
+                i_consumer, i_queue
+                USING ERRCODE = 'PQ101';
         END IF;
         IF main_sub.sub_batch IS NOT NULL THEN
             RAISE EXCEPTION 'cannot convert active normal consumer % on queue % while batch % is open',
-                i_consumer, i_queue, main_sub.sub_batch;
+                i_consumer, i_queue, main_sub.sub_batch
+                USING ERRCODE = 'PQ102';
         END IF;
         UPDATE pgque.subscription SET sub_role = 'coop_main'
          WHERE sub_queue = v_queue_id AND sub_consumer = v_main_co;
     ELSIF main_sub.sub_role <> 'coop_main' THEN
         RAISE EXCEPTION 'consumer % on queue % is not a cooperative main consumer',
-            i_consumer, i_queue;
+            i_consumer, i_queue
+            USING ERRCODE = 'PQ101';
     END IF;
 
     INSERT INTO pgque.consumer (co_name) VALUES (v_member_name) ON CONFLICT (co_name) DO NOTHING;
@@ -105,7 +111,8 @@ BEGIN
     IF FOUND THEN
         IF member_sub.sub_role <> 'coop_member' OR member_sub.sub_id <> main_sub.sub_id THEN
             RAISE EXCEPTION 'consumer name % on queue % is already registered incompatibly',
-                v_member_name, i_queue;
+                v_member_name, i_queue
+                USING ERRCODE = 'PQ101';
         END IF;
         UPDATE pgque.subscription SET sub_active = now()
          WHERE sub_queue = v_queue_id AND sub_consumer = v_member_co;
@@ -150,7 +157,8 @@ DECLARE
     ev            pgque.event_template;
 BEGIN
     IF i_batch_handling IS NULL OR i_batch_handling NOT IN (0, 1) THEN
-        RAISE EXCEPTION 'unsupported batch_handling value: %', coalesce(i_batch_handling::text, 'NULL');
+        RAISE EXCEPTION 'unsupported batch_handling value: %', coalesce(i_batch_handling::text, 'NULL')
+            USING ERRCODE = '22023';
     END IF;
     PERFORM pgque._validate_coop_names(i_queue, i_consumer, i_subconsumer);
 
@@ -181,7 +189,8 @@ BEGIN
     IF member_sub.sub_batch IS NOT NULL THEN
         IF i_batch_handling = 0 THEN
             RAISE EXCEPTION 'cannot unregister active cooperative subconsumer %/%/% without batch_handling = 1',
-                i_queue, i_consumer, i_subconsumer;
+                i_queue, i_consumer, i_subconsumer
+                USING ERRCODE = 'PQ102';
         END IF;
         -- The same budget rule as nack: exhausted events go to the DLQ, the rest come
         -- back to the group through the retry queue. Each event is parked from the row
@@ -275,7 +284,7 @@ BEGIN
 
     SELECT queue_id INTO v_queue_id FROM pgque.queue WHERE queue_name = i_queue;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Event queue not created yet';
+        RAISE EXCEPTION 'Event queue not created yet' USING ERRCODE = 'PQ001';
     END IF;
 
     -- Lock the main row, then the member row. A missing or mismatched pair is handed to
@@ -296,7 +305,8 @@ BEGIN
         END IF;
         IF v_attempt = 2 THEN
             RAISE EXCEPTION 'cooperative subconsumer %/%/% vanished during registration',
-                i_queue, i_consumer, i_subconsumer;
+                i_queue, i_consumer, i_subconsumer
+                USING ERRCODE = 'PQ901';
         END IF;
         PERFORM pgque.register_subconsumer(i_queue, i_consumer, i_subconsumer, false);
     END LOOP;
@@ -344,13 +354,15 @@ BEGIN
 
     IF main_sub.sub_batch IS NOT NULL THEN
         RAISE EXCEPTION 'cooperative main consumer % on queue % has an unexpected active batch %',
-            i_consumer, i_queue, main_sub.sub_batch;
+            i_consumer, i_queue, main_sub.sub_batch
+            USING ERRCODE = 'PQ901';
     END IF;
     SELECT * INTO cursor_tick FROM pgque.tick
      WHERE tick_queue = v_queue_id AND tick_id = main_sub.sub_last_tick;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'PgQ corruption: Consumer % on queue % does not see tick %',
-            i_consumer, i_queue, coalesce(main_sub.sub_last_tick::text, 'NULL');
+            i_consumer, i_queue, coalesce(main_sub.sub_last_tick::text, 'NULL')
+            USING ERRCODE = 'PQ901';
     END IF;
 
     SELECT h.next_tick_id, h.next_tick_time INTO end_tick.tick_id, end_tick.tick_time
@@ -409,7 +421,8 @@ DECLARE
 BEGIN
     IF i_max_return IS NULL OR i_max_return < 1 THEN
         RAISE EXCEPTION 'pgque.receive_coop: max_return must be >= 1, got %',
-            coalesce(i_max_return::text, 'NULL');
+            coalesce(i_max_return::text, 'NULL')
+            USING ERRCODE = '22023';
     END IF;
 
     v_batch_id := pgque.next_batch(i_queue, i_consumer, i_subconsumer, i_dead_interval);
