@@ -1,4 +1,4 @@
-"""Connections, LISTEN, wake-ups and signals shared by the consumer, ticker and worker.
+"""LISTEN connections, shared by the consumers and the ticker.
 
 A LISTEN must live on a connection that stays open and idle between notifications,
 so it cannot come from a pool that hands connections to other work. The connection is
@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import select
-import signal
-import socket
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from sqlalchemy import URL, Engine
+
+from ._runloop import Steps, Waker, adrive, drive
 
 if TYPE_CHECKING:
     # Only annotations: importing sqlalchemy.ext.asyncio needs greenlet (the asyncio extra).
@@ -31,16 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncListener",
-    "Backoff",
     "Listener",
-    "Outage",
-    "Waker",
-    "aclose_quietly",
     "close_quietly",
+    "closed_quietly",
     "connect_autocommit",
-    "connect_autocommit_async",
     "conninfo_from_url",
-    "stop_signals_handled",
     "url_from_conninfo",
 ]
 
@@ -86,105 +78,36 @@ def url_from_conninfo(conninfo: str) -> URL:
     )
 
 
+def _autocommit_connection(engine: Any, connect: Callable[..., Any]) -> Steps[Any]:
+    """A new autocommit psycopg connection owned by the caller (close it when done),
+    as steps over an ``Engine`` (``connect``: ``psycopg.connect``) or an
+    ``AsyncEngine`` (``psycopg.AsyncConnection.connect``)."""
+    pooled = yield engine.raw_connection
+    driver_conn = pooled.driver_connection
+    if isinstance(driver_conn, (psycopg.Connection, psycopg.AsyncConnection)):
+        pooled.detach()
+        yield driver_conn.rollback
+        yield partial(driver_conn.set_autocommit, True)
+        return driver_conn
+    pooled.close()
+    return (yield partial(connect, conninfo_from_url(engine.url), autocommit=True))
+
+
 def connect_autocommit(engine: Engine) -> psycopg.Connection[Any]:
     """A new autocommit psycopg connection owned by the caller (close it when done)."""
-    pooled = engine.raw_connection()
-    driver_conn = pooled.driver_connection
-    if isinstance(driver_conn, psycopg.Connection):
-        pooled.detach()
-        driver_conn.rollback()
-        driver_conn.autocommit = True
-        return driver_conn
-    pooled.close()
-    return psycopg.connect(conninfo_from_url(engine.url), autocommit=True)
+    connection: psycopg.Connection[Any] = drive(_autocommit_connection(engine, psycopg.connect))
+    return connection
 
 
-async def connect_autocommit_async(engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
-    """The asyncio counterpart of :func:`connect_autocommit`."""
-    pooled = await engine.raw_connection()
-    driver_conn = pooled.driver_connection
-    if isinstance(driver_conn, psycopg.AsyncConnection):
-        pooled.detach()
-        await driver_conn.rollback()
-        await driver_conn.set_autocommit(True)
-        return driver_conn
-    pooled.close()
-    return await psycopg.AsyncConnection.connect(
-        conninfo_from_url(engine.url), autocommit=True
-    )
-
-
-class Backoff:
-    """Delays between reconnection attempts: from 0.1 s, doubling, capped at 2 s.
-
-    Each delay is drawn from the upper half of its step, so that processes that lost
-    the server together do not come back in lockstep. The cap is low on purpose: an
-    attempt against a server that is down costs next to nothing, and a worker should
-    be delivering again within a couple of seconds of the server's return.
-    """
-
-    FIRST = 0.1
-    MAX = 2.0
-
-    def __init__(self, first: float = FIRST, cap: float = MAX) -> None:
-        self._first = first
-        self._cap = cap
-        self._step = first
-
-    def next(self) -> float:
-        step = self._step
-        self._step = min(step * 2, self._cap)
-        return random.uniform(step / 2, step)
-
-    def reset(self) -> None:
-        self._step = self._first
-
-
-class Outage:
-    """Backoff and logging for a loop that lost its database.
-
-    The first failure is logged with its error; while the failures go on, one line
-    every :attr:`REPEAT_LOG_INTERVAL` seconds says how long it has lasted, so a
-    restarting server does not flood the log; the recovery is logged once.
-    """
-
-    REPEAT_LOG_INTERVAL = 30.0
-
-    def __init__(self, label: str, logger: logging.Logger) -> None:
-        self.label = label
-        self._log = logger
-        self.backoff = Backoff()
-        self.started: float | None = None
-        """``time.monotonic()`` of the first failure of the outage in progress."""
-        self.failures = 0
-        self._next_log = 0.0
-
-    def failed(self, description: str, action: str = "reconnecting") -> float:
-        """Record a failure described by ``description``; the delay before ``action``."""
-        now = time.monotonic()
-        delay = self.backoff.next()
-        self.failures += 1
-        if self.started is None:
-            self.started = now
-            self._next_log = now + self.REPEAT_LOG_INTERVAL
-            self._log.warning("%s: %s; %s in %.2f s", self.label, description, action, delay)
-        elif now >= self._next_log:
-            self._next_log = now + self.REPEAT_LOG_INTERVAL
-            self._log.warning("%s: still failing after %.0f s and %d attempts: %s",
-                              self.label, now - self.started, self.failures, description)
-        else:
-            self._log.debug("%s: %s; %s in %.2f s", self.label, description, action, delay)
-        return delay
-
-    def succeeded(self) -> None:
-        """Record a success; ends (and logs the end of) the outage in progress."""
-        if self.started is None:
-            return
-        self._log.info("%s: database back after %.1f s (%d failed attempts)",
-                       self.label, time.monotonic() - self.started, self.failures)
-        self.started = None
-        self.failures = 0
-        self.backoff.reset()
+def _listening(engine: Any, channels: list[str], connect: Callable[..., Any]) -> Steps[Any]:
+    connection = yield from _autocommit_connection(engine, connect)
+    try:
+        for channel in channels:
+            yield partial(connection.execute, listen_statement(channel))
+    except BaseException:
+        yield connection.close
+        raise
+    return connection
 
 
 def listen_statement(channel: str) -> sql.Composed:
@@ -200,61 +123,12 @@ def close_quietly(close: Callable[[], object]) -> None:
         log.debug("closing a broken connection failed", exc_info=True)
 
 
-async def aclose_quietly(close: Callable[[], Awaitable[object]]) -> None:
-    """The asyncio counterpart of :func:`close_quietly`."""
+def closed_quietly(listener: Listener | AsyncListener) -> Steps[None]:
+    """:func:`close_quietly` as a step, for either kind of listener."""
     try:
-        await close()
+        yield listener.close
     except Exception:
         log.debug("closing a broken connection failed", exc_info=True)
-
-
-@contextmanager
-def stop_signals_handled(on_signal: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """Route SIGTERM and SIGINT to ``on_signal`` inside the block, then restore the
-    previous handlers (installing a handler is allowed in the main thread only)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        on_signal(signal.Signals(signum))
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class Waker:
-    """Wakes a thread blocked in :meth:`Listener.wait` from any thread or signal handler.
-
-    A socket pair rather than a pipe, so that ``select`` accepts it on every platform.
-    """
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._reader.fileno()
-
-    def wake(self) -> None:
-        try:
-            self._writer.send(b"\0")
-        except (BlockingIOError, OSError):
-            # A full buffer already holds a pending wake-up; a closed one has no waiter.
-            pass
-
-    def drain(self) -> None:
-        try:
-            while self._reader.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
 
 
 class Listener:
@@ -270,14 +144,7 @@ class Listener:
 
     @classmethod
     def open(cls, engine: Engine, channels: list[str], waker: Waker) -> Listener:
-        listener = cls(connect_autocommit(engine), waker)
-        try:
-            for channel in channels:
-                listener.listen(channel)
-        except BaseException:
-            listener.close()
-            raise
-        return listener
+        return cls(drive(_listening(engine, channels, psycopg.connect)), waker)
 
     def listen(self, channel: str) -> None:
         self.connection.execute(listen_statement(channel))
@@ -304,26 +171,23 @@ class Listener:
 class AsyncListener:
     """The asyncio counterpart of :class:`Listener`; a set ``wake_event`` ends a wait."""
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, connection: psycopg.AsyncConnection[Any],
+                 wake_event: asyncio.Event) -> None:
         self.connection = connection
+        self._wake_event = wake_event
 
     @classmethod
-    async def open(cls, engine: AsyncEngine, channels: list[str]) -> AsyncListener:
-        connection = await connect_autocommit_async(engine)
-        try:
-            for channel in channels:
-                await connection.execute(listen_statement(channel))
-        except BaseException:
-            await connection.close()
-            raise
-        return cls(connection)
+    async def open(cls, engine: AsyncEngine, channels: list[str],
+                   wake_event: asyncio.Event) -> AsyncListener:
+        connect = psycopg.AsyncConnection.connect
+        return cls(await adrive(_listening(engine, channels, connect)), wake_event)
 
     async def pending(self) -> list[psycopg.Notify]:
         return [n async for n in self.connection.notifies(timeout=0)]
 
-    async def wait(self, timeout: float, wake_event: asyncio.Event) -> list[psycopg.Notify]:
+    async def wait(self, timeout: float) -> list[psycopg.Notify]:
         received = await self.pending()
-        if received or timeout <= 0 or wake_event.is_set():
+        if received or timeout <= 0 or self._wake_event.is_set():
             return received
         loop = asyncio.get_running_loop()
         readable: asyncio.Future[None] = loop.create_future()
@@ -334,7 +198,7 @@ class AsyncListener:
 
         fd = self.connection.fileno()
         loop.add_reader(fd, on_readable)
-        woken: asyncio.Future[Any] = asyncio.ensure_future(wake_event.wait())
+        woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake_event.wait())
         try:
             await asyncio.wait({readable, woken}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)

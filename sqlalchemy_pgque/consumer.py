@@ -25,8 +25,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import psycopg
@@ -35,14 +35,17 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
-from ._listen import (
-    AsyncListener,
-    Listener,
+from ._listen import AsyncListener, Listener, closed_quietly
+from ._runloop import (
     Outage,
+    Step,
+    Steps,
     Waker,
-    aclose_quietly,
-    close_quietly,
-    stop_signals_handled,
+    adrive,
+    blocking_run,
+    drive,
+    in_main_thread,
+    within,
 )
 from .errors import (
     BatchNotFound,
@@ -428,10 +431,18 @@ def check_cooperative_names(consumer: str, subconsumer: str) -> None:
 
 
 class _ConsumerBase:
-    """Settings, handler registry and stop flag shared by both consumer classes."""
+    """The consumer policy, written once; :class:`Consumer` and :class:`AsyncConsumer`
+    are its two faces.
+
+    Everything that talks to the database is a generator of steps (see
+    :mod:`._runloop`); a face only says how a step touches the Session
+    (:meth:`_on_session`), how the loop waits (:meth:`_open_listener`,
+    :meth:`_pause`, :meth:`_wake`) and drives the steps, in its public methods.
+    """
 
     def __init__(
         self,
+        session_factory: Callable[..., Any],
         *,
         queue: Queue | str,
         name: str,
@@ -463,6 +474,8 @@ class _ConsumerBase:
             raise ValueError(f"dead_interval must be > 0, got {dead_interval!r}")
         if shutdown_timeout is not None and as_seconds(shutdown_timeout) < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+        self._session_factory = session_factory
+        self._engine_override: Any = None
         self.queue = queue if isinstance(queue, Queue) else Queue(queue)
         self.name = name
         self.max_messages = max_messages
@@ -553,8 +566,196 @@ class _ConsumerBase:
 
         return register
 
+    def stop(self, *, abandon: bool = False) -> None:
+        """Ask ``run()`` to return; safe from any thread.
+
+        The batch in progress is finished first, for at most ``shutdown_timeout``;
+        with ``abandon=True`` (or once the timeout runs out) it is abandoned instead:
+        rolled back, with its statement in progress cancelled, and redelivered whole
+        later. A handler busy in its own code keeps running until it returns, but
+        nothing of the abandoned batch commits.
+        """
+        self._request_stop(abandon)
+        self._wake()
+
+    # -- what a face provides ------------------------------------------------------
+
     def _check_handler(self, function: Callable[..., Any]) -> None:
         raise NotImplementedError
+
+    def _on_session(self, session: Any, function: Callable[..., Any], *args: Any) -> Step:
+        """The step calling ``function(session, *args)`` with the batch's sync Session."""
+        raise NotImplementedError
+
+    def _open_listener(self, engine: Any) -> Step:
+        raise NotImplementedError
+
+    def _pause(self, delay: float) -> Step:
+        """The step waiting ``delay`` s, or until :meth:`stop`."""
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def engine(self) -> Any:
+        """The engine sessions are bound to, or ``None`` when it cannot be found."""
+        if self._engine_override is not None:
+            return self._engine_override
+        return getattr(self._session_factory, "kw", {}).get("bind")
+
+    def _session(self) -> Any:
+        if self._engine_override is not None:
+            return self._session_factory(bind=self._engine_override)
+        return self._session_factory()
+
+    # -- the policy ------------------------------------------------------------------
+
+    def _check_steps(self) -> Steps[None]:
+        session = self._session()
+        yield from within(session, _one(self._on_session(session, self._check_subscribed)))
+
+    def _check_subscribed(self, session: Session) -> None:
+        check_subscription(session.connection(), self.queue.name, self.name, self.subconsumer)
+
+    def _process_batch_steps(self) -> Steps[int]:
+        try:
+            return (yield from self._batch())[0]
+        except _DatabaseFailure as failure:
+            raise failure.error from None
+        finally:
+            self._shutdown.batch_ended()
+
+    def _batch(self) -> Steps[tuple[int, bool]]:
+        """``(messages handled, whether another batch may be ready at once)``.
+
+        Raises what failed the batch, after rolling it back; :class:`_BatchAbandoned`
+        when it was abandoned on shutdown.
+        """
+        session = self._session()
+        return (yield from within(session, self._batch_in(session)))
+
+    def _batch_in(self, session: Any) -> Steps[tuple[int, bool]]:
+        try:
+            messages, more = yield from within(session.begin(), self._receive_first(session))
+            if not messages:
+                return 0, more
+            if self.subconsumer is not None:
+                # The cooperative allocation moved the group cursor under a lock on the
+                # group's row: committing it at once lets the other members allocate
+                # while this one works. The batch stays assigned to this member until
+                # its ack; handler writes and the ack still commit together.
+                yield from within(session.begin(), self._handle_batch(session, messages))
+        except _BatchLost as lost:
+            size = self._shutdown.batch.size if self._shutdown.batch else 0
+            self._log_batch_lost(lost)
+            self._shutdown.batch_ended()
+            return size, True
+        self._batch_committed(messages)
+        return len(messages), True
+
+    def _receive_first(self, session: Any) -> Steps[tuple[list[Message], bool]]:
+        """Receive in the first transaction, and handle there unless cooperative."""
+        messages = yield self._on_session(session, self._receive)
+        if not messages:
+            return messages, (yield self._on_session(session, self._behind))
+        if self.subconsumer is None:
+            yield from self._handle_batch(session, messages)
+        return messages, True
+
+    def _handle_batch(self, session: Any, messages: list[Message]) -> Steps[None]:
+        """Handle and ack the batch; on return the caller's transaction commits it."""
+        shutdown = self._shutdown
+        try:
+            yield self._on_session(session, self._batch_started, messages)
+            if self.subconsumer is not None:
+                yield self._on_session(session, self._hold_member_row, messages[0].batch_id)
+            self._warn_if_truncated(messages)
+            check_constraints = self._commit_failed_for == messages[0].msg_id
+            for message in messages:
+                shutdown.check()
+                yield from self._handle(session, message, check_constraints)
+            shutdown.check()
+            yield self._on_session(session, self._ack, messages[0].batch_id)
+            shutdown.commit_starts()
+        except BaseException as exc:
+            if shutdown.release_connection():
+                yield self._on_session(session, _discard_connection)
+            if shutdown.abandoning and isinstance(exc, Exception) \
+                    and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
+                raise _BatchAbandoned() from exc
+            raise
+
+    def _handle(self, session: Any, message: Message, check_constraints: bool) -> Steps[None]:
+        handler = self._handler_for(message.type)
+        if handler is None:
+            if self.unknown_handler_policy == "nack":
+                yield self._on_session(session, self._nack_unknown, message)
+            return
+        try:
+            if handler.takes_session:
+                yield from within(session.begin_nested(),
+                                  self._call_handler(handler, message, session, check_constraints))
+            else:
+                yield partial(handler.function, message)
+        except Exception as exc:
+            yield self._on_session(session, self._raise_unless_handler_failure, message, exc)
+            try:
+                yield self._on_session(session, self._nack, message, repr(exc))
+            except BaseException:
+                self._log_handler_failure(message, exc, nacked=False)
+                raise
+            self._log_handler_failure(message, exc, nacked=True)
+
+    @staticmethod
+    def _call_handler(handler: _Handler, message: Message, session: Any,
+                      check_constraints: bool) -> Steps[None]:
+        yield partial(handler.function, message, session)
+        if check_constraints:
+            yield partial(session.execute, _CHECK_DEFERRED_CONSTRAINTS)
+
+    def _run_steps(self) -> Steps[None]:
+        engine = self.engine
+        if engine is None:
+            raise PgqueError(f"{self!r} has no engine: bind its session factory to one, or "
+                             "pass an engine")
+        self._shutdown.running = True
+        try:
+            yield from self._consume(engine)
+        finally:
+            self._run_ended()
+
+    def _consume(self, engine: Any) -> Steps[None]:
+        outage = Outage(self.label, log)
+        listener: Listener | AsyncListener | None = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if listener is None:
+                        listener = yield self._open_listener(engine)
+                        self.listening.set()
+                        log.info("%s: listening on %s", self.label, self.channel)
+                    _, more = yield from self._batch()
+                    outage.succeeded()
+                    if not more:
+                        yield partial(listener.wait, self.poll_interval)
+                except _FATAL_ERRORS:
+                    raise
+                except _BatchAbandoned:
+                    self._log_abandoned()
+                except Exception as exc:
+                    if listener is not None and _listener_in_doubt(exc):
+                        self.listening.clear()
+                        yield from closed_quietly(listener)
+                        listener = None
+                    yield self._pause(self._failed_round(exc, outage))
+        finally:
+            self.listening.clear()
+            if listener is not None:
+                yield from closed_quietly(listener)
+            log.info("%s: stopped", self.label)
+
+    # -- the decisions the steps call --------------------------------------------------
 
     def _handler_for(self, message_type: str | None) -> _Handler | None:
         handler = self._handlers.get(message_type) if message_type is not None else None
@@ -641,9 +842,6 @@ class _ConsumerBase:
         log.warning("%s: batch %s was taken over by another member; rolled back",
                     self.label, lost.args[0])
 
-    def stop(self, *, abandon: bool = False) -> None:
-        raise NotImplementedError
-
     def _on_signal(self, sig: signal.Signals) -> None:
         # A signal handler runs between two bytecodes of the main thread, which may be
         # holding the locks that stop() takes: hand the work to a thread.
@@ -660,9 +858,6 @@ class _ConsumerBase:
     def _batch_started(self, session: Session, messages: list[Message]) -> None:
         connection = session.connection().connection.driver_connection
         self._shutdown.batch_started(messages, connection)
-
-    def _checks_constraints_per_handler(self, messages: list[Message]) -> bool:
-        return self._commit_failed_for == messages[0].msg_id
 
     def _raise_unless_handler_failure(
         self, session: Session, message: Message, exc: BaseException
@@ -807,58 +1002,37 @@ class Consumer(_ConsumerBase):
         if _is_async_factory(session_factory):
             raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
         super().__init__(
+            sessionmaker(session_factory) if isinstance(session_factory, Engine)
+            else session_factory,
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
             shutdown_timeout=shutdown_timeout,
         )
-        self._session_factory: Callable[..., Session] = (
-            sessionmaker(session_factory) if isinstance(session_factory, Engine)
-            else session_factory
-        )
-        self._engine_override: Engine | None = None
         self._waker: Waker | None = None
-
-    def _clear_run_state(self) -> None:
-        super()._clear_run_state()
-        self._waker = None
-
-    def _check_handler(self, function: Callable[..., Any]) -> None:
-        if inspect.iscoroutinefunction(function):
-            raise TypeError(f"{function!r} is async: register it on an AsyncConsumer")
 
     @property
     def engine(self) -> Engine | None:
         """The engine sessions are bound to, or ``None`` when it cannot be found."""
-        if self._engine_override is not None:
-            return self._engine_override
-        bind = getattr(self._session_factory, "kw", {}).get("bind")
+        bind = super().engine
         if bind is None:
             try:
-                with self._session_factory() as session:
-                    bind = session.get_bind()
+                # Opens no connection: nothing to close.
+                bind = self._session_factory().get_bind()
             except Exception:
                 return None
         if isinstance(bind, Connection):
-            return bind.engine
+            bind = bind.engine
         return bind if isinstance(bind, Engine) else None
 
     def use_engine(self, engine: Engine) -> None:
         """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
         self._engine_override = engine
 
-    def _session(self) -> Session:
-        if self._engine_override is not None:
-            return self._session_factory(bind=self._engine_override)
-        return self._session_factory()
-
     def check(self) -> None:
         """Raise if the engine is missing, the queue does not exist or the consumer is
         not subscribed: the configuration errors :meth:`run` cannot recover from."""
-        with self._session() as session:
-            check_subscription(
-                session.connection(), self.queue.name, self.name, self.subconsumer
-            )
+        drive(self._check_steps())
 
     def process_batch(self) -> int:
         """Receive and handle one batch; return how many messages it had (0: none).
@@ -866,102 +1040,7 @@ class Consumer(_ConsumerBase):
         When the batch fails as a whole (the connection is lost, the ack fails), it is
         rolled back and the error is raised.
         """
-        try:
-            return self._process_batch()[0]
-        except _DatabaseFailure as failure:
-            raise failure.error from None
-        finally:
-            self._shutdown.batch_ended()
-
-    def _process_batch(self) -> tuple[int, bool]:
-        """``(messages handled, whether another batch may be ready at once)``.
-
-        Raises what failed the batch, after rolling it back; :class:`_BatchAbandoned`
-        when it was abandoned on shutdown.
-        """
-        with self._session() as session:
-            try:
-                with session.begin():
-                    messages = self._receive(session)
-                    if not messages:
-                        return 0, self._behind(session)
-                    if self.subconsumer is None:
-                        self._handle_batch(session, messages)
-                if self.subconsumer is not None:
-                    # The cooperative allocation moved the group cursor under a lock on
-                    # the group's row: committing it at once lets the other members
-                    # allocate while this one works. The batch stays assigned to this
-                    # member until its ack; handler writes and the ack still commit
-                    # together.
-                    with session.begin():
-                        self._handle_batch(session, messages)
-            except _BatchLost as lost:
-                self._log_batch_lost(lost)
-                self._shutdown.batch_ended()
-                return len(messages), True
-        self._batch_committed(messages)
-        return len(messages), True
-
-    def _handle_batch(self, session: Session, messages: list[Message]) -> None:
-        """Handle and ack the batch; on return the caller's ``begin()`` commits it."""
-        shutdown = self._shutdown
-        try:
-            self._batch_started(session, messages)
-            if self.subconsumer is not None:
-                self._hold_member_row(session, messages[0].batch_id)
-            self._warn_if_truncated(messages)
-            handler_for = self._handler_for
-            check_constraints = self._checks_constraints_per_handler(messages)
-            for message in messages:
-                shutdown.check()
-                self._handle(session, message, handler_for(message.type), check_constraints)
-            shutdown.check()
-            self._ack(session, messages[0].batch_id)
-            shutdown.commit_starts()
-        except BaseException as exc:
-            if shutdown.release_connection():
-                _discard_connection(session)
-            if shutdown.abandoning and isinstance(exc, Exception) \
-                    and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
-                raise _BatchAbandoned() from exc
-            raise
-
-    def _handle(self, session: Session, message: Message, handler: _Handler | None,
-                check_constraints: bool) -> None:
-        if handler is None:
-            if self.unknown_handler_policy == "nack":
-                self._nack_unknown(session, message)
-            return
-        try:
-            if handler.takes_session:
-                with session.begin_nested():
-                    handler.function(message, session)
-                    if check_constraints:
-                        session.execute(_CHECK_DEFERRED_CONSTRAINTS)
-            else:
-                handler.function(message)
-        except Exception as exc:
-            self._raise_unless_handler_failure(session, message, exc)
-            try:
-                self._nack(session, message, repr(exc))
-            except BaseException:
-                self._log_handler_failure(message, exc, nacked=False)
-                raise
-            self._log_handler_failure(message, exc, nacked=True)
-
-    def stop(self, *, abandon: bool = False) -> None:
-        """Ask :meth:`run` to return; safe from any thread.
-
-        The batch in progress is finished first, for at most ``shutdown_timeout``;
-        with ``abandon=True`` (or once the timeout runs out) it is abandoned instead:
-        rolled back, with its statement in progress cancelled, and redelivered whole
-        later. A handler busy in its own code keeps running until it returns, but
-        nothing of the abandoned batch commits.
-        """
-        self._request_stop(abandon)
-        waker = self._waker
-        if waker is not None:
-            waker.wake()
+        return drive(self._process_batch_steps())
 
     def run(self, *, install_signal_handlers: bool | None = None) -> None:
         """Consume until :meth:`stop`, SIGTERM or SIGINT.
@@ -974,53 +1053,35 @@ class Consumer(_ConsumerBase):
         restart) rolls the batch back, is logged, and is retried after a backoff that
         starts near 0.1 s and doubles up to 2 s (jittered): run() does not return on it.
         """
-        engine = self.engine
-        if engine is None:
-            raise PgqueError(f"{self!r} has no engine: bind its sessionmaker or pass an Engine")
-        if install_signal_handlers is None:
-            install_signal_handlers = threading.current_thread() is threading.main_thread()
-        waker = self._waker = Waker()
-        signals = (
-            stop_signals_handled(self._on_signal) if install_signal_handlers else nullcontext()
-        )
-        with signals:
-            self._shutdown.running = True
+        with blocking_run(install_signal_handlers, self._on_signal) as waker:
+            self._waker = waker
             try:
-                self._consume(engine, waker)
+                drive(self._run_steps())
             finally:
                 self._waker = None
-                waker.close()
-                self._run_ended()
 
-    def _consume(self, engine: Engine, waker: Waker) -> None:
-        outage = Outage(self.label, log)
-        listener: Listener | None = None
-        try:
-            while not self._stopping.is_set():
-                try:
-                    if listener is None:
-                        listener = Listener.open(engine, [self.channel], waker)
-                        self.listening.set()
-                        log.info("%s: listening on %s", self.label, self.channel)
-                    _, more = self._process_batch()
-                    outage.succeeded()
-                    if not more:
-                        listener.wait(self.poll_interval)
-                except _FATAL_ERRORS:
-                    raise
-                except _BatchAbandoned:
-                    self._log_abandoned()
-                except Exception as exc:
-                    if listener is not None and _listener_in_doubt(exc):
-                        self.listening.clear()
-                        close_quietly(listener.close)
-                        listener = None
-                    self._stopping.wait(self._failed_round(exc, outage))
-        finally:
-            self.listening.clear()
-            if listener is not None:
-                close_quietly(listener.close)
-            log.info("%s: stopped", self.label)
+    def _clear_run_state(self) -> None:
+        super()._clear_run_state()
+        self._waker = None
+
+    def _check_handler(self, function: Callable[..., Any]) -> None:
+        if inspect.iscoroutinefunction(function):
+            raise TypeError(f"{function!r} is async: register it on an AsyncConsumer")
+
+    def _on_session(self, session: Any, function: Callable[..., Any], *args: Any) -> Step:
+        return partial(function, session, *args)
+
+    def _open_listener(self, engine: Any) -> Step:
+        assert self._waker is not None
+        return partial(Listener.open, engine, [self.channel], self._waker)
+
+    def _pause(self, delay: float) -> Step:
+        return partial(self._stopping.wait, delay)
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -1031,8 +1092,8 @@ class AsyncConsumer(_ConsumerBase):
 
     The other parameters, the per-batch transaction, the SAVEPOINT around handlers
     taking ``(msg, session)`` and the wake-up and reconnect behaviour are those of
-    :class:`Consumer`. ``await consumer.run()`` runs in the calling event loop;
-    :meth:`stop` may be called from any thread.
+    :class:`Consumer`: both run the same code. ``await consumer.run()`` runs in the
+    calling event loop; :meth:`stop` may be called from any thread.
     """
 
     def __init__(
@@ -1052,18 +1113,58 @@ class AsyncConsumer(_ConsumerBase):
         asyncio_ext = _asyncio_ext()
         if isinstance(session_factory, (Engine, sessionmaker)):
             raise TypeError("use Consumer with an Engine or sessionmaker")
+        if isinstance(session_factory, asyncio_ext.AsyncEngine):
+            session_factory = asyncio_ext.async_sessionmaker(session_factory)
         super().__init__(
+            cast("async_sessionmaker[AsyncSession]", session_factory),
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
             shutdown_timeout=shutdown_timeout,
         )
-        if isinstance(session_factory, asyncio_ext.AsyncEngine):
-            session_factory = asyncio_ext.async_sessionmaker(session_factory)
-        self._session_factory = cast("async_sessionmaker[AsyncSession]", session_factory)
-        self._engine_override: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        """The async engine sessions are bound to, or ``None`` when it cannot be found."""
+        bind = super().engine
+        return bind if isinstance(bind, _asyncio_ext().AsyncEngine) else None
+
+    def use_engine(self, engine: AsyncEngine) -> None:
+        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
+        self._engine_override = engine
+
+    async def check(self) -> None:
+        """See :meth:`Consumer.check`."""
+        await adrive(self._check_steps())
+
+    async def process_batch(self) -> int:
+        """See :meth:`Consumer.process_batch`."""
+        return await adrive(self._process_batch_steps())
+
+    async def run(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Consume until :meth:`stop`, SIGTERM or SIGINT; see :meth:`Consumer.run`.
+
+        Signal handlers go on the running loop (``loop.add_signal_handler``) when
+        ``install_signal_handlers`` is true, or ``None`` in the main thread.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        self._wake_event = asyncio.Event()
+        if self._stopping.is_set():
+            self._wake_event.set()
+        if install_signal_handlers is None:
+            install_signal_handlers = in_main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await adrive(self._run_steps())
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            self._loop = None
+            self._wake_event = None
 
     def _clear_run_state(self) -> None:
         super()._clear_run_state()
@@ -1074,112 +1175,18 @@ class AsyncConsumer(_ConsumerBase):
         if not inspect.iscoroutinefunction(function):
             raise TypeError(f"{function!r} is not async: AsyncConsumer handlers are async def")
 
-    @property
-    def engine(self) -> AsyncEngine | None:
-        """The async engine sessions are bound to, or ``None`` when it cannot be found."""
-        if self._engine_override is not None:
-            return self._engine_override
-        bind = self._session_factory.kw.get("bind")
-        return bind if isinstance(bind, _asyncio_ext().AsyncEngine) else None
+    def _on_session(self, session: Any, function: Callable[..., Any], *args: Any) -> Step:
+        return partial(session.run_sync, function, *args)
 
-    def use_engine(self, engine: AsyncEngine) -> None:
-        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
-        self._engine_override = engine
+    def _open_listener(self, engine: Any) -> Step:
+        assert self._wake_event is not None
+        return partial(AsyncListener.open, engine, [self.channel], self._wake_event)
 
-    def _session(self) -> AsyncSession:
-        if self._engine_override is not None:
-            return self._session_factory(bind=self._engine_override)
-        return self._session_factory()
+    def _pause(self, delay: float) -> Step:
+        assert self._wake_event is not None
+        return partial(_wait_for_event, self._wake_event, delay)
 
-    async def check(self) -> None:
-        """See :meth:`Consumer.check`."""
-        async with self._session() as session:
-            connection = await session.connection()
-            await connection.run_sync(
-                check_subscription, self.queue.name, self.name, self.subconsumer
-            )
-
-    async def process_batch(self) -> int:
-        """See :meth:`Consumer.process_batch`."""
-        try:
-            return (await self._process_batch())[0]
-        except _DatabaseFailure as failure:
-            raise failure.error from None
-        finally:
-            self._shutdown.batch_ended()
-
-    async def _process_batch(self) -> tuple[int, bool]:
-        """See :meth:`Consumer._process_batch`."""
-        async with self._session() as session:
-            try:
-                async with session.begin():
-                    messages = await session.run_sync(self._receive)
-                    if not messages:
-                        return 0, await session.run_sync(self._behind)
-                    if self.subconsumer is None:
-                        await self._handle_batch(session, messages)
-                if self.subconsumer is not None:
-                    # See Consumer._process_batch: commit the allocation, then handle.
-                    async with session.begin():
-                        await self._handle_batch(session, messages)
-            except _BatchLost as lost:
-                self._log_batch_lost(lost)
-                self._shutdown.batch_ended()
-                return len(messages), True
-        self._batch_committed(messages)
-        return len(messages), True
-
-    async def _handle_batch(self, session: AsyncSession, messages: list[Message]) -> None:
-        """See :meth:`Consumer._handle_batch`."""
-        shutdown = self._shutdown
-        try:
-            await session.run_sync(self._batch_started, messages)
-            if self.subconsumer is not None:
-                await session.run_sync(self._hold_member_row, messages[0].batch_id)
-            self._warn_if_truncated(messages)
-            handler_for = self._handler_for
-            check_constraints = self._checks_constraints_per_handler(messages)
-            for message in messages:
-                shutdown.check()
-                await self._handle(session, message, handler_for(message.type),
-                                   check_constraints)
-            shutdown.check()
-            await session.run_sync(self._ack, messages[0].batch_id)
-            shutdown.commit_starts()
-        except BaseException as exc:
-            if shutdown.release_connection():
-                await session.run_sync(_discard_connection)
-            if shutdown.abandoning and isinstance(exc, Exception) \
-                    and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
-                raise _BatchAbandoned() from exc
-            raise
-
-    async def _handle(self, session: AsyncSession, message: Message,
-                      handler: _Handler | None, check_constraints: bool) -> None:
-        if handler is None:
-            if self.unknown_handler_policy == "nack":
-                await session.run_sync(self._nack_unknown, message)
-            return
-        try:
-            if handler.takes_session:
-                async with session.begin_nested():
-                    await handler.function(message, session)
-                    if check_constraints:
-                        await session.execute(_CHECK_DEFERRED_CONSTRAINTS)
-            else:
-                await handler.function(message)
-        except Exception as exc:
-            await session.run_sync(self._raise_unless_handler_failure, message, exc)
-            try:
-                await session.run_sync(self._nack, message, repr(exc))
-            except BaseException:
-                self._log_handler_failure(message, exc, nacked=False)
-                raise
-            self._log_handler_failure(message, exc, nacked=True)
-
-    def stop(self, *, abandon: bool = False) -> None:
-        """See :meth:`Consumer.stop`; safe from any thread."""
-        self._request_stop(abandon)
+    def _wake(self) -> None:
         loop, wake_event = self._loop, self._wake_event
         if loop is not None and wake_event is not None:
             try:
@@ -1187,65 +1194,14 @@ class AsyncConsumer(_ConsumerBase):
             except RuntimeError:
                 pass  # the loop has already closed: run() has returned
 
-    async def run(self, *, install_signal_handlers: bool | None = None) -> None:
-        """Consume until :meth:`stop`, SIGTERM or SIGINT; see :meth:`Consumer.run`.
 
-        Signal handlers go on the running loop (``loop.add_signal_handler``) when
-        ``install_signal_handlers`` is true, or ``None`` in the main thread.
-        """
-        engine = self.engine
-        if engine is None:
-            raise PgqueError(f"{self!r} has no engine: bind its async_sessionmaker")
-        loop = asyncio.get_running_loop()
-        self._wake_event = asyncio.Event()
-        self._loop = loop
-        if self._stopping.is_set():
-            self._wake_event.set()
-        if install_signal_handlers is None:
-            install_signal_handlers = threading.current_thread() is threading.main_thread()
-        signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
-        for sig in signals:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        self._shutdown.running = True
-        try:
-            await self._consume(engine, self._wake_event)
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            self._loop = None
-            self._wake_event = None
-            self._run_ended()
+async def _wait_for_event(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
-    async def _consume(self, engine: AsyncEngine, wake_event: asyncio.Event) -> None:
-        outage = Outage(self.label, log)
-        listener: AsyncListener | None = None
-        try:
-            while not self._stopping.is_set():
-                try:
-                    if listener is None:
-                        listener = await AsyncListener.open(engine, [self.channel])
-                        self.listening.set()
-                        log.info("%s: listening on %s", self.label, self.channel)
-                    _, more = await self._process_batch()
-                    outage.succeeded()
-                    if not more:
-                        await listener.wait(self.poll_interval, wake_event)
-                except _FATAL_ERRORS:
-                    raise
-                except _BatchAbandoned:
-                    self._log_abandoned()
-                except Exception as exc:
-                    if listener is not None and _listener_in_doubt(exc):
-                        self.listening.clear()
-                        await aclose_quietly(listener.close)
-                        listener = None
-                    delay = self._failed_round(exc, outage)
-                    try:
-                        await asyncio.wait_for(wake_event.wait(), delay)
-                    except asyncio.TimeoutError:
-                        pass
-        finally:
-            self.listening.clear()
-            if listener is not None:
-                await aclose_quietly(listener.close)
-            log.info("%s: stopped", self.label)
+
+def _one(step: Step) -> Steps[Any]:
+    """A single step as steps."""
+    return (yield step)

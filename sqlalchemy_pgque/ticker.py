@@ -16,7 +16,6 @@ import math
 import os
 import threading
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import psycopg
@@ -24,14 +23,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import schema
-from ._listen import (
-    Listener,
-    Outage,
-    Waker,
-    close_quietly,
-    connect_autocommit,
-    stop_signals_handled,
-)
+from ._listen import Listener, close_quietly, connect_autocommit
+from ._runloop import Outage, Waker, blocking_run
 from .errors import (
     EngineNotInstalled,
     PermissionDenied,
@@ -164,20 +157,12 @@ class Ticker:
         Signal handlers are installed when ``install_signal_handlers`` is true, or
         when it is ``None`` and this is the main thread.
         """
-        if install_signal_handlers is None:
-            install_signal_handlers = threading.current_thread() is threading.main_thread()
-        waker = self._waker = Waker()
-        signals = (
-            stop_signals_handled(lambda sig: self.stop())
-            if install_signal_handlers
-            else nullcontext()
-        )
-        with signals:
+        with blocking_run(install_signal_handlers, lambda sig: self.stop()) as waker:
+            self._waker = waker
             try:
                 self._run(waker)
             finally:
                 self._waker = None
-                waker.close()
                 self._stopping.clear()
 
     def _run(self, waker: Waker) -> None:

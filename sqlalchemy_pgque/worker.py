@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._listen import Outage, stop_signals_handled
+from ._runloop import Outage, stop_signals_handled
 from .consumer import AsyncConsumer, Consumer, check_subscription
 from .errors import InvalidName, PgqueError, first_line, is_transient
 from .queue import as_seconds
