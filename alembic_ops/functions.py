@@ -4,12 +4,12 @@
 know it. These functions run the same operations through ``op.invoke`` and are fully
 typed; use them in migrations that are type-checked::
 
-    import alembic_ops as pgque
+    import alembic_ops as pgque_ops
 
     def upgrade() -> None:
-        pgque.install()
-        pgque.create_queue("orders", ticker_max_lag="500 milliseconds")
-        pgque.subscribe("orders", "order_worker")
+        pgque_ops.install()
+        pgque_ops.create_queue("orders", ticker_max_lag="500 milliseconds")
+        pgque_ops.subscribe("orders", "order_worker")
 """
 
 from __future__ import annotations

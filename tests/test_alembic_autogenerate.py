@@ -368,17 +368,18 @@ def test_typed_function_rendering(empty_db: Any, tmp_path: Path) -> None:
         '\nalembic_options = {"pgque_render_functions": True}',
     )
     text = project.autogenerate()
-    assert "import alembic_ops as pgque" in text
+    assert "import alembic_ops as pgque_ops\n" in text
+    assert "import alembic_ops as pgque\n" not in text
     assert pgque_lines(text) == (
         [
-            "pgque.install()",
-            "pgque.create_queue('orders', ticker_paused='True')",
-            "pgque.subscribe('orders', 'billing')",
+            "pgque_ops.install()",
+            "pgque_ops.create_queue('orders', ticker_paused='True')",
+            "pgque_ops.subscribe('orders', 'billing')",
         ],
         [
-            "pgque.unsubscribe('orders', 'billing')",
-            "pgque.drop_queue('orders')",
-            "pgque.uninstall()",
+            "pgque_ops.unsubscribe('orders', 'billing')",
+            "pgque_ops.drop_queue('orders')",
+            "pgque_ops.uninstall()",
         ],
     )
     project.upgrade()
