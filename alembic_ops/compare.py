@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 from alembic.autogenerate.compare import comparators
 from alembic.operations.ops import UpgradeOps
 from alembic.util import CommandError, DispatchPriority, PriorityDispatchResult
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from sqlalchemy_pgque import schema
+from sqlalchemy_pgque._statements import SUBSCRIPTIONS, queue_settings, same_queue_setting
 from sqlalchemy_pgque.errors import first_line
 from sqlalchemy_pgque.queue import Queue
 
@@ -38,7 +39,6 @@ from .ops import (
     UnsubscribeSubconsumerOp,
     parameter_name,
 )
-from .toimpl import quote_literal
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -57,28 +57,15 @@ class _QueueState:
 
 
 def _read_state(conn: Connection) -> dict[str, _QueueState]:
-    columns = ", ".join(
-        f"queue_{param}::text, queue_{param} IS DISTINCT FROM "
-        f"CAST({quote_literal(default)} AS {type_})"
-        for param, (type_, default) in QUEUE_PARAMETERS.items()
-    )
     state: dict[str, _QueueState] = {}
-    for row in conn.execute(text(f"SELECT queue_name, {columns} FROM pgque.queue")):
+    for row in conn.execute(queue_settings(QUEUE_PARAMETERS)):
         queue = state[row[0]] = _QueueState()
         for i, param in enumerate(QUEUE_PARAMETERS):
             value, changed = row[1 + 2 * i], row[2 + 2 * i]
             queue.settings[param] = value
             if changed:
                 queue.non_default[param] = value
-    subscriptions = conn.execute(
-        text(
-            "SELECT q.queue_name, c.co_name, s.sub_role, s.sub_id"
-            " FROM pgque.subscription s"
-            " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
-            " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
-            " ORDER BY q.queue_name, c.co_name"
-        )
-    ).all()
+    subscriptions = conn.execute(SUBSCRIPTIONS).all()
     mains: dict[tuple[str, int], str] = {}
     for queue_name, consumer, role, sub_id in subscriptions:
         if role != "coop_member":
@@ -99,11 +86,7 @@ def _same_setting(conn: Connection, queue: str, param: str, value: str) -> bool:
         with conn.begin_nested():
             return bool(
                 conn.execute(
-                    text(
-                        f"SELECT queue_{param} IS NOT DISTINCT FROM CAST(:value AS {type_})"
-                        " FROM pgque.queue WHERE queue_name = :queue"
-                    ),
-                    {"value": value, "queue": queue},
+                    same_queue_setting(param, type_), {"value": value, "queue": queue}
                 ).scalar_one()
             )
     except DBAPIError as exc:

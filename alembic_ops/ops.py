@@ -1,8 +1,9 @@
 """The PgQue migration operations: what each ``op.pgque_*`` call means and how it reverses.
 
 Each class is registered on :class:`alembic.operations.Operations` under the name of its
-``op.pgque_*`` method; the SQL it runs lives in :mod:`alembic_ops.toimpl`. ``reverse()``
-is what autogenerate renders into ``downgrade()``.
+``op.pgque_*`` method; :mod:`alembic_ops.toimpl` runs it with the statements of
+``sqlalchemy_pgque._statements``. ``reverse()`` is what autogenerate renders into
+``downgrade()``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from alembic.operations import MigrateOperation, Operations
+
+from sqlalchemy_pgque._statements import READER, WRITER
 
 __all__ = [
     "OPERATIONS",
@@ -441,7 +444,7 @@ class _RoleMembershipOp(PgqueOperation):
     def pgque_roles(self) -> tuple[str, ...]:
         return tuple(
             name
-            for name, wanted in (("pgque_reader", self.reader), ("pgque_writer", self.writer))
+            for name, wanted in ((READER, self.reader), (WRITER, self.writer))
             if wanted
         )
 

@@ -1,6 +1,7 @@
-"""The SQL each PgQue operation runs.
+"""How each PgQue operation runs its SQL.
 
-Every statement goes through ``operations.execute`` as finished SQL text with the
+The statements themselves are composed by ``sqlalchemy_pgque._statements``. Every
+statement goes through ``operations.execute`` as finished SQL text with the
 values quoted in, so that ``alembic upgrade --sql`` prints a script psql can run and
 the online path runs exactly the same text. Only the portable PgQue 0.2 calls of
 ENGINE.md §6.3 are used, positionally, so the operations work on any PgQue 0.2 install.
@@ -18,6 +19,14 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from sqlalchemy_pgque import schema
+from sqlalchemy_pgque._statements import (
+    grant_roles,
+    literal_call,
+    quote_identifier,
+    quote_literal,
+    revoke_roles,
+    unsubscribe_if_normal,
+)
 from sqlalchemy_pgque.errors import (
     EngineNotInstalled,
     PermissionDenied,
@@ -79,25 +88,6 @@ def _failure(operation: PgqueOperation, exc: DBAPIError) -> PgqueMigrationError:
     return PgqueMigrationError(operation, first_line(exc.orig or exc), hint)
 
 
-def quote_literal(value: str | int | bool | None) -> str:
-    """``value`` as a PostgreSQL literal, whatever ``standard_conforming_strings`` says."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    quoted = value.replace("'", "''")
-    if "\\" in quoted:
-        return "E'" + quoted.replace("\\", "\\\\") + "'"
-    return "'" + quoted + "'"
-
-
-def quote_identifier(name: str) -> str:
-    """``name`` as a double-quoted PostgreSQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 class VerbatimSQL(Executable, ClauseElement):
     """SQL text sent as written: no bind parameters are parsed out of it.
 
@@ -118,10 +108,6 @@ def _compile_verbatim(element: VerbatimSQL, compiler: SQLCompiler, **kw: Any) ->
         return element.sql
     # SQLAlchemy's own hook for text that bypasses parameter parsing; it is untyped.
     return compiler.post_process_text(element.sql)  # type: ignore[no-untyped-call,no-any-return]
-
-
-def _call(function: str, *args: str | int | bool | None) -> str:
-    return f"SELECT pgque.{function}({', '.join(quote_literal(a) for a in args)})"
 
 
 def _run(operations: Operations, operation: PgqueOperation, *statements: str) -> None:
@@ -157,7 +143,7 @@ def install(operations: Operations, operation: InstallOp) -> None:
 
 @Operations.implementation_for(UninstallOp)
 def uninstall(operations: Operations, operation: UninstallOp) -> None:
-    _run(operations, operation, _call("uninstall"))
+    _run(operations, operation, literal_call("uninstall"))
 
 
 @Operations.implementation_for(CreateQueueOp)
@@ -165,9 +151,9 @@ def create_queue(operations: Operations, operation: CreateQueueOp) -> None:
     _run(
         operations,
         operation,
-        _call("create_queue", operation.name),
+        literal_call("create_queue", operation.name),
         *(
-            _call("set_queue_config", operation.name, param, value)
+            literal_call("set_queue_config", operation.name, param, value)
             for param, value in operation.config.items()
         ),
     )
@@ -175,17 +161,17 @@ def create_queue(operations: Operations, operation: CreateQueueOp) -> None:
 
 @Operations.implementation_for(DropQueueOp)
 def drop_queue(operations: Operations, operation: DropQueueOp) -> None:
-    _run(operations, operation, _call("drop_queue", operation.name, operation.force))
+    _run(operations, operation, literal_call("drop_queue", operation.name, operation.force))
 
 
 @Operations.implementation_for(SubscribeOp)
 def subscribe(operations: Operations, operation: SubscribeOp) -> None:
-    _run(operations, operation, _call("subscribe", operation.queue, operation.consumer))
+    _run(operations, operation, literal_call("subscribe", operation.queue, operation.consumer))
 
 
 @Operations.implementation_for(UnsubscribeOp)
 def unsubscribe(operations: Operations, operation: UnsubscribeOp) -> None:
-    _run(operations, operation, _call("unsubscribe", operation.queue, operation.consumer))
+    _run(operations, operation, literal_call("unsubscribe", operation.queue, operation.consumer))
 
 
 @Operations.implementation_for(SubscribeSubconsumerOp)
@@ -194,16 +180,16 @@ def subscribe_subconsumer(operations: Operations, operation: SubscribeSubconsume
     _run(
         operations,
         operation,
-        _call("register_subconsumer", *args, True)
+        literal_call("register_subconsumer", *args, True)
         if operation.convert_normal
-        else _call("register_subconsumer", *args),
+        else literal_call("register_subconsumer", *args),
     )
 
 
 @Operations.implementation_for(UnsubscribeSubconsumerOp)
 def unsubscribe_subconsumer(operations: Operations, operation: UnsubscribeSubconsumerOp) -> None:
     statements = [
-        _call(
+        literal_call(
             "unregister_subconsumer",
             operation.queue,
             operation.consumer,
@@ -214,15 +200,7 @@ def unsubscribe_subconsumer(operations: Operations, operation: UnsubscribeSubcon
     if operation.unsubscribe_if_last:
         # PgQue turns the main consumer back into a normal one when its last
         # subconsumer goes; only then is it unsubscribed.
-        statements.append(
-            "SELECT pgque.unsubscribe(q.queue_name, c.co_name)"
-            " FROM pgque.subscription s"
-            " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
-            " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
-            f" WHERE q.queue_name = {quote_literal(operation.queue)}"
-            f" AND c.co_name = {quote_literal(operation.consumer)}"
-            " AND s.sub_role = 'normal'"
-        )
+        statements.append(unsubscribe_if_normal(operation.queue, operation.consumer))
     _run(operations, operation, *statements)
 
 
@@ -231,17 +209,15 @@ def set_queue_config(operations: Operations, operation: SetQueueConfigOp) -> Non
     _run(
         operations,
         operation,
-        _call("set_queue_config", operation.queue, operation.param, operation.value),
+        literal_call("set_queue_config", operation.queue, operation.param, operation.value),
     )
 
 
 @Operations.implementation_for(GrantOp)
 def grant(operations: Operations, operation: GrantOp) -> None:
-    roles = ", ".join(operation.pgque_roles)
-    _run(operations, operation, f"GRANT {roles} TO {quote_identifier(operation.role)}")
+    _run(operations, operation, grant_roles(operation.pgque_roles, operation.role))
 
 
 @Operations.implementation_for(RevokeOp)
 def revoke(operations: Operations, operation: RevokeOp) -> None:
-    roles = ", ".join(operation.pgque_roles)
-    _run(operations, operation, f"REVOKE {roles} FROM {quote_identifier(operation.role)}")
+    _run(operations, operation, revoke_roles(operation.pgque_roles, operation.role))

@@ -17,9 +17,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
 from sqlalchemy import URL, Engine
 
+from . import _statements as statements
 from ._runloop import Steps, Waker, adrive, drive
 
 if TYPE_CHECKING:
@@ -103,16 +103,11 @@ def _listening(engine: Any, channels: list[str], connect: Callable[..., Any]) ->
     connection = yield from _autocommit_connection(engine, connect)
     try:
         for channel in channels:
-            yield partial(connection.execute, listen_statement(channel))
+            yield partial(connection.execute, statements.listen(channel))
     except BaseException:
         yield connection.close
         raise
     return connection
-
-
-def listen_statement(channel: str) -> sql.Composed:
-    """``LISTEN "<channel>"`` with the channel quoted (queue names keep their case)."""
-    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
 
 
 def close_quietly(close: Callable[[], object]) -> None:
@@ -147,7 +142,7 @@ class Listener:
         return cls(drive(_listening(engine, channels, psycopg.connect)), waker)
 
     def listen(self, channel: str) -> None:
-        self.connection.execute(listen_statement(channel))
+        self.connection.execute(statements.listen(channel))
 
     def pending(self) -> list[psycopg.Notify]:
         """Notifications already received, without waiting."""

@@ -30,11 +30,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
+from ._duration import Duration, as_seconds
 from ._listen import AsyncListener, Listener, closed_quietly
 from ._runloop import (
     Outage,
@@ -46,6 +47,16 @@ from ._runloop import (
     drive,
     in_main_thread,
     within,
+)
+from ._statements import (
+    CHECK_DEFERRED_CONSTRAINTS,
+    CONSUMER_INFO,
+    NEXT_BATCH,
+    QUEUE_EXISTS,
+    READER,
+    TRIAL_LOCK_TIMEOUT,
+    bind_connection,
+    execute,
 )
 from .errors import (
     BatchNotFound,
@@ -62,15 +73,7 @@ from .errors import (
     translate,
 )
 from .message import Message
-from .queue import (
-    MAX_MESSAGES,
-    Duration,
-    Queue,
-    _connection,
-    _execute,
-    as_seconds,
-    check_cooperative_name,
-)
+from .queue import MAX_MESSAGES, Queue, check_cooperative_name
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -330,19 +333,7 @@ class _Shutdown:
             self._timer.cancel()
 
 
-_QUEUE_EXISTS = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
-# One row while ``consumer`` (a member: ``group.member``) is subscribed, else none.
-_CONSUMER_INFO = text(
-    "SELECT pending_events, current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
-    "WHERE consumer_name = :consumer"
-)
-_NEXT_BATCH = text("SELECT pgque.next_batch(:queue, :consumer)")
-# Undone with the trial's SAVEPOINT, like everything else it does.
-_TRIAL_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', '100ms', true)")
 _CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
-_READER = "pgque_reader"
-# Runs the checks of deferred constraints now, inside a handler's SAVEPOINT.
-_CHECK_DEFERRED_CONSTRAINTS = text("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 def check_subscription(
@@ -355,7 +346,7 @@ def check_subscription(
     try:
         _check_subscription(connection, queue, consumer, subconsumer)
     except DBAPIError as exc:
-        error = translate(exc, required_role=_READER, queue=queue)
+        error = translate(exc, required_role=READER, queue=queue)
         if error is None:
             raise
         raise error from exc
@@ -365,9 +356,9 @@ def _check_subscription(
     connection: Connection, queue: str, consumer: str, subconsumer: str | None
 ) -> None:
     schema.require_installed(connection)
-    if connection.execute(_QUEUE_EXISTS, {"queue": queue}).first() is None:
+    if connection.execute(QUEUE_EXISTS, {"queue": queue}).first() is None:
         raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
-    if connection.execute(_CONSUMER_INFO, {"queue": queue, "consumer": consumer}).first() is None:
+    if connection.execute(CONSUMER_INFO, {"queue": queue, "consumer": consumer}).first() is None:
         if subconsumer is None:
             advice = (f"Queue({queue!r}).subscribe(session, {consumer!r}) "
                       "or op.pgque_subscribe()")
@@ -389,7 +380,7 @@ def _check_subscription(
         return
     trial = connection.begin_nested()
     try:
-        connection.execute(_TRIAL_LOCK_TIMEOUT)
+        connection.execute(TRIAL_LOCK_TIMEOUT)
         _try_first_call(connection, queue, consumer, subconsumer)
     except DBAPIError as exc:
         if sqlstate(exc.orig) not in _CONSUMER_IN_USE:
@@ -403,7 +394,7 @@ def _try_first_call(
 ) -> None:
     if subconsumer is None:
         try:
-            connection.execute(_NEXT_BATCH, {"queue": queue, "consumer": consumer})
+            connection.execute(NEXT_BATCH, {"queue": queue, "consumer": consumer})
         except DBAPIError as exc:
             error = translate(exc)
             if not isinstance(error, ConsumerModeConflict):
@@ -712,7 +703,7 @@ class _ConsumerBase:
                       check_constraints: bool) -> Steps[None]:
         yield partial(handler.function, message, session)
         if check_constraints:
-            yield partial(session.execute, _CHECK_DEFERRED_CONSTRAINTS)
+            yield partial(session.execute, CHECK_DEFERRED_CONSTRAINTS)
 
     def _run_steps(self) -> Steps[None]:
         engine = self.engine
@@ -775,9 +766,9 @@ class _ConsumerBase:
         An empty receive only says the next tick's window was empty: a later window
         may be ready, and its notification may have fired before we listened.
         """
-        pending = _execute(
-            _connection(session), _CONSUMER_INFO,
-            {"queue": self.queue.name, "consumer": self.name}, _READER,
+        pending = execute(
+            bind_connection(session), CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": self.name}, READER,
         ).scalar()
         return bool(pending and pending > 0)
 
@@ -830,9 +821,9 @@ class _ConsumerBase:
                 raise _BatchLost(batch_id) from None
             raise
         member = f"{self.name}.{self.subconsumer}"
-        row = _execute(
-            _connection(session), _CONSUMER_INFO,
-            {"queue": self.queue.name, "consumer": member}, _READER,
+        row = execute(
+            bind_connection(session), CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": member}, READER,
         ).first()
         held = None if row is None else row.current_batch
         if held != batch_id:

@@ -18,9 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
+from ._statements import ENGINE_SCHEMA_COMMENT, HAS_VERSION_FUNCTION, TAKE_OVER, UNINSTALL, VERSION
 from .errors import EngineNotInstalled, ForeignSchemaError, translate
 
 __all__ = [
@@ -64,7 +65,7 @@ def install(
     script = Path(sql_path).read_text(encoding="utf-8") if sql_path else engine_sql()
     with conn.begin_nested() if conn.in_transaction() else conn.begin():
         if take_over:
-            conn.execute(text("SET LOCAL pgque.take_over = 'on'"))
+            conn.execute(TAKE_OVER)
         try:
             _run_script(conn, script)
         except psycopg.Error as exc:
@@ -88,30 +89,20 @@ def uninstall(conn: Connection) -> None:
     """
     with conn.begin_nested() if conn.in_transaction() else conn.begin():
         if installed_version(conn) is not None:
-            conn.execute(text("SELECT pgque.uninstall()"))
+            conn.execute(UNINSTALL)
 
 
 def installed_version(conn: Connection) -> str | None:
     """``pgque.version()`` of the installed engine, or ``None`` when not installed."""
-    present = conn.execute(
-        text(
-            "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = 'pgque' AND p.proname = 'version'"
-        )
-    ).first()
+    present = conn.execute(HAS_VERSION_FUNCTION).first()
     if present is None:
         return None
-    return conn.execute(text("SELECT pgque.version()")).scalar_one()  # type: ignore[no-any-return]
+    return conn.execute(VERSION).scalar_one()  # type: ignore[no-any-return]
 
 
 def engine_build(conn: Connection) -> str | None:
     """Which implementation is installed: our build string, or ``None`` for another engine."""
-    comment = conn.execute(
-        text(
-            "SELECT obj_description(oid, 'pg_namespace') "
-            "FROM pg_namespace WHERE nspname = 'pgque'"
-        )
-    ).scalar()
+    comment = conn.execute(ENGINE_SCHEMA_COMMENT).scalar()
     if comment is None or not str(comment).startswith("sqlalchemy-pgque "):
         return None
     return str(comment)

@@ -25,6 +25,22 @@ from sqlalchemy.exc import DBAPIError
 from . import schema
 from ._listen import Listener, close_quietly, connect_autocommit
 from ._runloop import Outage, Waker, blocking_run
+from ._statements import (
+    ADMIN,
+    FORCE_TICK_QUEUE,
+    HAS_EXECUTE_PRIVILEGE,
+    MAINT,
+    MAINT_RETRY_EVENTS,
+    MAINT_ROTATE_STEP2,
+    QUEUES_WITH_NEW_EVENTS,
+    SET_APPLICATION_NAME,
+    SYNCHRONOUS_COMMIT_OFF,
+    TICK_ALL,
+    TICK_PERIOD_MS,
+    TICK_QUEUE,
+    TRY_ADVISORY_LOCK,
+    WAKE_CHANNEL,
+)
 from .errors import (
     EngineNotInstalled,
     PermissionDenied,
@@ -34,7 +50,6 @@ from .errors import (
     sqlstate,
     translate,
 )
-from .queue import WAKE_CHANNEL
 
 __all__ = ["TICKER_LOCK_KEY", "Ticker"]
 
@@ -45,7 +60,6 @@ TICKER_LOCK_KEY = (0x70677175, 0x7469636B)
 
 _DEFAULT_TICK_PERIOD = 0.1
 _RETRY_MOVER_BATCH = 10
-_ADMIN = "pgque_admin"
 # What the ticker calls, all granted to pgque_admin.
 _TICKER_FUNCTIONS = (
     "pgque.ticker()",
@@ -61,7 +75,7 @@ def _configuration_error(exc: BaseException) -> Exception | None:
     """The error to stop the ticker with, when ``exc`` is one waiting cannot cure."""
     state = sqlstate(exc.orig if isinstance(exc, DBAPIError) else exc)
     if state == "42501":  # insufficient_privilege
-        return PermissionDenied(first_line(exc), _ADMIN)
+        return PermissionDenied(first_line(exc), ADMIN)
     if state in ("42883", "3F000") and "pgque" in str(exc):  # undefined function / schema
         return EngineNotInstalled(first_line(exc))
     return None
@@ -135,17 +149,17 @@ class Ticker:
                 missing = [
                     function for function in _TICKER_FUNCTIONS
                     if not connection.exec_driver_sql(
-                        "SELECT has_function_privilege(%(function)s, 'EXECUTE')",
+                        HAS_EXECUTE_PRIVILEGE,
                         {"function": function},
                     ).scalar_one()
                 ]
             except DBAPIError as exc:
-                error = translate(exc, required_role=_ADMIN)
+                error = translate(exc, required_role=ADMIN)
                 if error is None:
                     raise
                 raise error from exc
         if missing:
-            raise PermissionDenied(f"no EXECUTE on {', '.join(missing)}", _ADMIN)
+            raise PermissionDenied(f"no EXECUTE on {', '.join(missing)}", ADMIN)
 
     def run(self, *, install_signal_handlers: bool | None = None) -> None:
         """Tick until :meth:`stop`, SIGTERM or SIGINT, reconnecting after errors.
@@ -172,14 +186,14 @@ class Ticker:
             try:
                 connection = connect_autocommit(self.engine)
                 connection.execute(
-                    "SELECT set_config('application_name', %s, false)",
+                    SET_APPLICATION_NAME,
                     (f"sqlalchemy_pgque ticker {os.getpid()}",),
                 )
                 # Nothing this connection commits needs to wait for its WAL flush: a
                 # consumer's ack that depends on a tick commits later and flushes the
                 # WAL past it, and a tick, retry move or rotation lost whole in a crash
                 # is simply done again. The flush was most of a woken tick's latency.
-                connection.execute("SELECT set_config('synchronous_commit', 'off', false)")
+                connection.execute(SYNCHRONOUS_COMMIT_OFF)
                 if self._acquire_lock(connection, outage):
                     self._lead(Listener(connection, waker), outage)
             except Exception as exc:
@@ -199,9 +213,7 @@ class Ticker:
     def _acquire_lock(self, connection: psycopg.Connection[Any], outage: Outage) -> bool:
         """Wait for the lock on ``connection``; ``False`` when stopped first."""
         while not self._stopping.is_set():
-            row = connection.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", TICKER_LOCK_KEY
-            ).fetchone()
+            row = connection.execute(TRY_ADVISORY_LOCK, TICKER_LOCK_KEY).fetchone()
             if row is not None and row[0]:
                 # Only a tick proves the outage over: ticking may fail where
                 # connecting works (a read-only server, a full disk).
@@ -227,7 +239,7 @@ class Ticker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                connection.execute("SELECT pgque.ticker()")
+                connection.execute(TICK_ALL)
                 outage.succeeded()
                 next_tick += period
                 if next_tick <= now:
@@ -237,7 +249,7 @@ class Ticker:
                 next_maint = time.monotonic() + self.maint_interval
                 next_step2 = time.monotonic() + self.rotate_step2_interval
             elif now >= next_step2:
-                connection.execute("SELECT pgque.maint_rotate_tables_step2()")
+                connection.execute(MAINT_ROTATE_STEP2)
                 next_step2 = now + self.rotate_step2_interval
             for queue_name, due in list(deferred.items()):
                 if due <= now:
@@ -266,9 +278,7 @@ class Ticker:
         3 s by default) instead of being delivered at once.
         """
         try:
-            rows = connection.execute(
-                "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
-            ).fetchall()
+            rows = connection.execute(QUEUES_WITH_NEW_EVENTS).fetchall()
         except psycopg.Error as exc:
             if is_connection_lost(exc):
                 raise
@@ -280,8 +290,8 @@ class Ticker:
     def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
         """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""
         try:
-            connection.execute("SELECT pgque.force_next_tick(%s)", (queue_name,))
-            connection.execute("SELECT pgque.ticker(%s)", (queue_name,))
+            connection.execute(FORCE_TICK_QUEUE, (queue_name,))
+            connection.execute(TICK_QUEUE, (queue_name,))
         except psycopg.Error as exc:
             if is_connection_lost(exc) or _configuration_error(exc) is not None:
                 raise
@@ -291,15 +301,15 @@ class Ticker:
     def _maintain(self, connection: psycopg.Connection[Any]) -> None:
         moved = _RETRY_MOVER_BATCH
         while moved >= _RETRY_MOVER_BATCH and not self._stopping.is_set():
-            row = connection.execute("SELECT pgque.maint_retry_events()").fetchone()
+            row = connection.execute(MAINT_RETRY_EVENTS).fetchone()
             moved = int(row[0]) if row and row[0] is not None else 0
-        connection.execute("SELECT pgque.maint()")
-        connection.execute("SELECT pgque.maint_rotate_tables_step2()")
+        connection.execute(MAINT)
+        connection.execute(MAINT_ROTATE_STEP2)
 
 
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
     try:
-        row = connection.execute("SELECT tick_period_ms FROM pgque.config").fetchone()
+        row = connection.execute(TICK_PERIOD_MS).fetchone()
     except psycopg.Error as exc:
         if is_connection_lost(exc):
             raise

@@ -53,10 +53,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
 
+from ._duration import as_seconds
 from ._runloop import Outage, stop_signals_handled
+from ._statements import SERVER_KEEPALIVES
 from .consumer import AsyncConsumer, Consumer, check_subscription
 from .errors import InvalidName, PgqueError, first_line, is_transient
-from .queue import as_seconds
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -92,15 +93,6 @@ _CLIENT_SETTINGS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",
 }
-# The same on the server's side of those connections, so that a backend left behind
-# by a partitioned worker ends, with its transaction and locks, instead of holding the
-# consumer's batch until the server's own keepalive gives up.
-_SERVER_KEEPALIVES = (
-    "SELECT set_config('tcp_keepalives_idle', '10', false), "
-    "set_config('tcp_keepalives_interval', '5', false), "
-    "set_config('tcp_keepalives_count', '3', false), "
-    "set_config('tcp_user_timeout', '30000', false)"
-)
 
 AnyConsumer = Consumer | AsyncConsumer
 
@@ -216,9 +208,13 @@ def _connect_args(url: URL) -> dict[str, str]:
 
 
 def _set_server_keepalives(dbapi_connection: Any, connection_record: object) -> None:
+    # The keepalives of _CLIENT_SETTINGS on the server's side of the connection, so
+    # that a backend left behind by a partitioned worker ends, with its transaction and
+    # locks, instead of holding the consumer's batch until the server's own keepalive
+    # gives up.
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(_SERVER_KEEPALIVES)
+        cursor.execute(SERVER_KEEPALIVES)
     finally:
         cursor.close()
     # Leave no transaction open behind the pool's back (psycopg starts one implicitly).

@@ -32,8 +32,8 @@ from sqlalchemy_pgque import (
     Queue,
     QueueNotFound,
 )
+from sqlalchemy_pgque._duration import as_seconds
 from sqlalchemy_pgque.errors import translate
-from sqlalchemy_pgque.queue import as_seconds
 
 jobs_q = Queue("jobs")
 

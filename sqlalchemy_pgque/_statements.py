@@ -1,0 +1,298 @@
+"""Every statement the Python layer sends to the engine, and how it sends them.
+
+The stop on a message's way where it turns into SQL: ``Queue.send`` records an event
+(``queue.py``), the outbox (``_outbox.py``) emits it on flush or commit with
+:data:`SEND` or :data:`SEND_BATCH` below, the engine's ``pgque.send`` stores it
+(``sql/20_events.sql``), the ticker (``ticker.py``) ticks the queue with
+:data:`TICK_QUEUE`, which closes the batch holding the event, and the consumer
+(``consumer.py``) takes that batch with :data:`RECEIVE`, nacks failed messages with
+:data:`NACK` and finishes it with :data:`ACK`. The engine's function names and
+argument lists are a compatibility contract (PgQue 0.2), so the text here changes only
+with the engine API.
+
+Statements run through SQLAlchemy are ``text()`` constructs, built once (SQLAlchemy
+caches their compiled form per dialect); those run on a driver connection (the
+ticker's, the worker's) are plain strings; the ones composed at run time are small
+builder functions. :func:`execute` runs one on a Connection and raises engine errors
+as the exceptions of :mod:`sqlalchemy_pgque.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from psycopg import sql
+from sqlalchemy import Connection, CursorResult, TextClause, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, scoped_session
+
+from .errors import translate
+
+# The roles PgQue grants its functions to; an error naming one tells the user which
+# role their database user lacks.
+READER: Final = "pgque_reader"
+WRITER: Final = "pgque_writer"
+ADMIN: Final = "pgque_admin"
+
+#: NOTIFY channel of commit-woken ticking: every transaction that sends to a queue
+#: notifies it with the queue name as payload, delivered when (and only if) it commits.
+WAKE_CHANNEL: Final = "sqlalchemy_pgque_wake"
+
+
+# -- running a statement -------------------------------------------------------------
+
+
+def bind_connection(bind: Session | Connection | scoped_session[Any]) -> Connection:
+    """The Connection of ``bind``, in its current transaction."""
+    if isinstance(bind, Connection):
+        return bind
+    if isinstance(bind, Session):
+        return bind.connection()
+    if isinstance(bind, scoped_session):
+        current: Session = bind()
+        return current.connection()
+    raise TypeError(
+        f"expected a Session or Connection, got {type(bind).__name__}; with an AsyncSession "
+        f"use `await session.run_sync(lambda s: queue.method(s, ...))`"
+    )
+
+
+def execute(
+    conn: Connection, stmt: TextClause, params: Mapping[str, object], role: str
+) -> CursorResult[Any]:
+    """Run ``stmt``; an engine error is raised as its :mod:`~sqlalchemy_pgque.errors`
+    exception (a missing privilege naming ``role``), chained to SQLAlchemy's."""
+    try:
+        return conn.execute(stmt, params)
+    except DBAPIError as exc:
+        queue = params.get("queue")
+        error = translate(
+            exc, required_role=role, queue=queue if isinstance(queue, str) else None
+        )
+        if error is None:
+            raise
+        raise error from exc
+
+
+def scalar_int(result: CursorResult[Any]) -> int:
+    """The one value of ``result`` as an int, NULL as 0."""
+    value = result.scalar_one()
+    return int(value) if value is not None else 0
+
+
+# -- sending (queue.py, _outbox.py) --------------------------------------------------
+# Payloads are JSON text cast to jsonb in SQL: that picks the jsonb overloads of
+# send/send_batch and stores the canonical jsonb text, as pgque-py does. Many payloads
+# travel as ONE JSON array text, split by the server: drivers dump a text[] of 1,000
+# strings far slower (psycopg: ~15 ms of client CPU) than one string, and every payload
+# is valid JSON already. The *_WAKE forms also NOTIFY WAKE_CHANNEL for Queue(wake=True).
+
+_NOTIFY = f"pg_notify('{WAKE_CHANNEL}', :queue)"
+_SEND_SQL = "SELECT pgque.send(:queue, :type, CAST(:payload AS jsonb))"
+SEND: Final = text(_SEND_SQL)
+SEND_WAKE: Final = text(f"{_SEND_SQL}, {_NOTIFY}")
+_SEND_BATCH_SQL = (
+    "SELECT pgque.send_batch(:queue, :type, ARRAY(SELECT p.value "
+    "FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS p(value, n) "
+    "ORDER BY p.n))"
+)
+SEND_BATCH: Final = text(_SEND_BATCH_SQL)
+SEND_BATCH_WAKE: Final = text(f"{_SEND_BATCH_SQL}, {_NOTIFY}")
+_INSERT_EVENT_SQL = (
+    "SELECT pgque.insert_event(:queue, :type, CAST(CAST(:payload AS jsonb) AS text), "
+    ":extra1, :extra2, :extra3, :extra4)"
+)
+INSERT_EVENT: Final = text(_INSERT_EVENT_SQL)
+INSERT_EVENT_WAKE: Final = text(f"{_INSERT_EVENT_SQL}, {_NOTIFY}")
+# Mixed queues, types or extras: one statement inserting every event in recorded order.
+# Each element of :events is [queue, type, extra1, extra2, extra3, extra4, payload].
+_INSERT_MIXED_SQL = (
+    "SELECT pgque.insert_event(e.value ->> 0, e.value ->> 1, CAST(e.value -> 6 AS text), "
+    "e.value ->> 2, e.value ->> 3, e.value ->> 4, e.value ->> 5){wake} "
+    "FROM jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS e(value, n) "
+    "ORDER BY e.n"
+)
+INSERT_MIXED: Final = text(_INSERT_MIXED_SQL.format(wake=""))
+INSERT_MIXED_WAKE: Final = text(
+    _INSERT_MIXED_SQL.format(
+        wake=f", (SELECT count(pg_notify('{WAKE_CHANNEL}', w)) "
+        "FROM unnest(CAST(:wake AS text[])) AS w)"
+    )
+)
+
+
+# -- receiving and subscriptions (queue.py, consumer.py) -----------------------------
+
+RECEIVE: Final = text("SELECT * FROM pgque.receive(:queue, :consumer, :max_messages)")
+RECEIVE_COOP: Final = text(
+    "SELECT * FROM pgque.receive_coop(:queue, :consumer, :subconsumer, :max_messages, "
+    "make_interval(secs => CAST(:dead_seconds AS double precision)))"
+)
+ACK: Final = text("SELECT pgque.ack(:batch_id)")
+NACK: Final = text(
+    "SELECT pgque.nack(:batch_id, ROW(CAST(:msg_id AS bigint), CAST(:batch_id AS bigint), "
+    "CAST(:type AS text), CAST(:payload AS text), CAST(:retry_count AS integer), "
+    "CAST(:created_at AS timestamptz), CAST(:extra1 AS text), CAST(:extra2 AS text), "
+    "CAST(:extra3 AS text), CAST(:extra4 AS text))::pgque.message, "
+    "make_interval(secs => CAST(:retry_seconds AS double precision)), CAST(:reason AS text))"
+)
+SUBSCRIBE: Final = text("SELECT pgque.subscribe(:queue, :consumer)")
+UNSUBSCRIBE: Final = text("SELECT pgque.unsubscribe(:queue, :consumer)")
+SUBSCRIBE_SUBCONSUMER: Final = text(
+    "SELECT pgque.subscribe_subconsumer(:queue, :consumer, :subconsumer, "
+    "CAST(:convert AS boolean))"
+)
+UNSUBSCRIBE_SUBCONSUMER: Final = text(
+    "SELECT pgque.unsubscribe_subconsumer(:queue, :consumer, :subconsumer, "
+    "CAST(:batch_handling AS integer))"
+)
+TOUCH_SUBCONSUMER: Final = text(
+    "SELECT pgque.touch_subconsumer(:queue, :consumer, :subconsumer)"
+)
+
+QUEUE_EXISTS: Final = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
+# One row while ``consumer`` (a member: ``group.member``) is subscribed, else none.
+CONSUMER_INFO: Final = text(
+    "SELECT pending_events, current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
+    "WHERE consumer_name = :consumer"
+)
+NEXT_BATCH: Final = text("SELECT pgque.next_batch(:queue, :consumer)")
+# Undone with the trial's SAVEPOINT, like everything else it does.
+TRIAL_LOCK_TIMEOUT: Final = text("SELECT set_config('lock_timeout', '100ms', true)")
+# Runs the checks of deferred constraints now, inside a handler's SAVEPOINT.
+CHECK_DEFERRED_CONSTRAINTS: Final = text("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+# -- ticking and maintenance (queue.py, ticker.py) -----------------------------------
+# Two forms of the tick calls: Queue.force_next_tick/ticker run on a Session or
+# Connection and use text() with named parameters; the Ticker drives a raw autocommit
+# psycopg connection (each call its own transaction, LISTEN on the same connection),
+# so its statements are plain strings with psycopg's %s placeholders.
+
+FORCE_NEXT_TICK: Final = text("SELECT pgque.force_next_tick(:queue)")
+TICKER: Final = text("SELECT pgque.ticker(:queue)")
+
+FORCE_TICK_QUEUE: Final = "SELECT pgque.force_next_tick(%s)"
+TICK_QUEUE: Final = "SELECT pgque.ticker(%s)"
+TICK_ALL: Final = "SELECT pgque.ticker()"
+MAINT: Final = "SELECT pgque.maint()"
+MAINT_RETRY_EVENTS: Final = "SELECT pgque.maint_retry_events()"
+MAINT_ROTATE_STEP2: Final = "SELECT pgque.maint_rotate_tables_step2()"
+QUEUES_WITH_NEW_EVENTS: Final = "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
+TICK_PERIOD_MS: Final = "SELECT tick_period_ms FROM pgque.config"
+TRY_ADVISORY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
+SET_APPLICATION_NAME: Final = "SELECT set_config('application_name', %s, false)"
+SYNCHRONOUS_COMMIT_OFF: Final = "SELECT set_config('synchronous_commit', 'off', false)"
+# Run with exec_driver_sql, hence psycopg's named placeholder.
+HAS_EXECUTE_PRIVILEGE: Final = "SELECT has_function_privilege(%(function)s, 'EXECUTE')"
+
+
+def listen(channel: str) -> sql.Composed:
+    """``LISTEN "<channel>"`` with the channel quoted (queue names keep their case), for
+    the LISTEN connections of the consumers and the ticker (``_listen.py``)."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+# -- worker connections (worker.py) --------------------------------------------------
+# Run on the DB-API cursor of each new pooled connection (_set_server_keepalives).
+SERVER_KEEPALIVES: Final = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false), "
+    "set_config('tcp_keepalives_interval', '5', false), "
+    "set_config('tcp_keepalives_count', '3', false), "
+    "set_config('tcp_user_timeout', '30000', false)"
+)
+
+
+# -- installing the engine (schema.py) -----------------------------------------------
+
+TAKE_OVER: Final = text("SET LOCAL pgque.take_over = 'on'")
+UNINSTALL: Final = text("SELECT pgque.uninstall()")
+HAS_VERSION_FUNCTION: Final = text(
+    "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+    "WHERE n.nspname = 'pgque' AND p.proname = 'version'"
+)
+VERSION: Final = text("SELECT pgque.version()")
+ENGINE_SCHEMA_COMMENT: Final = text(
+    "SELECT obj_description(oid, 'pg_namespace') "
+    "FROM pg_namespace WHERE nspname = 'pgque'"
+)
+
+
+# -- migrations (alembic_ops) --------------------------------------------------------
+# A migration's statements are finished SQL text with the values quoted in, so that
+# `alembic upgrade --sql` prints what the online path runs.
+
+
+def quote_literal(value: str | int | bool | None) -> str:
+    """``value`` as a PostgreSQL literal, whatever ``standard_conforming_strings`` says."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    quoted = value.replace("'", "''")
+    if "\\" in quoted:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted PostgreSQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal_call(function: str, *args: str | int | bool | None) -> str:
+    """``SELECT pgque.<function>(<args as literals>)``, positional arguments only."""
+    return f"SELECT pgque.{function}({', '.join(quote_literal(a) for a in args)})"
+
+
+def unsubscribe_if_normal(queue: str, consumer: str) -> str:
+    """Unsubscribe ``consumer`` only if it is a normal consumer now: PgQue turns a
+    cooperative group back into one when its last member goes."""
+    return (
+        "SELECT pgque.unsubscribe(q.queue_name, c.co_name)"
+        " FROM pgque.subscription s"
+        " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
+        " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
+        f" WHERE q.queue_name = {quote_literal(queue)}"
+        f" AND c.co_name = {quote_literal(consumer)}"
+        " AND s.sub_role = 'normal'"
+    )
+
+
+def grant_roles(pgque_roles: Iterable[str], role: str) -> str:
+    return f"GRANT {', '.join(pgque_roles)} TO {quote_identifier(role)}"
+
+
+def revoke_roles(pgque_roles: Iterable[str], role: str) -> str:
+    return f"REVOKE {', '.join(pgque_roles)} FROM {quote_identifier(role)}"
+
+
+def queue_settings(parameters: Mapping[str, tuple[str, str | None]]) -> TextClause:
+    """Each queue's name, then for each parameter (name: (column type, default)) its
+    value as text and whether it differs from the default."""
+    columns = ", ".join(
+        f"queue_{param}::text, queue_{param} IS DISTINCT FROM "
+        f"CAST({quote_literal(default)} AS {type_})"
+        for param, (type_, default) in parameters.items()
+    )
+    return text(f"SELECT queue_name, {columns} FROM pgque.queue")
+
+
+def same_queue_setting(param: str, type_: str) -> TextClause:
+    """Whether queue ``:queue``'s ``param`` equals ``:value`` read as ``type_``."""
+    return text(
+        f"SELECT queue_{param} IS NOT DISTINCT FROM CAST(:value AS {type_})"
+        " FROM pgque.queue WHERE queue_name = :queue"
+    )
+
+
+SUBSCRIPTIONS: Final = text(
+    "SELECT q.queue_name, c.co_name, s.sub_role, s.sub_id"
+    " FROM pgque.subscription s"
+    " JOIN pgque.queue q ON q.queue_id = s.sub_queue"
+    " JOIN pgque.consumer c ON c.co_id = s.sub_consumer"
+    " ORDER BY q.queue_name, c.co_name"
+)
