@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sqlalchemy_pgque import schema
 from sqlalchemy_pgque._statements import SUBSCRIPTIONS, queue_settings, same_queue_setting
-from sqlalchemy_pgque.errors import first_line
+from sqlalchemy_pgque.errors import _first_line
 from sqlalchemy_pgque.queue import Queue
 
 from .filters import ENGINE_SCHEMA
@@ -37,7 +37,6 @@ from .ops import (
     SubscribeSubconsumerOp,
     UnsubscribeOp,
     UnsubscribeSubconsumerOp,
-    parameter_name,
 )
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ def _same_setting(conn: Connection, queue: str, param: str, value: str) -> bool:
     except DBAPIError as exc:
         raise CommandError(
             f"queue {queue!r}: declared {param}={value!r} is not a valid {type_}: "
-            f"{first_line(exc.orig or exc)}"
+            f"{_first_line(exc.orig or exc)}"
         ) from exc
 
 
@@ -132,10 +131,7 @@ def diff_queues(
     else:
         current = _read_state(conn)
     for queue in declared:
-        try:
-            settings = {parameter_name(k): v for k, v in queue.config.items()}
-        except ValueError as exc:
-            raise CommandError(f"queue {queue.name!r}: {exc}") from exc
+        settings = queue.config  # names and values checked when the Queue was declared
         state = current.get(queue.name)
         if state is None:
             operations.append(CreateQueueOp(queue.name, settings))

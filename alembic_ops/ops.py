@@ -9,12 +9,14 @@ Each class is registered on :class:`alembic.operations.Operations` under the nam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any, ClassVar
 
 from alembic.operations import MigrateOperation, Operations
 
 from sqlalchemy_pgque._statements import READER, WRITER
+from sqlalchemy_pgque.queue import QUEUE_PARAMETERS, ConfigValue
+from sqlalchemy_pgque.queue import _config_text as config_text
+from sqlalchemy_pgque.queue import _parameter_name as parameter_name
 
 __all__ = [
     "OPERATIONS",
@@ -33,45 +35,6 @@ __all__ = [
     "UnsubscribeOp",
     "UnsubscribeSubconsumerOp",
 ]
-
-ConfigValue = str | int | float | bool | timedelta | None
-"""A queue setting as accepted by the operations; sent to PgQue as text."""
-
-# The parameters pgque.set_queue_config accepts (ENGINE.md §3.4), with the column type
-# used to compare a declared value with the database and the column default.
-QUEUE_PARAMETERS: Mapping[str, tuple[str, str | None]] = {
-    "ticker_max_count": ("integer", "500"),
-    "ticker_max_lag": ("interval", "3 seconds"),
-    "ticker_idle_period": ("interval", "1 minute"),
-    "ticker_paused": ("boolean", "false"),
-    "rotation_period": ("interval", "2 hours"),
-    "external_ticker": ("boolean", "false"),
-    "max_retries": ("integer", None),
-}
-
-
-def parameter_name(param: str) -> str:
-    """``param`` without the optional ``queue_`` prefix, checked against PgQue's list."""
-    name = param.removeprefix("queue_")
-    if name not in QUEUE_PARAMETERS:
-        raise ValueError(
-            f"unknown PgQue queue parameter {param!r}; "
-            f"set_queue_config accepts {', '.join(QUEUE_PARAMETERS)}"
-        )
-    return name
-
-
-def config_text(value: ConfigValue) -> str | None:
-    """The text PgQue receives for ``value``; ``None`` stays NULL (the column default)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-        return f"{int(seconds)} seconds" if seconds.is_integer() else f"{seconds!r} seconds"
-    return str(value)
-
 
 def normalize_config(config: Mapping[str, ConfigValue]) -> dict[str, str | None]:
     """``config`` with checked parameter names and the texts PgQue receives."""

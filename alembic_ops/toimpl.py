@@ -33,8 +33,8 @@ from sqlalchemy_pgque.errors import (
     PgqueError,
     QueueHasConsumers,
     QueueNotFound,
-    first_line,
-    translate,
+    _first_line,
+    _translate,
 )
 
 from .ops import (
@@ -83,9 +83,9 @@ _HINTS: dict[type[PgqueError], str] = {
 
 
 def _failure(operation: PgqueOperation, exc: DBAPIError) -> PgqueMigrationError:
-    error = translate(exc)
+    error = _translate(exc)
     hint = _HINTS.get(type(error)) if error is not None else None
-    return PgqueMigrationError(operation, first_line(exc.orig or exc), hint)
+    return PgqueMigrationError(operation, _first_line(exc.orig or exc), hint)
 
 
 class VerbatimSQL(Executable, ClauseElement):

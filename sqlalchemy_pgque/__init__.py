@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from . import functions as functions  # registers func.pgque.*
+from ._duration import Duration
+from ._statements import Bind
 from .consumer import AsyncConsumer, Consumer
 from .errors import (
     BatchInProgress,
@@ -28,9 +30,11 @@ __all__ = [
     "AsyncConsumer",
     "BatchInProgress",
     "BatchNotFound",
+    "Bind",
     "Consumer",
     "ConsumerModeConflict",
     "ConsumerNotSubscribed",
+    "Duration",
     "EngineNotInstalled",
     "ForeignSchemaError",
     "InvalidName",

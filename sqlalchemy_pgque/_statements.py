@@ -20,20 +20,24 @@ as the exceptions of :mod:`sqlalchemy_pgque.errors`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from psycopg import sql
 from sqlalchemy import Connection, CursorResult, TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 
-from .errors import translate
+from .errors import _translate
 
 # The roles PgQue grants its functions to; an error naming one tells the user which
 # role their database user lacks.
 READER: Final = "pgque_reader"
 WRITER: Final = "pgque_writer"
 ADMIN: Final = "pgque_admin"
+
+Bind: TypeAlias = Session | Connection | scoped_session[Any]
+"""What :class:`~sqlalchemy_pgque.Queue`'s immediate calls run on: a Session (or
+scoped_session), in its current transaction, or a Connection."""
 
 #: NOTIFY channel of commit-woken ticking: every transaction that sends to a queue
 #: notifies it with the queue name as payload, delivered when (and only if) it commits.
@@ -43,7 +47,7 @@ WAKE_CHANNEL: Final = "sqlalchemy_pgque_wake"
 # -- running a statement -------------------------------------------------------------
 
 
-def bind_connection(bind: Session | Connection | scoped_session[Any]) -> Connection:
+def bind_connection(bind: Bind) -> Connection:
     """The Connection of ``bind``, in its current transaction."""
     if isinstance(bind, Connection):
         return bind
@@ -67,7 +71,7 @@ def execute(
         return conn.execute(stmt, params)
     except DBAPIError as exc:
         queue = params.get("queue")
-        error = translate(
+        error = _translate(
             exc, required_role=role, queue=queue if isinstance(queue, str) else None
         )
         if error is None:

@@ -34,6 +34,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import _statements as statements
 from . import schema
 from ._duration import Duration, as_seconds
 from ._listen import AsyncListener, Listener, closed_quietly
@@ -48,16 +49,6 @@ from ._runloop import (
     in_main_thread,
     within,
 )
-from ._statements import (
-    CHECK_DEFERRED_CONSTRAINTS,
-    CONSUMER_INFO,
-    NEXT_BATCH,
-    QUEUE_EXISTS,
-    READER,
-    TRIAL_LOCK_TIMEOUT,
-    bind_connection,
-    execute,
-)
 from .errors import (
     BatchNotFound,
     ConsumerModeConflict,
@@ -67,18 +58,18 @@ from .errors import (
     PermissionDenied,
     PgqueError,
     QueueNotFound,
-    first_line,
-    is_connection_lost,
-    sqlstate,
-    translate,
+    _first_line,
+    _is_connection_lost,
+    _sqlstate,
+    _translate,
 )
 from .message import Message
-from .queue import MAX_MESSAGES, Queue, check_cooperative_name
+from .queue import MAX_MESSAGES, Queue, _check_cooperative_name
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-__all__ = ["AsyncConsumer", "Consumer", "UnknownHandlerPolicy", "check_subscription"]
+__all__ = ["AsyncConsumer", "Consumer", "UnknownHandlerPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +155,7 @@ class _DatabaseFailure(Exception):
     """
 
     def __init__(self, message: Message, error: BaseException) -> None:
-        super().__init__(first_line(error))
+        super().__init__(_first_line(error))
         self.message = message
         self.error = error
 
@@ -217,7 +208,7 @@ def _cancel_quietly(connection: Any, label: str) -> None:
 
 def _listener_in_doubt(exc: BaseException) -> bool:
     """Whether a failed round may have lost the LISTEN connection too (then reopen it)."""
-    return isinstance(exc, _DatabaseFailure) or is_connection_lost(exc)
+    return isinstance(exc, _DatabaseFailure) or _is_connection_lost(exc)
 
 
 def _discard_connection(session: Session) -> None:
@@ -336,7 +327,7 @@ class _Shutdown:
 _CONSUMER_IN_USE = ("55P03", "40001")  # lock_not_available, serialization_failure
 
 
-def check_subscription(
+def _check_subscription(
     connection: Connection, queue: str, consumer: str, subconsumer: str | None = None
 ) -> None:
     """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound`,
@@ -344,21 +335,22 @@ def check_subscription(
     (as member ``subconsumer`` of a cooperative group, if given) can receive from
     ``queue``; :class:`PermissionDenied` when the database user may not consume."""
     try:
-        _check_subscription(connection, queue, consumer, subconsumer)
+        _verify_subscription(connection, queue, consumer, subconsumer)
     except DBAPIError as exc:
-        error = translate(exc, required_role=READER, queue=queue)
+        error = _translate(exc, required_role=statements.READER, queue=queue)
         if error is None:
             raise
         raise error from exc
 
 
-def _check_subscription(
+def _verify_subscription(
     connection: Connection, queue: str, consumer: str, subconsumer: str | None
 ) -> None:
-    schema.require_installed(connection)
-    if connection.execute(QUEUE_EXISTS, {"queue": queue}).first() is None:
+    schema._require_installed(connection)
+    if connection.execute(statements.QUEUE_EXISTS, {"queue": queue}).first() is None:
         raise QueueNotFound(f"queue not found: {queue}; create it with pgque.create_queue()")
-    if connection.execute(CONSUMER_INFO, {"queue": queue, "consumer": consumer}).first() is None:
+    subscribed = {"queue": queue, "consumer": consumer}
+    if connection.execute(statements.CONSUMER_INFO, subscribed).first() is None:
         if subconsumer is None:
             advice = (f"Queue({queue!r}).subscribe(session, {consumer!r}) "
                       "or op.pgque_subscribe()")
@@ -380,10 +372,10 @@ def _check_subscription(
         return
     trial = connection.begin_nested()
     try:
-        connection.execute(TRIAL_LOCK_TIMEOUT)
+        connection.execute(statements.TRIAL_LOCK_TIMEOUT)
         _try_first_call(connection, queue, consumer, subconsumer)
     except DBAPIError as exc:
-        if sqlstate(exc.orig) not in _CONSUMER_IN_USE:
+        if _sqlstate(exc.orig) not in _CONSUMER_IN_USE:
             raise
     finally:
         trial.rollback()
@@ -394,9 +386,9 @@ def _try_first_call(
 ) -> None:
     if subconsumer is None:
         try:
-            connection.execute(NEXT_BATCH, {"queue": queue, "consumer": consumer})
+            connection.execute(statements.NEXT_BATCH, {"queue": queue, "consumer": consumer})
         except DBAPIError as exc:
-            error = translate(exc)
+            error = _translate(exc)
             if not isinstance(error, ConsumerModeConflict):
                 raise
             raise ConsumerModeConflict(
@@ -416,9 +408,9 @@ def _try_first_call(
         ) from exc
 
 
-def check_cooperative_names(consumer: str, subconsumer: str) -> None:
-    check_cooperative_name("consumer", consumer)
-    check_cooperative_name("subconsumer", subconsumer)
+def _check_cooperative_names(consumer: str, subconsumer: str) -> None:
+    _check_cooperative_name("consumer", consumer)
+    _check_cooperative_name("subconsumer", subconsumer)
 
 
 class _ConsumerBase:
@@ -454,7 +446,7 @@ class _ConsumerBase:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         if subconsumer is not None:
-            check_cooperative_names(name, subconsumer)
+            _check_cooperative_names(name, subconsumer)
         elif dead_interval is not None:
             raise ValueError(
                 "dead_interval applies to cooperative consumers only: give subconsumer= too"
@@ -493,7 +485,7 @@ class _ConsumerBase:
         The copy shares the handlers and settings but has its own run state, so the
         worker can run several members of one group side by side.
         """
-        check_cooperative_names(self.name, subconsumer)
+        _check_cooperative_names(self.name, subconsumer)
         member = copy.copy(self)
         member.subconsumer = subconsumer
         member._clear_run_state()
@@ -607,7 +599,7 @@ class _ConsumerBase:
         yield from within(session, _one(self._on_session(session, self._check_subscribed)))
 
     def _check_subscribed(self, session: Session) -> None:
-        check_subscription(session.connection(), self.queue.name, self.name, self.subconsumer)
+        _check_subscription(session.connection(), self.queue.name, self.name, self.subconsumer)
 
     def _process_batch_steps(self) -> Steps[int]:
         try:
@@ -703,7 +695,7 @@ class _ConsumerBase:
                       check_constraints: bool) -> Steps[None]:
         yield partial(handler.function, message, session)
         if check_constraints:
-            yield partial(session.execute, CHECK_DEFERRED_CONSTRAINTS)
+            yield partial(session.execute, statements.CHECK_DEFERRED_CONSTRAINTS)
 
     def _run_steps(self) -> Steps[None]:
         engine = self.engine
@@ -766,9 +758,9 @@ class _ConsumerBase:
         An empty receive only says the next tick's window was empty: a later window
         may be ready, and its notification may have fired before we listened.
         """
-        pending = execute(
-            bind_connection(session), CONSUMER_INFO,
-            {"queue": self.queue.name, "consumer": self.name}, READER,
+        pending = statements.execute(
+            statements.bind_connection(session), statements.CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": self.name}, statements.READER,
         ).scalar()
         return bool(pending and pending > 0)
 
@@ -817,13 +809,13 @@ class _ConsumerBase:
         except DBAPIError as exc:
             # Under REPEATABLE READ, a peer's change to the row we waited for (a
             # takeover) is a serialization failure: the batch is gone all the same.
-            if sqlstate(exc.orig) == "40001":
+            if _sqlstate(exc.orig) == "40001":
                 raise _BatchLost(batch_id) from None
             raise
         member = f"{self.name}.{self.subconsumer}"
-        row = execute(
-            bind_connection(session), CONSUMER_INFO,
-            {"queue": self.queue.name, "consumer": member}, READER,
+        row = statements.execute(
+            statements.bind_connection(session), statements.CONSUMER_INFO,
+            {"queue": self.queue.name, "consumer": member}, statements.READER,
         ).first()
         held = None if row is None else row.current_batch
         if held != batch_id:
@@ -886,15 +878,15 @@ class _ConsumerBase:
         if isinstance(exc, _DatabaseFailure):
             return (f"database connection lost in the handler of message "
                     f"{exc.message.msg_id} ({exc}){cost}")
-        if is_connection_lost(exc):
-            return f"database connection lost ({first_line(exc)}){cost}"
-        return f"{type(exc).__name__}: {first_line(exc)}{cost}"
+        if _is_connection_lost(exc):
+            return f"database connection lost ({_first_line(exc)}){cost}"
+        return f"{type(exc).__name__}: {_first_line(exc)}{cost}"
 
     def _failed_round(self, exc: Exception, outage: Outage) -> float:
         """Log a failed round of the run loop; the delay before the next one."""
         batch, committing = self._shutdown.batch, self._shutdown.committing
-        lost = isinstance(exc, _DatabaseFailure) or is_connection_lost(exc)
-        state = sqlstate(exc.orig) if isinstance(exc, DBAPIError) else None
+        lost = isinstance(exc, _DatabaseFailure) or _is_connection_lost(exc)
+        state = _sqlstate(exc.orig) if isinstance(exc, DBAPIError) else None
         if committing and not lost and batch is not None and state and state.startswith("23"):
             # A handler's writes broke a deferred constraint, which only COMMIT checks:
             # rolled back and redelivered as it is, the batch would fail forever. The
@@ -903,7 +895,7 @@ class _ConsumerBase:
             self._commit_failed_for = batch.first_msg_id
             log.error("%s: batch %s failed at commit: %s; handling it again with "
                       "constraints checked after each handler", self.label, batch.batch_id,
-                      first_line(exc))
+                      _first_line(exc))
         elif not lost and not isinstance(exc, (DBAPIError, PgqueError)):
             # Not the database: a bug or a failing hook of the application, shown whole.
             log.error("%s: unexpected error in the run loop", self.label, exc_info=exc)

@@ -28,11 +28,6 @@ __all__ = [
     "PgqueError",
     "QueueHasConsumers",
     "QueueNotFound",
-    "first_line",
-    "is_connection_lost",
-    "is_transient",
-    "sqlstate",
-    "translate",
 ]
 
 
@@ -169,20 +164,20 @@ _INVALID_SCHEMA_NAME = "3F000"
 _INSUFFICIENT_PRIVILEGE = "42501"
 
 
-def first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line logs and error texts."""
     message = str(exc).strip()
     return message.splitlines()[0] if message else type(exc).__name__
 
 
-def sqlstate(orig: BaseException | None) -> str | None:
+def _sqlstate(orig: BaseException | None) -> str | None:
     """The SQLSTATE of a driver exception (``DBAPIError.orig``), if it has one."""
     # psycopg exposes ``sqlstate``; psycopg2 and asyncpg adapters use ``pgcode``.
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code if isinstance(code, str) else None
 
 
-def translate(
+def _translate(
     exc: DBAPIError, *, required_role: str | None = None, queue: str | None = None
 ) -> PgqueError | None:
     """Map a database error raised by a pgque call to a :class:`PgqueError`.
@@ -195,8 +190,8 @@ def translate(
     orig = exc.orig
     if orig is None:
         return None
-    detail = first_line(orig)
-    state = sqlstate(orig)
+    detail = _first_line(orig)
+    state = _sqlstate(orig)
     lowered = detail.lower()
     if state in (_UNDEFINED_FUNCTION, _UNDEFINED_TABLE, _UNDEFINED_OBJECT, _INVALID_SCHEMA_NAME):
         if "pgque" in lowered:
@@ -252,7 +247,7 @@ _SERVER_NOT_READY = (
 )
 
 
-def is_connection_lost(exc: BaseException) -> bool:
+def _is_connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` says the database connection, or the transaction on it, cannot be
     used any more: the server went away, restarted or ended the session, or SQLAlchemy
     invalidated the connection and wants the transaction rolled back.
@@ -278,7 +273,7 @@ def is_connection_lost(exc: BaseException) -> bool:
     return state.startswith("08") or state in _SESSION_ENDED
 
 
-def is_transient(exc: BaseException) -> bool:
+def _is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed where ``exc`` failed: a lost connection,
     a server that is down, restarting or out of resources, a conflict with another
     transaction, an exhausted connection pool. Wrong settings (a bad password, a
@@ -292,7 +287,7 @@ def is_transient(exc: BaseException) -> bool:
         if "FATAL:" in message:
             lowered = message.lower()
             return any(text in lowered for text in _SERVER_NOT_READY)
-    if is_connection_lost(exc):
+    if _is_connection_lost(exc):
         return True
-    state = sqlstate(orig)
+    state = _sqlstate(orig)
     return state is not None and (state in _RETRY_LATER or state.startswith("53"))

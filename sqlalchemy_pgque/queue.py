@@ -14,9 +14,9 @@ statement each (``_statements.py``); the consumer (``consumer.py``) is built on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from sqlalchemy import Connection
 from sqlalchemy.orm import Session, scoped_session
 
 from ._duration import Duration, as_seconds
@@ -41,6 +41,7 @@ from ._statements import (
     UNSUBSCRIBE_SUBCONSUMER,
     WAKE_CHANNEL,
     WRITER,
+    Bind,
     bind_connection,
     execute,
     scalar_int,
@@ -53,7 +54,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_MESSAGES",
+    "QUEUE_PARAMETERS",
     "WAKE_CHANNEL",
+    "ConfigValue",
     "PendingEvent",
     "Queue",
     "QueueRegistry",
@@ -67,6 +70,70 @@ MAX_QUEUE_NAME_BYTES = 57
 MAX_MESSAGES: Final = 2_147_483_647
 
 
+ConfigValue: TypeAlias = str | int | float | bool | timedelta | None
+"""A queue setting as accepted by ``Queue(config=)`` and the migration operations;
+PgQue receives it as text."""
+
+# The parameters pgque.set_queue_config accepts (ENGINE.md §3.4), with the column type a
+# value is checked against and the column default.
+QUEUE_PARAMETERS: Final[Mapping[str, tuple[str, str | None]]] = {
+    "ticker_max_count": ("integer", "500"),
+    "ticker_max_lag": ("interval", "3 seconds"),
+    "ticker_idle_period": ("interval", "1 minute"),
+    "ticker_paused": ("boolean", "false"),
+    "rotation_period": ("interval", "2 hours"),
+    "external_ticker": ("boolean", "false"),
+    "max_retries": ("integer", None),
+}
+_BOOLEAN_TEXTS: Final = frozenset({"true", "false", "t", "f", "yes", "no", "y", "n",
+                                   "on", "off", "1", "0"})
+
+
+def _parameter_name(param: str) -> str:
+    """``param`` without the optional ``queue_`` prefix, checked against PgQue's list."""
+    name = param.removeprefix("queue_")
+    if name not in QUEUE_PARAMETERS:
+        raise ValueError(
+            f"unknown PgQue queue parameter {param!r}; "
+            f"set_queue_config accepts {', '.join(QUEUE_PARAMETERS)}"
+        )
+    return name
+
+
+def _config_text(value: ConfigValue) -> str | None:
+    """The text PgQue receives for ``value``; ``None`` stays NULL (the column default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+        return f"{int(seconds)} seconds" if seconds.is_integer() else f"{seconds!r} seconds"
+    return str(value)
+
+
+def _check_setting(param: str, value: ConfigValue) -> tuple[str, str]:
+    """``(parameter, text)`` of one declared setting; ``ValueError`` naming what is wrong
+    with either. The database has the last word (autogenerate casts the text), but a
+    typo should fail where it is written, not at the next migration."""
+    name = _parameter_name(param)
+    text = _config_text(value)
+    type_ = QUEUE_PARAMETERS[name][0]
+    if text is None:
+        raise ValueError(f"{param}=None is not a setting: leave {param} out to keep the "
+                         "engine's default")
+    try:
+        if type_ == "integer":
+            int(text)
+        elif type_ == "boolean" and text.strip().lower() not in _BOOLEAN_TEXTS:
+            raise ValueError(text)
+        elif type_ == "interval":
+            as_seconds(text)
+    except ValueError:
+        raise ValueError(f"declared {param}={value!r} is not a valid {type_}") from None
+    return name, text
+
+
 def _check_name(kind: str, name: object, max_bytes: int | None = None) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidName(f"{kind} name must be a non-empty string, got {name!r}")
@@ -77,7 +144,7 @@ def _check_name(kind: str, name: object, max_bytes: int | None = None) -> str:
     return name
 
 
-def check_cooperative_name(kind: str, name: object) -> str:
+def _check_cooperative_name(kind: str, name: object) -> str:
     checked = _check_name(kind, name)
     if "." in checked:
         raise InvalidName(
@@ -127,14 +194,14 @@ class Queue:
         *,
         consumers: Iterable[str] = (),
         cooperative: Mapping[str, str] | None = None,
-        config: Mapping[str, object] | None = None,
+        config: Mapping[str, ConfigValue] | None = None,
         registry: QueueRegistry | None = None,
         wake: bool = True,
     ) -> None:
         self.name = _check_name("queue", name, MAX_QUEUE_NAME_BYTES)
         self.consumers: tuple[str, ...] = tuple(_check_name("consumer", c) for c in consumers)
         self.cooperative: dict[str, str] = {
-            check_cooperative_name("consumer", group): check_cooperative_name(
+            _check_cooperative_name("consumer", group): _check_cooperative_name(
                 "subconsumer", member)
             for group, member in (cooperative or {}).items()
         }
@@ -144,9 +211,12 @@ class Queue:
                 f"queue {name!r}: {', '.join(map(repr, both))} declared both as a normal "
                 "and as a cooperative consumer"
             )
-        self.config: dict[str, str] = {
-            k.removeprefix("queue_"): str(v) for k, v in (config or {}).items()
-        }
+        try:
+            self.config: dict[str, str] = dict(
+                _check_setting(k, v) for k, v in (config or {}).items()
+            )
+        except ValueError as exc:
+            raise ValueError(f"queue {name!r}: {exc}") from None
         self.wake = wake
         if registry is not None:
             registry.add(self)
@@ -227,7 +297,7 @@ class Queue:
 
     def send_now(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         payload: object,
         *,
         type: str = "default",
@@ -255,7 +325,7 @@ class Queue:
 
     def receive(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         consumer: str,
         max_messages: int = MAX_MESSAGES,
     ) -> list[Message]:
@@ -275,7 +345,7 @@ class Queue:
 
     def receive_coop(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         consumer: str,
         subconsumer: str,
         max_messages: int = MAX_MESSAGES,
@@ -300,13 +370,13 @@ class Queue:
         )
         return messages_from_rows(result.fetchall())
 
-    def ack(self, bind: Session | Connection | scoped_session[Any], batch_id: int) -> int:
+    def ack(self, bind: Bind, batch_id: int) -> int:
         """Finish a batch: 1, or 0 when the batch is unknown or already finished."""
         return scalar_int(execute(bind_connection(bind), ACK, {"batch_id": batch_id}, READER))
 
     def nack(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         msg: Message,
         *,
         retry_after: Duration = 60,
@@ -333,20 +403,20 @@ class Queue:
         }
         return scalar_int(execute(bind_connection(bind), NACK, params, READER))
 
-    def subscribe(self, bind: Session | Connection | scoped_session[Any], consumer: str) -> bool:
+    def subscribe(self, bind: Bind, consumer: str) -> bool:
         """Subscribe ``consumer``; ``True`` if new. It sees events sent from now on."""
         consumer = _check_name("consumer", consumer)
         params = {"queue": self.name, "consumer": consumer}
         return scalar_int(execute(bind_connection(bind), SUBSCRIBE, params, READER)) == 1
 
-    def unsubscribe(self, bind: Session | Connection | scoped_session[Any], consumer: str) -> bool:
+    def unsubscribe(self, bind: Bind, consumer: str) -> bool:
         """Remove the subscription and its pending retries; ``True`` if it existed."""
         params = {"queue": self.name, "consumer": consumer}
         return scalar_int(execute(bind_connection(bind), UNSUBSCRIBE, params, READER)) >= 1
 
     def subscribe_subconsumer(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         consumer: str,
         subconsumer: str,
         *,
@@ -365,7 +435,7 @@ class Queue:
 
     def unsubscribe_subconsumer(
         self,
-        bind: Session | Connection | scoped_session[Any],
+        bind: Bind,
         consumer: str,
         subconsumer: str,
         batch_handling: int = 0,
@@ -388,19 +458,19 @@ class Queue:
         return scalar_int(result) == 1
 
     def touch_subconsumer(
-        self, bind: Session | Connection | scoped_session[Any], consumer: str, subconsumer: str
+        self, bind: Bind, consumer: str, subconsumer: str
     ) -> int:
         """Heartbeat of a group member holding a long batch; the number of rows touched."""
         params = {"queue": self.name, "consumer": consumer, "subconsumer": subconsumer}
         return scalar_int(execute(bind_connection(bind), TOUCH_SUBCONSUMER, params, READER))
 
-    def force_next_tick(self, bind: Session | Connection | scoped_session[Any]) -> int | None:
+    def force_next_tick(self, bind: Bind) -> int | None:
         """Make the next :meth:`ticker` call tick; returns the latest existing tick id."""
         result = execute(bind_connection(bind), FORCE_NEXT_TICK, {"queue": self.name}, ADMIN)
         tick_id: int | None = result.scalar_one()
         return tick_id
 
-    def ticker(self, bind: Session | Connection | scoped_session[Any]) -> int | None:
+    def ticker(self, bind: Bind) -> int | None:
         """Tick the queue if its thresholds say so; the new tick id or ``None``."""
         result = execute(bind_connection(bind), TICKER, {"queue": self.name}, ADMIN)
         tick_id: int | None = result.scalar_one()

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ._statements import ENGINE_SCHEMA_COMMENT, HAS_VERSION_FUNCTION, TAKE_OVER, UNINSTALL, VERSION
-from .errors import EngineNotInstalled, ForeignSchemaError, translate
+from .errors import EngineNotInstalled, ForeignSchemaError, _translate
 
 __all__ = [
     "engine_build",
@@ -75,7 +75,7 @@ def install(
             # Only a non-DB-API original would give a bare StatementError.
             assert isinstance(wrapped, DBAPIError)
             # The script's guard against a foreign pgque schema, known by its SQLSTATE.
-            foreign = translate(wrapped)
+            foreign = _translate(wrapped)
             if isinstance(foreign, ForeignSchemaError):
                 raise foreign from wrapped
             raise wrapped from exc
@@ -108,7 +108,7 @@ def engine_build(conn: Connection) -> str | None:
     return str(comment)
 
 
-def require_installed(conn: Connection) -> str:
+def _require_installed(conn: Connection) -> str:
     """Return the installed version or raise :class:`EngineNotInstalled`."""
     version = installed_version(conn)
     if version is None:

@@ -22,33 +22,18 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from . import _statements as statements
 from . import schema
 from ._listen import Listener, close_quietly, connect_autocommit
 from ._runloop import Outage, Waker, blocking_run
-from ._statements import (
-    ADMIN,
-    FORCE_TICK_QUEUE,
-    HAS_EXECUTE_PRIVILEGE,
-    MAINT,
-    MAINT_RETRY_EVENTS,
-    MAINT_ROTATE_STEP2,
-    QUEUES_WITH_NEW_EVENTS,
-    SET_APPLICATION_NAME,
-    SYNCHRONOUS_COMMIT_OFF,
-    TICK_ALL,
-    TICK_PERIOD_MS,
-    TICK_QUEUE,
-    TRY_ADVISORY_LOCK,
-    WAKE_CHANNEL,
-)
 from .errors import (
     EngineNotInstalled,
     PermissionDenied,
-    first_line,
-    is_connection_lost,
-    is_transient,
-    sqlstate,
-    translate,
+    _first_line,
+    _is_connection_lost,
+    _is_transient,
+    _sqlstate,
+    _translate,
 )
 
 __all__ = ["TICKER_LOCK_KEY", "Ticker"]
@@ -73,11 +58,11 @@ _TICKER_FUNCTIONS = (
 
 def _configuration_error(exc: BaseException) -> Exception | None:
     """The error to stop the ticker with, when ``exc`` is one waiting cannot cure."""
-    state = sqlstate(exc.orig if isinstance(exc, DBAPIError) else exc)
+    state = _sqlstate(exc.orig if isinstance(exc, DBAPIError) else exc)
     if state == "42501":  # insufficient_privilege
-        return PermissionDenied(first_line(exc), ADMIN)
+        return PermissionDenied(_first_line(exc), statements.ADMIN)
     if state in ("42883", "3F000") and "pgque" in str(exc):  # undefined function / schema
-        return EngineNotInstalled(first_line(exc))
+        return EngineNotInstalled(_first_line(exc))
     return None
 
 
@@ -145,21 +130,21 @@ class Ticker:
         :meth:`run` cannot recover from."""
         with self.engine.connect() as connection:
             try:
-                schema.require_installed(connection)
+                schema._require_installed(connection)
                 missing = [
                     function for function in _TICKER_FUNCTIONS
                     if not connection.exec_driver_sql(
-                        HAS_EXECUTE_PRIVILEGE,
+                        statements.HAS_EXECUTE_PRIVILEGE,
                         {"function": function},
                     ).scalar_one()
                 ]
             except DBAPIError as exc:
-                error = translate(exc, required_role=ADMIN)
+                error = _translate(exc, required_role=statements.ADMIN)
                 if error is None:
                     raise
                 raise error from exc
         if missing:
-            raise PermissionDenied(f"no EXECUTE on {', '.join(missing)}", ADMIN)
+            raise PermissionDenied(f"no EXECUTE on {', '.join(missing)}", statements.ADMIN)
 
     def run(self, *, install_signal_handlers: bool | None = None) -> None:
         """Tick until :meth:`stop`, SIGTERM or SIGINT, reconnecting after errors.
@@ -186,23 +171,23 @@ class Ticker:
             try:
                 connection = connect_autocommit(self.engine)
                 connection.execute(
-                    SET_APPLICATION_NAME,
+                    statements.SET_APPLICATION_NAME,
                     (f"sqlalchemy_pgque ticker {os.getpid()}",),
                 )
                 # Nothing this connection commits needs to wait for its WAL flush: a
                 # consumer's ack that depends on a tick commits later and flushes the
                 # WAL past it, and a tick, retry move or rotation lost whole in a crash
                 # is simply done again. The flush was most of a woken tick's latency.
-                connection.execute(SYNCHRONOUS_COMMIT_OFF)
+                connection.execute(statements.SYNCHRONOUS_COMMIT_OFF)
                 if self._acquire_lock(connection, outage):
                     self._lead(Listener(connection, waker), outage)
             except Exception as exc:
                 error = _configuration_error(exc)
                 if error is not None:
                     raise error from exc
-                if not is_transient(exc):
+                if not _is_transient(exc):
                     log.error("ticker: unexpected error", exc_info=exc)
-                self._stopping.wait(outage.failed(first_line(exc)))
+                self._stopping.wait(outage.failed(_first_line(exc)))
             finally:
                 if self.leading.is_set():
                     log.info("ticker: released the ticker lock")
@@ -213,7 +198,7 @@ class Ticker:
     def _acquire_lock(self, connection: psycopg.Connection[Any], outage: Outage) -> bool:
         """Wait for the lock on ``connection``; ``False`` when stopped first."""
         while not self._stopping.is_set():
-            row = connection.execute(TRY_ADVISORY_LOCK, TICKER_LOCK_KEY).fetchone()
+            row = connection.execute(statements.TRY_ADVISORY_LOCK, TICKER_LOCK_KEY).fetchone()
             if row is not None and row[0]:
                 # Only a tick proves the outage over: ticking may fail where
                 # connecting works (a read-only server, a full disk).
@@ -226,7 +211,7 @@ class Ticker:
         connection = listener.connection
         period = self.tick_period or _configured_tick_period(connection)
         if self.wake:
-            listener.listen(WAKE_CHANNEL)
+            listener.listen(statements.WAKE_CHANNEL)
             self._catch_up(connection)
         self.leading.set()
         log.info("ticker: holding the ticker lock; ticking every %.3f s%s", period,
@@ -239,7 +224,7 @@ class Ticker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                connection.execute(TICK_ALL)
+                connection.execute(statements.TICK_ALL)
                 outage.succeeded()
                 next_tick += period
                 if next_tick <= now:
@@ -249,7 +234,7 @@ class Ticker:
                 next_maint = time.monotonic() + self.maint_interval
                 next_step2 = time.monotonic() + self.rotate_step2_interval
             elif now >= next_step2:
-                connection.execute(MAINT_ROTATE_STEP2)
+                connection.execute(statements.MAINT_ROTATE_STEP2)
                 next_step2 = now + self.rotate_step2_interval
             for queue_name, due in list(deferred.items()):
                 if due <= now:
@@ -278,11 +263,11 @@ class Ticker:
         3 s by default) instead of being delivered at once.
         """
         try:
-            rows = connection.execute(QUEUES_WITH_NEW_EVENTS).fetchall()
+            rows = connection.execute(statements.QUEUES_WITH_NEW_EVENTS).fetchall()
         except psycopg.Error as exc:
-            if is_connection_lost(exc):
+            if _is_connection_lost(exc):
                 raise
-            log.debug("ticker: no catch-up tick: %s", first_line(exc))
+            log.debug("ticker: no catch-up tick: %s", _first_line(exc))
             return
         for (queue_name,) in rows:
             self._tick_now(connection, queue_name)
@@ -290,28 +275,28 @@ class Ticker:
     def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
         """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""
         try:
-            connection.execute(FORCE_TICK_QUEUE, (queue_name,))
-            connection.execute(TICK_QUEUE, (queue_name,))
+            connection.execute(statements.FORCE_TICK_QUEUE, (queue_name,))
+            connection.execute(statements.TICK_QUEUE, (queue_name,))
         except psycopg.Error as exc:
-            if is_connection_lost(exc) or _configuration_error(exc) is not None:
+            if _is_connection_lost(exc) or _configuration_error(exc) is not None:
                 raise
             # A paused, external or dropped queue: the periodic ticker decides for it.
-            log.debug("ticker: wake-up tick of %r skipped: %s", queue_name, first_line(exc))
+            log.debug("ticker: wake-up tick of %r skipped: %s", queue_name, _first_line(exc))
 
     def _maintain(self, connection: psycopg.Connection[Any]) -> None:
         moved = _RETRY_MOVER_BATCH
         while moved >= _RETRY_MOVER_BATCH and not self._stopping.is_set():
-            row = connection.execute(MAINT_RETRY_EVENTS).fetchone()
+            row = connection.execute(statements.MAINT_RETRY_EVENTS).fetchone()
             moved = int(row[0]) if row and row[0] is not None else 0
-        connection.execute(MAINT)
-        connection.execute(MAINT_ROTATE_STEP2)
+        connection.execute(statements.MAINT)
+        connection.execute(statements.MAINT_ROTATE_STEP2)
 
 
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
     try:
-        row = connection.execute(TICK_PERIOD_MS).fetchone()
+        row = connection.execute(statements.TICK_PERIOD_MS).fetchone()
     except psycopg.Error as exc:
-        if is_connection_lost(exc):
+        if _is_connection_lost(exc):
             raise
         # Another PgQue install may keep its settings elsewhere, or not let us read them.
         return _DEFAULT_TICK_PERIOD

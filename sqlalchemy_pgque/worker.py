@@ -56,8 +56,8 @@ from sqlalchemy.exc import ArgumentError
 from ._duration import as_seconds
 from ._runloop import Outage, stop_signals_handled
 from ._statements import SERVER_KEEPALIVES
-from .consumer import AsyncConsumer, Consumer, check_subscription
-from .errors import InvalidName, PgqueError, first_line, is_transient
+from .consumer import AsyncConsumer, Consumer, _check_subscription
+from .errors import InvalidName, PgqueError, _first_line, _is_transient
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def _check(consumer: AnyConsumer, engines: _Engines) -> None:
         engine, own = create_engine(_sync_url(async_engine.url)), True
     try:
         with engine.connect() as connection:
-            check_subscription(connection, consumer.queue.name, consumer.name,
+            _check_subscription(connection, consumer.queue.name, consumer.name,
                                consumer.subconsumer)
     finally:
         if own:
@@ -297,8 +297,8 @@ def _start_up(
             except PgqueError as exc:
                 raise ConfigError(f"{label}: {exc}") from None
             except Exception as exc:
-                detail = first_line(getattr(exc, "orig", None) or exc)
-                if not is_transient(exc):
+                detail = _first_line(getattr(exc, "orig", None) or exc)
+                if not _is_transient(exc):
                     raise ConfigError(f"{label}: cannot use the database: {detail}") from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

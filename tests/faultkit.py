@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sqlalchemy_pgque import Queue, schema
-from sqlalchemy_pgque.errors import is_transient
+from sqlalchemy_pgque.errors import _is_transient
 
 _TESTS = Path(__file__).resolve().parent
 _ROOT = _TESTS.parent
@@ -216,7 +216,7 @@ class Producer(threading.Thread):
                 self.found_after_failure += 1
                 return
             except Exception as exc:
-                if not is_transient(exc):
+                if not _is_transient(exc):
                     raise
             if self._committed(engine, k):
                 self.found_after_failure += 1

@@ -373,7 +373,7 @@ def test_typed_function_rendering(empty_db: Any, tmp_path: Path) -> None:
     assert pgque_lines(text) == (
         [
             "pgque_ops.install()",
-            "pgque_ops.create_queue('orders', ticker_paused='True')",
+            "pgque_ops.create_queue('orders', ticker_paused='true')",
             "pgque_ops.subscribe('orders', 'billing')",
         ],
         [
@@ -387,15 +387,15 @@ def test_typed_function_rendering(empty_db: Any, tmp_path: Path) -> None:
     assert pgque_state(empty_db.dsn)["queues"][0][4] is True
 
 
-def test_invalid_declared_settings_are_reported(db: Any, tmp_path: Path) -> None:
+def test_settings_the_database_rejects_are_reported(db: Any, tmp_path: Path) -> None:
+    # Names, and values that cannot be of their type, fail at declaration
+    # (tests/unit/test_queue_declaration.py); the database has the last word on the rest.
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         conn.execute("SELECT pgque.create_queue('orders')")
     project = AlembicProject(tmp_path / "project", db.url)
-    write_models(project, 'Queue("orders", config={"ticker_max_lag": "soon"}, registry=registry)')
-    with pytest.raises(CommandError, match=r"ticker_max_lag='soon' is not a valid interval"):
-        project.autogenerate()
-    write_models(project, 'Queue("orders", config={"tick_speed": "1"}, registry=registry)')
-    with pytest.raises(CommandError, match=r"unknown PgQue queue parameter 'tick_speed'"):
+    write_models(project, 'Queue("orders", config={"max_retries": 10**12}, registry=registry)')
+    with pytest.raises(CommandError,
+                       match=r"max_retries='1000000000000' is not a valid integer"):
         project.autogenerate()
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqlalchemy_pgque import Message, Queue
-from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer, check_subscription
+from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer, _check_subscription
 from sqlalchemy_pgque.errors import MessageNotInBatch
 
 
@@ -408,8 +408,8 @@ def test_check_leaves_the_callers_transaction_and_works_without_one(
     engine: Engine, queue: Queue
 ) -> None:
     with engine.begin() as connection:
-        check_subscription(connection, "q", "c")
-        check_subscription(connection, "q", "c", None)
+        _check_subscription(connection, "q", "c")
+        _check_subscription(connection, "q", "c", None)
         assert connection.execute(text("SHOW lock_timeout")).scalar() == "0"
         assert connection.execute(text("SELECT 1")).scalar() == 1
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")

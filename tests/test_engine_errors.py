@@ -32,7 +32,7 @@ from sqlalchemy_pgque import (
     QueueNotFound,
     schema,
 )
-from sqlalchemy_pgque.errors import sqlstate, translate
+from sqlalchemy_pgque.errors import _sqlstate, _translate
 
 
 def tick(conn: Conn, queue: str = "q") -> None:
@@ -392,8 +392,8 @@ def test_drop_queue_force_after_members_leave(conn: Conn) -> None:
 # --- SQLSTATEs -----------------------------------------------------------------------
 #
 # Our engine gives every kind of error its own SQLSTATE (the table at the top of
-# sql/00_objects.sql) and translate() maps it by that code; another PgQue 0.2 install
-# raises the same texts as P0001, which translate() maps by their wording.
+# sql/00_objects.sql) and _translate() maps it by that code; another PgQue 0.2 install
+# raises the same texts as P0001, which _translate() maps by their wording.
 
 
 @dataclass(frozen=True)
@@ -488,7 +488,7 @@ def raised_by_another_install(engine: Engine, conn: Conn, message: str) -> DBAPI
     do = sql.SQL("DO $do$ BEGIN RAISE EXCEPTION USING MESSAGE = {}; END $do$").format(
         sql.Literal(message))
     error = failure_of(engine, do.as_string(conn))
-    assert sqlstate(error.orig) == "P0001"
+    assert _sqlstate(error.orig) == "P0001"
     return error
 
 
@@ -503,8 +503,8 @@ def test_error_code_and_class(conn: Conn, engine: Engine, ours: bool, failure: F
     for statement in failure.setup:
         conn.execute(statement)
     error = failure_of(engine, failure.query)
-    assert sqlstate(error.orig) == failure.code, str(error.orig)
-    translated = translate(error)
+    assert _sqlstate(error.orig) == failure.code, str(error.orig)
+    translated = _translate(error)
     assert type(translated) is (failure.error or type(None)), repr(translated)
 
 
@@ -521,7 +521,7 @@ def test_same_text_from_another_install_maps_by_wording(
     message = original.diag.message_primary
     assert message is not None
     expected = failure.error if failure.by_text else None
-    translated = translate(raised_by_another_install(engine, conn, message))
+    translated = _translate(raised_by_another_install(engine, conn, message))
     assert type(translated) is (expected or type(None)), (message, repr(translated))
 
 
@@ -536,8 +536,8 @@ def test_foreign_schema_guard(empty_db: Database) -> None:
         engine.dispose()
     error = info.value.__cause__
     assert isinstance(error, DBAPIError)
-    assert sqlstate(error.orig) == "PQ301"
-    assert isinstance(translate(error), ForeignSchemaError)
+    assert _sqlstate(error.orig) == "PQ301"
+    assert isinstance(_translate(error), ForeignSchemaError)
 
 
 def test_start_timetable_refuses_an_untrusted_owner(
@@ -557,8 +557,8 @@ def test_start_timetable_refuses_an_untrusted_owner(
         error = failure_of(engine, "select pgque.start_timetable()")
         assert "untrusted pg_timetable schema owner" in str(error.orig)
         if ours:
-            assert sqlstate(error.orig) == "PQ302"
-        assert translate(error) is None
+            assert _sqlstate(error.orig) == "PQ302"
+        assert _translate(error) is None
         cfg = conn.execute("select ticker_job_id, maint_job_id, scheduler from pgque.config")
         assert cfg.fetchall() == [(None, None, None)]
     finally:

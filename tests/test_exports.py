@@ -51,3 +51,21 @@ def test_func_pgque_functions_are_registered() -> None:
     expr = func.pgque.send("orders", "created", {"id": 1})
     assert isinstance(expr.type, BigInteger)
     assert str(select(expr)).startswith("SELECT pgque.send(")
+
+
+def test_internal_helpers_stay_out_of_the_public_lists() -> None:
+    for module_name in [*MODULES, "sqlalchemy_pgque.consumer", "sqlalchemy_pgque.schema"]:
+        exported = set(importlib.import_module(module_name).__all__)
+        assert not {name for name in exported if name.startswith("_")}, module_name
+        assert not exported & {"first_line", "sqlstate", "translate", "check_subscription",
+                               "as_seconds", "require_installed", "is_transient"}, module_name
+
+
+def test_types_of_public_signatures_are_exported() -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import Connection
+    from sqlalchemy.orm import Session
+
+    assert timedelta in sqlalchemy_pgque.Duration.__args__
+    assert {Session, Connection} <= set(sqlalchemy_pgque.Bind.__args__)

@@ -33,7 +33,7 @@ from sqlalchemy_pgque import (
     QueueNotFound,
 )
 from sqlalchemy_pgque._duration import as_seconds
-from sqlalchemy_pgque.errors import translate
+from sqlalchemy_pgque.errors import _translate
 
 jobs_q = Queue("jobs")
 
@@ -350,10 +350,10 @@ def test_invalid_names_from_the_engine(jobs: Engine) -> None:
 def test_unrelated_database_errors_are_not_translated(jobs: Engine) -> None:
     with jobs.connect() as conn, pytest.raises(DBAPIError) as caught:
         conn.execute(text("SELECT 1 / 0"))
-    assert translate(caught.value) is None
+    assert _translate(caught.value) is None
     with jobs.connect() as conn, pytest.raises(DBAPIError) as caught:
         conn.execute(text("SELECT * FROM no_such_table"))
-    assert translate(caught.value) is None
+    assert _translate(caught.value) is None
 
 
 def test_pgque_errors_share_a_base() -> None:
