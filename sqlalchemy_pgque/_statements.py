@@ -176,6 +176,7 @@ CHECK_DEFERRED_CONSTRAINTS: Final = text("SET CONSTRAINTS ALL IMMEDIATE")
 
 FORCE_NEXT_TICK: Final = text("SELECT pgque.force_next_tick(:queue)")
 TICKER: Final = text("SELECT pgque.ticker(:queue)")
+TICKER_ALL: Final = text("SELECT pgque.ticker()")
 
 FORCE_TICK_QUEUE: Final = "SELECT pgque.force_next_tick(%s)"
 TICK_QUEUE: Final = "SELECT pgque.ticker(%s)"
@@ -196,6 +197,78 @@ def listen(channel: str) -> sql.Composed:
     """``LISTEN "<channel>"`` with the channel quoted (queue names keep their case), for
     the LISTEN connections of the consumers and the ticker (``_listen.py``)."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+# -- operating (admin.py) ------------------------------------------------------------
+# Only PgQue 0.2 functions and tables (ENGINE.md §2.1, §3.7), so that the status and
+# dead-letter tools read any PgQue install. Every NULL filter is "no filter".
+
+# A queue's rotation waits while the oldest cursor's tick may still see the table that
+# would be truncated (the step1 rule of ENGINE.md §4.10): those consumers block it.
+QUEUE_STATUS: Final = text("""
+SELECT q.queue_name, i.ev_new, i.ev_per_sec,
+       extract(epoch FROM i.ticker_lag)::float8 AS ticker_lag,
+       q.queue_cur_table, q.queue_ntables,
+       extract(epoch FROM now() - q.queue_switch_time)::float8 AS since_rotation,
+       extract(epoch FROM q.queue_rotation_period)::float8 AS rotation_period,
+       q.queue_switch_step2 IS NULL AS mid_rotation,
+       q.queue_ticker_paused, q.queue_external_ticker,
+       (SELECT count(*) FROM pgque.dead_letter d WHERE d.dl_queue_id = q.queue_id) AS dlq,
+       ARRAY(SELECT c.co_name
+               FROM pgque.subscription s
+               JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+               JOIN pgque.tick t ON t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+              WHERE s.sub_queue = q.queue_id AND s.sub_role <> 'coop_member'
+                AND q.queue_switch_step2 IS NOT NULL
+                AND q.queue_switch_time + q.queue_rotation_period < now()
+                AND pg_snapshot_xmin(t.tick_snapshot)::text::bigint <= q.queue_switch_step2
+              ORDER BY c.co_name) AS blocked_by
+  FROM pgque.queue q
+  JOIN pgque.get_queue_info() i ON i.queue_name = q.queue_name
+ WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
+ ORDER BY q.queue_name
+""")
+# A cooperative consumer's subconsumers share its sub_id and are named
+# "<consumer>.<subconsumer>"; the cooperative consumer's own row is the coop_main.
+CONSUMER_STATUS: Final = text("""
+SELECT i.queue_name, i.consumer_name, s.sub_role,
+       (SELECT m.co_name FROM pgque.subscription ms
+          JOIN pgque.consumer m ON m.co_id = ms.sub_consumer
+         WHERE ms.sub_queue = s.sub_queue AND ms.sub_id = s.sub_id
+           AND ms.sub_role = 'coop_main') AS main_name,
+       extract(epoch FROM i.lag)::float8 AS lag,
+       extract(epoch FROM i.last_seen)::float8 AS last_seen,
+       i.pending_events, i.current_batch
+  FROM pgque.get_consumer_info() i
+  JOIN pgque.queue q ON q.queue_name = i.queue_name
+  JOIN pgque.consumer c ON c.co_name = i.consumer_name
+  JOIN pgque.subscription s ON s.sub_queue = q.queue_id AND s.sub_consumer = c.co_id
+ WHERE CAST(:queue AS text) IS NULL OR i.queue_name = :queue
+ ORDER BY i.queue_name, i.consumer_name
+""")
+_DEAD_LETTER_COLUMNS = """
+SELECT d.dl_id, q.queue_name, c.co_name, d.dl_time, d.dl_reason, d.ev_id, d.ev_time,
+       d.ev_retry, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3, d.ev_extra4
+  FROM pgque.dead_letter d
+  JOIN pgque.queue q ON q.queue_id = d.dl_queue_id
+  JOIN pgque.consumer c ON c.co_id = d.dl_consumer_id
+"""
+DEAD_LETTERS: Final = text(_DEAD_LETTER_COLUMNS + """
+ WHERE (CAST(:queue AS text) IS NULL OR q.queue_name = :queue)
+   AND (CAST(:consumer AS text) IS NULL OR c.co_name = :consumer)
+   AND (CAST(:type AS text) IS NULL OR d.ev_type = :type)
+   AND (CAST(:since AS timestamptz) IS NULL OR d.dl_time >= :since)
+   AND (CAST(:before AS timestamptz) IS NULL OR d.dl_time < :before)
+   AND (CAST(:after_id AS bigint) IS NULL OR d.dl_id > :after_id)
+   AND (CAST(:ids AS bigint[]) IS NULL OR d.dl_id = ANY(:ids))
+ ORDER BY d.dl_id
+ LIMIT :limit
+""")
+DEAD_LETTER: Final = text(_DEAD_LETTER_COLUMNS + " WHERE d.dl_id = :id")
+DLQ_REPLAY: Final = text("SELECT pgque.dlq_replay(:id)")
+DLQ_PURGE_QUEUE: Final = text("SELECT pgque.dlq_purge(:queue, CAST(:older_than AS interval))")
+DLQ_DELETE: Final = text("DELETE FROM pgque.dead_letter WHERE dl_id = ANY(:ids)")
+QUEUE_NAMES: Final = text("SELECT queue_name FROM pgque.queue ORDER BY queue_name")
 
 
 # -- worker connections (worker.py) --------------------------------------------------

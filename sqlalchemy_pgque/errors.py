@@ -19,6 +19,7 @@ __all__ = [
     "BatchNotFound",
     "ConsumerModeConflict",
     "ConsumerNotSubscribed",
+    "DeadLetterNotFound",
     "EngineNotInstalled",
     "ForeignSchemaError",
     "InvalidName",
@@ -97,6 +98,10 @@ class PayloadError(PgqueError, ValueError):
     """A payload that cannot be encoded as JSON for PostgreSQL's ``jsonb``."""
 
 
+class DeadLetterNotFound(PgqueError):
+    """No dead-letter entry has this id (never, or already replayed or purged)."""
+
+
 class PermissionDenied(PgqueError):
     """The database role lacks the pgque role needed for the call."""
 
@@ -122,6 +127,7 @@ _CODE_MAP: dict[str, type[PgqueError]] = {
     "PQ002": ConsumerNotSubscribed,
     "PQ003": BatchNotFound,
     "PQ004": MessageNotInBatch,
+    "PQ006": DeadLetterNotFound,
     "PQ101": ConsumerModeConflict,
     "PQ102": BatchInProgress,
     "PQ103": QueueHasConsumers,
@@ -138,6 +144,7 @@ _MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
     ("no such queue", QueueNotFound),
     ("event queue not created yet", QueueNotFound),
     ("not subscriber to queue", ConsumerNotSubscribed),
+    ("dead letter entry not found", DeadLetterNotFound),
     ("consumer not registered", ConsumerNotSubscribed),
     ("consumer not found", ConsumerNotSubscribed),
     ("explicit conversion is required", ConsumerModeConflict),

@@ -24,6 +24,7 @@ from sqlalchemy_pgque import (
     BatchNotFound,
     ConsumerModeConflict,
     ConsumerNotSubscribed,
+    DeadLetterNotFound,
     ForeignSchemaError,
     InvalidName,
     MessageNotInBatch,
@@ -438,7 +439,7 @@ FAILURES = [
     Failure("PQ004", "select pgque.event_retry(r.batch_id, 999999::bigint, 1)"
                      " from pgque.receive('q', 'c') r", MessageNotInBatch, TICKED, by_text=False),
     Failure("PQ005", "select pgque.register_consumer_at('q', 'c', 999999)", None, QUEUE),
-    Failure("PQ006", "select pgque.dlq_replay(424242)", None),
+    Failure("PQ006", "select pgque.dlq_replay(424242)", DeadLetterNotFound),
     Failure("PQ101", "select pgque.next_batch('q', 'g')", ConsumerModeConflict, GROUP),
     Failure("PQ101", "select pgque.register_subconsumer('q', 'c', 's1')", ConsumerModeConflict,
             SUBSCRIBED),
