@@ -61,8 +61,8 @@ Declare queues in a :class:`sqlalchemy_pgque.queue.QueueRegistry` and hand it ov
   for declared consumers that are missing, and ``op.pgque_unsubscribe`` for
   subscribed consumers the declaration does not list (cooperative subconsumers are
   removed first; subconsumers themselves are registered at run time and not compared);
-* for each group in a queue's ``cooperative`` mapping that has no members,
-  ``op.pgque_subscribe_subconsumer(queue, group, member)``, with
+* for each cooperative consumer in a queue's ``cooperative`` mapping that has no
+  subconsumers, ``op.pgque_subscribe_subconsumer(queue, consumer, subconsumer)``, with
   ``convert_normal=True`` when a normal consumer of that name exists;
 * only with ``pgque_manage_all=True``: for each queue in the database that the
   registry does not declare, unsubscribe its consumers and ``op.pgque_drop_queue``.

@@ -50,9 +50,9 @@ class _QueueState:
     settings: dict[str, str | None] = field(default_factory=dict)
     non_default: dict[str, str | None] = field(default_factory=dict)
     consumers: list[str] = field(default_factory=list)
-    """Every subscribed consumer but the cooperative members: normal ones and groups."""
+    """Every subscribed consumer but the subconsumers: normal and cooperative ones."""
     subconsumers: dict[str, list[str]] = field(default_factory=dict)
-    """The members of each cooperative group."""
+    """The subconsumers of each cooperative consumer."""
 
 
 def _read_state(conn: Connection) -> dict[str, _QueueState]:
@@ -105,15 +105,16 @@ def _remove_consumer(queue: str, consumer: str, state: _QueueState) -> list[Pgqu
     return removals
 
 
-def _create_groups(queue: Queue, state: _QueueState) -> list[PgqueOperation]:
-    """Register the first member of each declared group the database lacks; a normal
-    consumer of the group's name is converted (a group with members is left alone)."""
+def _create_cooperative_consumers(queue: Queue, state: _QueueState) -> list[PgqueOperation]:
+    """Register the first subconsumer of each declared cooperative consumer the
+    database lacks; a normal consumer of that name is converted (a cooperative consumer
+    that has subconsumers is left alone)."""
     return [
         SubscribeSubconsumerOp(
-            queue.name, group, member, convert_normal=group in state.consumers
+            queue.name, consumer, subconsumer, convert_normal=consumer in state.consumers
         )
-        for group, member in sorted(queue.cooperative.items())
-        if group not in state.subconsumers
+        for consumer, subconsumer in sorted(queue.cooperative.items())
+        if consumer not in state.subconsumers
     ]
 
 
@@ -136,7 +137,7 @@ def diff_queues(
         if state is None:
             operations.append(CreateQueueOp(queue.name, settings))
             operations.extend(SubscribeOp(queue.name, c) for c in queue.consumers)
-            operations.extend(_create_groups(queue, _QueueState()))
+            operations.extend(_create_cooperative_consumers(queue, _QueueState()))
             continue
         for param, value in settings.items():
             if not _same_setting(conn, queue.name, param, value):
@@ -146,12 +147,13 @@ def diff_queues(
         operations.extend(
             SubscribeOp(queue.name, c) for c in queue.consumers if c not in state.consumers
         )
-        operations.extend(_create_groups(queue, state))
-        # A group declared as a normal consumer: removing its last member makes it one.
+        operations.extend(_create_cooperative_consumers(queue, state))
+        # A cooperative consumer declared as a normal one: removing its last
+        # subconsumer makes it one.
         operations.extend(
-            UnsubscribeSubconsumerOp(queue.name, consumer, member)
+            UnsubscribeSubconsumerOp(queue.name, consumer, sub)
             for consumer in queue.consumers
-            for member in state.subconsumers.get(consumer, [])
+            for sub in state.subconsumers.get(consumer, [])
         )
         for consumer in state.consumers:
             if consumer not in queue.consumers and consumer not in queue.cooperative:

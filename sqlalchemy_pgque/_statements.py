@@ -156,7 +156,8 @@ TOUCH_SUBCONSUMER: Final = text(
 )
 
 QUEUE_EXISTS: Final = text("SELECT 1 FROM pgque.queue WHERE queue_name = :queue")
-# One row while ``consumer`` (a member: ``group.member``) is subscribed, else none.
+# One row while ``consumer`` (for a subconsumer, ``<consumer>.<subconsumer>``) is
+# subscribed, else none.
 CONSUMER_INFO: Final = text(
     "SELECT pending_events, current_batch FROM pgque.get_consumer_info(:queue, :consumer) "
     "WHERE consumer_name = :consumer"
@@ -327,7 +328,7 @@ def literal_call(function: str, *args: str | int | bool | None) -> str:
 
 def unsubscribe_if_normal(queue: str, consumer: str) -> str:
     """Unsubscribe ``consumer`` only if it is a normal consumer now: PgQue turns a
-    cooperative group back into one when its last member goes."""
+    cooperative consumer back into one when its last subconsumer goes."""
     return (
         "SELECT pgque.unsubscribe(q.queue_name, c.co_name)"
         " FROM pgque.subscription s"

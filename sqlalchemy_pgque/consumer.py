@@ -10,8 +10,19 @@
 
     consumer.run()          # or: python -m sqlalchemy_pgque.worker myapp.workers:consumer
 
-:class:`AsyncConsumer` is the same over an ``async_sessionmaker`` or an ``AsyncEngine``
-with ``async def`` handlers.
+On a message's way from ``send`` to ``ack``, this is the stop after the ticker: the
+tick's NOTIFY wakes the consumer on its LISTEN connection (:mod:`._listen`); it
+receives the batch, runs each message's handler, nacks the messages whose handler
+failed, acks the batch and commits, the handlers' writes and the ack together.
+:class:`AsyncConsumer` does the same over an ``async_sessionmaker`` or an
+``AsyncEngine``, with ``async def`` handlers.
+
+The policy is written once, in :class:`_ConsumerBase`, as generators of steps that
+:func:`._runloop.drive` runs in a thread (:class:`Consumer`) and
+:func:`._runloop.adrive` on an event loop (:class:`AsyncConsumer`). That is psycopg's
+design, chosen over SQLAlchemy's greenlet bridge because async handlers stay plain
+coroutines and nothing depends on SQLAlchemy's private greenlet helpers (see the
+docstring of ``_runloop.py``).
 """
 
 from __future__ import annotations
@@ -140,7 +151,7 @@ def _is_async_factory(obj: object) -> bool:
 
 
 class _BatchLost(Exception):
-    """``ack`` or ``nack`` found no open batch: a cooperative peer took the batch over."""
+    """``ack`` or ``nack`` found no open batch: another subconsumer took the batch over."""
 
 
 class _BatchAbandoned(Exception):
@@ -332,7 +343,7 @@ def _check_subscription(
 ) -> None:
     """Raise :class:`EngineNotInstalled`, :class:`QueueNotFound`,
     :class:`ConsumerNotSubscribed` or :class:`ConsumerModeConflict` unless ``consumer``
-    (as member ``subconsumer`` of a cooperative group, if given) can receive from
+    (or its subconsumer ``subconsumer``, if given) can receive from
     ``queue``; :class:`PermissionDenied` when the database user may not consume."""
     try:
         _verify_subscription(connection, queue, consumer, subconsumer)
@@ -362,7 +373,8 @@ def _verify_subscription(
             f"with {advice}"
         )
     # Trying the first call of the consumer's loop, then undoing it, finds a consumer
-    # of the wrong kind (a group run as a plain consumer, or the reverse) before run()
+    # of the wrong kind (a cooperative consumer run as a normal one, or the reverse)
+    # before run()
     # starts; names alone cannot tell, since normal consumer names may contain dots.
     # The trial needs a transaction to undo it in (without one, run() reports a wrong
     # kind on its first receive) and must not queue behind a process that is using the
@@ -392,17 +404,17 @@ def _try_first_call(
             if not isinstance(error, ConsumerModeConflict):
                 raise
             raise ConsumerModeConflict(
-                f"{error}; give the Consumer subconsumer=<member name> to run it as a "
-                "member of the group"
+                f"{error}; give the Consumer subconsumer=<name> to run it as one of "
+                "its subconsumers"
             ) from exc
         return
     try:
-        # receive_coop registers the member on first use.
+        # receive_coop registers the subconsumer on first use.
         Queue(queue).subscribe_subconsumer(connection, consumer, subconsumer)
     except ConsumerModeConflict as exc:
         raise ConsumerModeConflict(
-            f"{exc}; to make the normal consumer {consumer!r} a cooperative group, "
-            f"register a member with convert_normal=True once, e.g. "
+            f"{exc}; to make the normal consumer {consumer!r} a cooperative one, "
+            f"register a subconsumer with convert_normal=True once, e.g. "
             f"op.pgque_subscribe_subconsumer({queue!r}, {consumer!r}, {subconsumer!r}, "
             "convert_normal=True) in a migration"
         ) from exc
@@ -479,18 +491,6 @@ class _ConsumerBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
 
-    def _as_member(self: ConsumerT, subconsumer: str) -> ConsumerT:
-        """A copy running as member ``subconsumer`` of this consumer's cooperative group.
-
-        The copy shares the handlers and settings but has its own run state, so the
-        worker can run several members of one group side by side.
-        """
-        _check_cooperative_names(self.name, subconsumer)
-        member = copy.copy(self)
-        member.subconsumer = subconsumer
-        member._clear_run_state()
-        return member
-
     def _clear_run_state(self) -> None:
         self.listening = threading.Event()
         self._stopping = threading.Event()
@@ -516,8 +516,8 @@ class _ConsumerBase:
     @property
     def label(self) -> str:
         """``queue/consumer`` (``queue/consumer.subconsumer`` in cooperative mode)."""
-        member = f".{self.subconsumer}" if self.subconsumer else ""
-        return f"{self.queue.name}/{self.name}{member}"
+        suffix = f".{self.subconsumer}" if self.subconsumer else ""
+        return f"{self.queue.name}/{self.name}{suffix}"
 
     @property
     def channel(self) -> str:
@@ -548,6 +548,24 @@ class _ConsumerBase:
             return function
 
         return register
+
+    def as_subconsumer(self: ConsumerT, subconsumer: str) -> ConsumerT:
+        """A copy of this consumer running as subconsumer ``subconsumer`` of the
+        cooperative consumer ``self.name``.
+
+        The copy shares the handlers (one registry: a handler added later to either
+        applies to both) and the settings, ``dead_interval`` included, but has its own
+        run state. That is how several subconsumers of one cooperative consumer run in
+        one process, each with its own :meth:`run` (in its own thread, or side by side
+        on one event loop for :class:`AsyncConsumer`); the worker's ``--concurrency``
+        does it. Raises :class:`~sqlalchemy_pgque.errors.InvalidName` for a name that
+        is empty or contains a dot.
+        """
+        _check_cooperative_names(self.name, subconsumer)
+        twin = copy.copy(self)
+        twin.subconsumer = subconsumer
+        twin._clear_run_state()
+        return twin
 
     def stop(self, *, abandon: bool = False) -> None:
         """Ask ``run()`` to return; safe from any thread.
@@ -624,10 +642,11 @@ class _ConsumerBase:
             if not messages:
                 return 0, more
             if self.subconsumer is not None:
-                # The cooperative allocation moved the group cursor under a lock on the
-                # group's row: committing it at once lets the other members allocate
-                # while this one works. The batch stays assigned to this member until
-                # its ack; handler writes and the ack still commit together.
+                # The cooperative allocation moved the cooperative consumer's cursor
+                # under a lock on its row: committing it at once lets the other
+                # subconsumers allocate while this one works. The batch stays assigned
+                # to this subconsumer until its ack; handler writes and the ack still
+                # commit together.
                 yield from within(session.begin(), self._handle_batch(session, messages))
         except _BatchLost as lost:
             size = self._shutdown.batch.size if self._shutdown.batch else 0
@@ -652,7 +671,7 @@ class _ConsumerBase:
         try:
             yield self._on_session(session, self._batch_started, messages)
             if self.subconsumer is not None:
-                yield self._on_session(session, self._hold_member_row, messages[0].batch_id)
+                yield self._on_session(session, self._hold_subconsumer_row, messages[0].batch_id)
             self._warn_if_truncated(messages)
             check_constraints = self._commit_failed_for == messages[0].msg_id
             for message in messages:
@@ -787,20 +806,21 @@ class _ConsumerBase:
         if self.queue.ack(session, batch_id) == 0:
             raise _BatchLost(batch_id)
 
-    def _hold_member_row(self, session: Session, batch_id: int) -> None:
-        """Lock this member's row until the handling transaction ends, and make sure
-        the member still holds ``batch_id`` (else raise :class:`_BatchLost`).
+    def _hold_subconsumer_row(self, session: Session, batch_id: int) -> None:
+        """Lock this subconsumer's row until the handling transaction ends, and make
+        sure it still holds ``batch_id`` (else raise :class:`_BatchLost`).
 
-        Peers take a stalled member's batch over only if they can lock its row
+        Peers take a stalled subconsumer's batch over only if they can lock its row
         (``FOR UPDATE SKIP LOCKED``), so while the lock is held no ``dead_interval``
         can take the batch away, however long the handlers run. The touch itself is
         not seen by others before commit; a periodic heartbeat in this transaction
         would add nothing. If this process dies, the lock goes with its connection
-        and the batch is re-fetched by this member or taken over after
+        and the batch is re-fetched by this subconsumer or taken over after
         ``dead_interval``.
 
         Between the allocation's commit and this lock the batch is unguarded: a peer
-        may take it over, or a second process using this member name may finish it.
+        may take it over, or a second process using this subconsumer name may finish
+        it.
         Checking under the lock means no handler runs for a batch that is not ours.
         """
         assert self.subconsumer is not None
@@ -812,17 +832,17 @@ class _ConsumerBase:
             if _sqlstate(exc.orig) == "40001":
                 raise _BatchLost(batch_id) from None
             raise
-        member = f"{self.name}.{self.subconsumer}"
+        row_name = f"{self.name}.{self.subconsumer}"
         row = statements.execute(
             statements.bind_connection(session), statements.CONSUMER_INFO,
-            {"queue": self.queue.name, "consumer": member}, statements.READER,
+            {"queue": self.queue.name, "consumer": row_name}, statements.READER,
         ).first()
         held = None if row is None else row.current_batch
         if held != batch_id:
             raise _BatchLost(batch_id)
 
     def _log_batch_lost(self, lost: _BatchLost) -> None:
-        log.warning("%s: batch %s was taken over by another member; rolled back",
+        log.warning("%s: batch %s was taken over by another subconsumer; rolled back",
                     self.label, lost.args[0])
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -933,9 +953,10 @@ class Consumer(_ConsumerBase):
         timedelta, or text such as ``"5 minutes"``).
     :param unknown_handler_policy: ``"nack"`` (default) a message whose type has no
         handler and no ``"*"`` handler, or ``"ack"`` it (drop it).
-    :param subconsumer: run as this member of a cooperative consumer group
-        (``receive_coop``), sharing the consumer's batches with the other members.
-    :param dead_interval: cooperative mode: take over a member's batch when that member
+    :param subconsumer: run as this subconsumer of ``name``, a cooperative consumer
+        (``receive_coop``), sharing its batches with the other subconsumers; see
+        :meth:`as_subconsumer`.
+    :param dead_interval: cooperative mode: take over the batch of a subconsumer that
         has been silent this long.
     :param shutdown_timeout: how long :meth:`stop` lets the batch in progress run
         before abandoning it (a :data:`Duration`; ``None``, the default, waits for it).
@@ -954,12 +975,12 @@ class Consumer(_ConsumerBase):
     transaction is no longer usable, it is a *database failure*: nothing is nacked,
     the whole batch rolls back and comes back, and :meth:`run` reconnects.
 
-    A cooperative member commits its ``receive_coop`` at once, because allocating a
-    batch locks the group's row until commit, then handles and acks the batch in a
-    second transaction, so the members of a group work in parallel. The batch stays
-    assigned to the member meanwhile: after a crash the member gets it again, or a
-    peer with ``dead_interval`` takes it over; while the member is alive and handling
-    it, its row is locked and no peer can.
+    A subconsumer commits its ``receive_coop`` at once, because allocating a batch
+    locks the cooperative consumer's row until commit, then handles and acks the batch
+    in a second transaction, so the subconsumers work in parallel. The batch stays
+    assigned to the subconsumer meanwhile: after a crash it gets the batch again, or
+    another subconsumer with ``dead_interval`` takes it over; while it is alive and
+    handling the batch, its row is locked and no other subconsumer can.
 
     :meth:`run` blocks, waking on the queue's tick notifications (LISTEN) and at
     least every ``poll_interval``, reconnecting with backoff after database errors,

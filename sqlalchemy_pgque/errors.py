@@ -75,9 +75,9 @@ class ConsumerNotSubscribed(PgqueError):
 
 class ConsumerModeConflict(PgqueError):
     """The consumer is registered as the other kind than the call needs: a normal
-    consumer used as a cooperative group, a group used with a normal consumer's call
-    (``receive``, or ``unsubscribe`` while it has members), or a member name already
-    taken by another subscription."""
+    consumer used as a cooperative one, a cooperative consumer used with a normal
+    consumer's call (``receive``, or ``unsubscribe`` while it has subconsumers), or a
+    subconsumer name already taken by another subscription."""
 
 
 class BatchNotFound(PgqueError):
@@ -85,8 +85,8 @@ class BatchNotFound(PgqueError):
 
 
 class BatchInProgress(PgqueError):
-    """The consumer or cooperative member holds an open batch, so it cannot be removed
-    or converted now: let it ack, or unsubscribe the member with ``batch_handling=1``
+    """The consumer or subconsumer holds an open batch, so it cannot be removed or
+    converted now: let it ack, or unsubscribe the subconsumer with ``batch_handling=1``
     (its messages go to retry, or to the dead-letter queue once out of retries)."""
 
 

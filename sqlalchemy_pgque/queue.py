@@ -148,8 +148,8 @@ def _check_cooperative_name(kind: str, name: object) -> str:
     checked = _check_name(kind, name)
     if "." in checked:
         raise InvalidName(
-            f"cooperative {kind} name must not contain a dot (members are stored as "
-            f"<consumer>.<subconsumer>): {checked!r}"
+            f"cooperative {kind} name must not contain a dot (subconsumers are stored "
+            f"as <consumer>.<subconsumer>): {checked!r}"
         )
     return checked
 
@@ -160,10 +160,11 @@ class Queue:
     :param name: the queue name (at most 57 bytes).
     :param consumers: consumer names that should be subscribed; used by Alembic
         autogenerate, never subscribed implicitly at run time.
-    :param cooperative: cooperative consumer groups that should exist, each mapped to
-        the name of the member that creates it (``{"shipping": "w"}``); used by
-        autogenerate, which registers that member (converting a normal consumer of
-        the same name). Further members register themselves when they first receive.
+    :param cooperative: cooperative consumers that should be subscribed, each mapped
+        to the name of the subconsumer that creates it (``{"shipping": "w"}``); used by
+        autogenerate, which registers that subconsumer (converting a normal consumer of
+        the same name). Further subconsumers register themselves when they first
+        receive.
     :param config: queue settings for ``pgque.set_queue_config`` (for example
         ``{"ticker_max_lag": "500 milliseconds", "max_retries": 3}``); used by
         autogenerate.
@@ -201,9 +202,9 @@ class Queue:
         self.name = _check_name("queue", name, MAX_QUEUE_NAME_BYTES)
         self.consumers: tuple[str, ...] = tuple(_check_name("consumer", c) for c in consumers)
         self.cooperative: dict[str, str] = {
-            _check_cooperative_name("consumer", group): _check_cooperative_name(
-                "subconsumer", member)
-            for group, member in (cooperative or {}).items()
+            _check_cooperative_name("consumer", consumer): _check_cooperative_name(
+                "subconsumer", subconsumer)
+            for consumer, subconsumer in (cooperative or {}).items()
         }
         both = sorted(set(self.consumers) & set(self.cooperative))
         if both:
@@ -351,10 +352,10 @@ class Queue:
         max_messages: int = MAX_MESSAGES,
         dead_interval: Duration | None = None,
     ) -> list[Message]:
-        """Receive a batch for one member of a cooperative consumer group.
+        """Receive a batch for ``subconsumer`` of the cooperative consumer ``consumer``.
 
-        ``dead_interval`` (a :data:`Duration`) lets this member take over the batch of
-        a sibling that has not been seen for that long. Experimental in PgQue.
+        ``dead_interval`` (a :data:`Duration`) lets it take over the batch of another
+        subconsumer that has not been seen for that long. Experimental in PgQue.
         """
         result = execute(
             bind_connection(bind),
@@ -422,11 +423,12 @@ class Queue:
         *,
         convert_normal: bool = False,
     ) -> bool:
-        """Register ``subconsumer`` in the cooperative group ``consumer``; ``True`` if new.
+        """Register ``subconsumer`` of cooperative consumer ``consumer``; ``True`` if new.
 
-        The group is created if ``consumer`` is not subscribed. A normal consumer of that
-        name raises :class:`ConsumerModeConflict` unless ``convert_normal`` is true; then
-        it becomes the group, keeping its position in the queue.
+        ``consumer`` is subscribed as a cooperative consumer if it is not subscribed
+        yet. A normal consumer of that name raises :class:`ConsumerModeConflict` unless
+        ``convert_normal`` is true; then it becomes cooperative, keeping its position
+        in the queue.
         """
         params = {"queue": self.name, "consumer": consumer, "subconsumer": subconsumer,
                   "convert": convert_normal}
@@ -440,9 +442,9 @@ class Queue:
         subconsumer: str,
         batch_handling: int = 0,
     ) -> bool:
-        """Remove a group member; ``True`` if it was registered.
+        """Remove ``subconsumer`` of ``consumer``; ``True`` if it was registered.
 
-        A member holding an open batch raises :class:`BatchInProgress` with
+        A subconsumer holding an open batch raises :class:`BatchInProgress` with
         ``batch_handling=0``; with ``batch_handling=1`` the batch's messages go to retry
         (in 60 s), or to the dead-letter queue once out of retries.
         """
@@ -460,7 +462,7 @@ class Queue:
     def touch_subconsumer(
         self, bind: Bind, consumer: str, subconsumer: str
     ) -> int:
-        """Heartbeat of a group member holding a long batch; the number of rows touched."""
+        """Heartbeat of a subconsumer holding a long batch; the number of rows touched."""
         params = {"queue": self.name, "consumer": consumer, "subconsumer": subconsumer}
         return scalar_int(execute(bind_connection(bind), TOUCH_SUBCONSUMER, params, READER))
 

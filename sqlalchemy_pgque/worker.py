@@ -15,9 +15,10 @@ overrides ``pgque.config.tick_period_ms`` and ``--no-wake`` turns off ticking on
 commit wake-ups.
 
 ``--concurrency N`` runs every cooperative consumer (one given ``subconsumer=``) as N
-members of its group, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its own
-thread; ``--subconsumer NAME`` replaces the member name set in code, so that worker
-processes started from one command line can be given names of their own.
+subconsumers, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its own thread (see
+:meth:`~sqlalchemy_pgque.Consumer.as_subconsumer`); ``--subconsumer NAME`` replaces
+the subconsumer name set in code, so that worker processes started from one command
+line can be given names of their own.
 
 SIGTERM or SIGINT stops the consumers after their current batch, for at most
 ``--shutdown-timeout`` seconds (25 by default): then the batch is abandoned (rolled
@@ -137,15 +138,15 @@ def load_consumers(target: str) -> list[AnyConsumer]:
     return consumers
 
 
-def expand_members(
+def expand_subconsumers(
     consumers: list[AnyConsumer], concurrency: int, subconsumer: str | None
 ) -> list[AnyConsumer]:
-    """``consumers`` with each cooperative one replaced by the members to run."""
+    """``consumers`` with each cooperative one replaced by the subconsumers to run."""
     if (concurrency > 1 or subconsumer) and all(c.subconsumer is None for c in consumers):
         raise ConfigError(
             "--concurrency and --subconsumer apply to cooperative consumers, and none is: "
-            "give the Consumer a subconsumer= (it then shares its batches with the other "
-            "members of its group)"
+            "give the Consumer a subconsumer= (it then runs as that subconsumer of a "
+            "cooperative consumer, sharing its batches with the other subconsumers)"
         )
     expanded: list[AnyConsumer] = []
     for consumer in consumers:
@@ -158,7 +159,7 @@ def expand_members(
             expanded.append(consumer)
             continue
         try:
-            expanded.extend(consumer._as_member(name) for name in names)
+            expanded.extend(consumer.as_subconsumer(name) for name in names)
         except InvalidName as exc:
             raise ConfigError(str(exc)) from None
     return expanded
@@ -173,7 +174,7 @@ class _Engines:
     asynchronous: AsyncEngine | None = None
     pool_size: int = 5
     """Connections each engine keeps: one per consumer (their LISTEN connections are
-    separate), so that --concurrency never leaves a member waiting for one."""
+    separate), so that --concurrency never leaves a subconsumer waiting for one."""
 
     def sync_engine(self) -> Engine:
         assert self.url is not None
@@ -481,11 +482,11 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-wake", action="store_true",
                         help="the ticker ticks on its period only, not on commit wake-ups")
     parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N",
-                        help="run each cooperative consumer as N members of its group, "
-                             "in N threads (default: 1)")
+                        help="run each cooperative consumer as N subconsumers, in N "
+                             "threads (default: 1)")
     parser.add_argument("--subconsumer", default=None, metavar="NAME",
-                        help="member name of the cooperative consumers (NAME-1 … NAME-N "
-                             "with --concurrency), instead of the one set in code")
+                        help="subconsumer name of the cooperative consumers (NAME-1 … "
+                             "NAME-N with --concurrency), instead of the one set in code")
     parser.add_argument("--shutdown-timeout", type=_seconds_or_no_limit, default=_UNSET,
                         metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long the batches in progress may "
@@ -561,7 +562,7 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
     if args.url:
         engines.url = _parse_url(args.url)
     consumers = [c for target in args.targets for c in load_consumers(target)]
-    consumers = expand_members(consumers, args.concurrency, args.subconsumer)
+    consumers = expand_subconsumers(consumers, args.concurrency, args.subconsumer)
     for consumer in consumers:
         if args.shutdown_timeout is not _UNSET:
             consumer.shutdown_timeout = args.shutdown_timeout

@@ -217,6 +217,36 @@ def test_handler_kinds_are_checked_at_registration(engine: Engine) -> None:
         Consumer(engine, queue="q", name="c", unknown_handler_policy="drop")  # type: ignore[arg-type]
 
 
+def test_as_subconsumer_shares_handlers_and_settings_not_run_state(
+    engine: Engine, db: Database
+) -> None:
+    from sqlalchemy_pgque.errors import InvalidName
+
+    consumer = Consumer(engine, queue="q", name="g", subconsumer="w", dead_interval=30,
+                        max_messages=50)
+    consumer.on("*")(lambda msg: None)
+    consumer.listening.set()
+    twin = consumer.as_subconsumer("w-2")
+    assert type(twin) is Consumer
+    assert (twin.name, twin.subconsumer, twin.label) == ("g", "w-2", "q/g.w-2")
+    assert (twin.dead_interval, twin.max_messages, twin.engine) == (30, 50, engine)
+    assert consumer.subconsumer == "w"
+    assert twin._handler_for("x") is consumer._handler_for("x") is not None
+    assert consumer.listening.is_set() and not twin.listening.is_set()
+    for name in ("w.2", ""):
+        with pytest.raises(InvalidName):
+            consumer.as_subconsumer(name)
+
+    async_engine = create_async_engine(db.url)
+    try:
+        plain = AsyncConsumer(async_engine, queue="q", name="g")
+        async_twin = plain.as_subconsumer("a")
+        assert type(async_twin) is AsyncConsumer
+        assert (plain.subconsumer, async_twin.label) == (None, "q/g.a")
+    finally:
+        asyncio.run(async_engine.dispose())
+
+
 @pytest.fixture
 def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
     started: list[tuple[Consumer, threading.Thread]] = []
