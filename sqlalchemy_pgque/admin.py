@@ -105,8 +105,8 @@ class ConsumerStatus:
     @property
     def label(self) -> str:
         """``queue/consumer`` or ``queue/consumer.subconsumer``, as the worker logs it."""
-        member = f".{self.subconsumer}" if self.subconsumer else ""
-        return f"{self.queue}/{self.consumer}{member}"
+        sub = f".{self.subconsumer}" if self.subconsumer else ""
+        return f"{self.queue}/{self.consumer}{sub}"
 
     def as_dict(self) -> dict[str, Any]:
         return _as_dict(self)
