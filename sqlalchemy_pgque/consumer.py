@@ -17,12 +17,9 @@ failed, acks the batch and commits, the handlers' writes and the ack together.
 :class:`AsyncConsumer` does the same over an ``async_sessionmaker`` or an
 ``AsyncEngine``, with ``async def`` handlers.
 
-The policy is written once, in :class:`_ConsumerBase`, as generators of steps that
-:func:`._runloop.drive` runs in a thread (:class:`Consumer`) and
-:func:`._runloop.adrive` on an event loop (:class:`AsyncConsumer`). That is psycopg's
-design, chosen over SQLAlchemy's greenlet bridge because async handlers stay plain
-coroutines and nothing depends on SQLAlchemy's private greenlet helpers (see the
-docstring of ``_runloop.py``).
+The policy is written once, in :class:`_ConsumerBase`, as steps that
+:class:`Consumer` drives in a thread and :class:`AsyncConsumer` on an event loop
+(``_runloop.py`` says how, and why not SQLAlchemy's greenlet bridge).
 """
 
 from __future__ import annotations
