@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import functions as functions  # registers func.pgque.*
 from ._duration import Duration
 from ._statements import Bind
-from .consumer import AsyncConsumer, Consumer
+from .consumer import AsyncConsumer, Consumer, ConsumerObserver, Outcome
 from .errors import (
     BatchInProgress,
     BatchNotFound,
@@ -35,6 +35,7 @@ __all__ = [
     "Consumer",
     "ConsumerModeConflict",
     "ConsumerNotSubscribed",
+    "ConsumerObserver",
     "DeadLetterNotFound",
     "Duration",
     "EngineNotInstalled",
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidName",
     "Message",
     "MessageNotInBatch",
+    "Outcome",
     "PayloadError",
     "PendingEvent",
     "PermissionDenied",

@@ -163,6 +163,10 @@ CONSUMER_INFO: Final = text(
     "WHERE consumer_name = :consumer"
 )
 NEXT_BATCH: Final = text("SELECT pgque.next_batch(:queue, :consumer)")
+# nack's rule for dead-lettering (ENGINE.md §4.9): retries reached this.
+MAX_RETRIES: Final = text(
+    "SELECT coalesce(queue_max_retries, 5) FROM pgque.queue WHERE queue_name = :queue"
+)
 # Undone with the trial's SAVEPOINT, like everything else it does.
 TRIAL_LOCK_TIMEOUT: Final = text("SELECT set_config('lock_timeout', '100ms', true)")
 # Runs the checks of deferred constraints now, inside a handler's SAVEPOINT.

@@ -32,8 +32,9 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -77,11 +78,18 @@ from .queue import MAX_MESSAGES, Queue, _check_cooperative_name
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-__all__ = ["AsyncConsumer", "Consumer", "UnknownHandlerPolicy"]
+__all__ = ["AsyncConsumer", "Consumer", "ConsumerObserver", "Outcome", "UnknownHandlerPolicy"]
 
 log = logging.getLogger(__name__)
 
 UnknownHandlerPolicy = Literal["nack", "ack"]
+
+Outcome = Literal["handled", "nacked", "dead_lettered", "unknown_type", "failed"]
+"""What became of one delivery of a message: its handler returned (``handled``); it
+raised and the message was scheduled for a retry (``nacked``) or, out of retries,
+moved to the dead-letter queue (``dead_lettered``); no handler took its type
+(``unknown_type``, nacked or acked by ``unknown_handler_policy``); or the batch failed
+as a whole, a database failure or an abandon on shutdown, and comes back (``failed``)."""
 
 # Configuration problems: retrying cannot fix them, so run() raises them. Anything
 # else that fails a batch (the database or the network going away, a pool that stayed
@@ -422,6 +430,44 @@ def _check_cooperative_names(consumer: str, subconsumer: str) -> None:
     _check_cooperative_name("subconsumer", subconsumer)
 
 
+class ConsumerObserver:
+    """Hooks a consumer calls as it works: what metrics and tracing watch.
+
+    Subclass it, override the hooks you need and register an instance with
+    :meth:`Consumer.observe`. The hooks run in the consumer's own thread or task,
+    between its steps, so a context set in :meth:`handler_started` (a tracing span)
+    is the handler's context; they must be quick. An exception raised by a hook is
+    logged and ignored: observing never breaks consuming.
+    """
+
+    def handler_started(self, consumer: _ConsumerBase, message: Message) -> Any:
+        """A handler is about to run on ``message``; the result is handed back to
+        :meth:`handler_finished`."""
+        return None
+
+    def handler_finished(self, consumer: _ConsumerBase, message: Message, state: Any,
+                         outcome: Outcome, error: BaseException | None,
+                         seconds: float) -> None:
+        """The handler of ``message`` returned or raised (``error``) after ``seconds``;
+        ``outcome`` is what became of the message (``failed`` when its failure was
+        the database's). Nothing is committed yet."""
+
+    def batch_finished(self, consumer: _ConsumerBase, outcomes: Sequence[tuple[Message, Outcome]],
+                       seconds: float, committed: bool) -> None:
+        """A batch ended: committed with these outcomes, or rolled back whole
+        (``committed`` false, every outcome ``failed``: its messages come back)."""
+
+
+@dataclass
+class _BatchRecord:
+    """What the observers are told about the batch in progress."""
+
+    messages: list[Message]
+    started: float
+    outcomes: list[tuple[Message, Outcome]] = field(default_factory=list)
+    max_retries: int | None = None
+
+
 class _ConsumerBase:
     """The consumer policy, written once; :class:`Consumer` and :class:`AsyncConsumer`
     are its two faces.
@@ -484,6 +530,12 @@ class _ConsumerBase:
         self._shutdown = self._new_shutdown()
         self._commit_failed_for: int | None = None
         """First message id of a batch whose COMMIT failed on a handler's writes."""
+        self._observers: list[ConsumerObserver] = []
+        self._record: _BatchRecord | None = None
+        self.progress_at: float | None = None
+        """``time.monotonic()`` when the run loop last completed a round (handled a
+        batch, or found none and waited); ``None`` before. A health check compares it
+        with the clock: a loop stuck in an outage or in a handler stops moving it."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
@@ -493,6 +545,8 @@ class _ConsumerBase:
         self._stopping = threading.Event()
         self._shutdown = self._new_shutdown()
         self._commit_failed_for = None
+        self._record = None
+        self.progress_at = None
 
     def _new_shutdown(self) -> _Shutdown:
         return _Shutdown(self.label)
@@ -576,6 +630,10 @@ class _ConsumerBase:
         self._request_stop(abandon)
         self._wake()
 
+    def observe(self, observer: ConsumerObserver) -> None:
+        """Call ``observer``'s hooks from now on (see :class:`ConsumerObserver`)."""
+        self._observers = [*self._observers, observer]
+
     # -- what a face provides ------------------------------------------------------
 
     def _check_handler(self, function: Callable[..., Any]) -> None:
@@ -631,7 +689,11 @@ class _ConsumerBase:
         when it was abandoned on shutdown.
         """
         session = self._session()
-        return (yield from within(session, self._batch_in(session)))
+        try:
+            return (yield from within(session, self._batch_in(session)))
+        except BaseException:
+            self._batch_failed()
+            raise
 
     def _batch_in(self, session: Any) -> Steps[tuple[int, bool]]:
         try:
@@ -647,6 +709,7 @@ class _ConsumerBase:
                 yield from within(session.begin(), self._handle_batch(session, messages))
         except _BatchLost as lost:
             size = self._shutdown.batch.size if self._shutdown.batch else 0
+            self._batch_failed()
             self._log_batch_lost(lost)
             self._shutdown.batch_ended()
             return size, True
@@ -690,21 +753,32 @@ class _ConsumerBase:
         if handler is None:
             if self.unknown_handler_policy == "nack":
                 yield self._on_session(session, self._nack_unknown, message)
+            self._outcome(message, "unknown_type")
             return
+        started, states = time.perf_counter(), self._notify("handler_started", message)
+        outcome: Outcome = "failed"
+        error: BaseException | None = None
         try:
             if handler.takes_session:
                 yield from within(session.begin_nested(),
                                   self._call_handler(handler, message, session, check_constraints))
             else:
                 yield partial(handler.function, message)
+            outcome = "handled"
         except Exception as exc:
+            error = exc
             yield self._on_session(session, self._raise_unless_handler_failure, message, exc)
             try:
-                yield self._on_session(session, self._nack, message, repr(exc))
+                dead = yield self._on_session(session, self._nack, message, repr(exc))
             except BaseException:
-                self._log_handler_failure(message, exc, nacked=False)
+                self._log_handler_failure(message, exc, None)
                 raise
-            self._log_handler_failure(message, exc, nacked=True)
+            outcome = "dead_lettered" if dead else "nacked"
+            self._log_handler_failure(message, exc, outcome)
+        finally:
+            self._handler_finished(states, message, outcome, error,
+                                   time.perf_counter() - started)
+        self._outcome(message, outcome)
 
     @staticmethod
     def _call_handler(handler: _Handler, message: Message, session: Any,
@@ -736,8 +810,10 @@ class _ConsumerBase:
                         log.info("%s: listening on %s", self.label, self.channel)
                     _, more = yield from self._batch()
                     outage.succeeded()
+                    self.progress_at = time.monotonic()
                     if not more:
                         yield partial(listener.wait, self.poll_interval)
+                        self.progress_at = time.monotonic()
                 except _FATAL_ERRORS:
                     raise
                 except _BatchAbandoned:
@@ -788,11 +864,19 @@ class _ConsumerBase:
                 self.label, messages[0].batch_id, self.max_messages,
             )
 
-    def _nack(self, session: Session, message: Message, reason: str) -> None:
+    def _nack(self, session: Session, message: Message, reason: str) -> bool:
+        """Nack ``message``; whether it went to the dead-letter queue rather than to a
+        retry (the engine's rule: its retries reached the queue's ``max_retries``)."""
+        record = self._record
+        if record is not None and record.max_retries is None:
+            record.max_retries = int(statements.execute(
+                statements.bind_connection(session), statements.MAX_RETRIES,
+                {"queue": self.queue.name}, statements.READER).scalar_one())
         try:
             self.queue.nack(session, message, retry_after=self.retry_after, reason=reason)
         except BatchNotFound:
             raise _BatchLost(message.batch_id) from None
+        return record is not None and (message.retry_count or 0) >= (record.max_retries or 0)
 
     def _nack_unknown(self, session: Session, message: Message) -> None:
         log.warning("%s: no handler for type %r (message %s); nacked",
@@ -857,7 +941,40 @@ class _ConsumerBase:
 
     def _batch_started(self, session: Session, messages: list[Message]) -> None:
         connection = session.connection().connection.driver_connection
+        self._record = _BatchRecord(messages, time.perf_counter())
         self._shutdown.batch_started(messages, connection)
+
+    def _outcome(self, message: Message, outcome: Outcome) -> None:
+        if self._record is not None:
+            self._record.outcomes.append((message, outcome))
+
+    def _notify(self, hook: str, *args: Any) -> list[Any]:
+        """Call ``hook`` of every observer; their results, ``None`` for one that raised."""
+        results = []
+        for observer in self._observers:
+            try:
+                results.append(getattr(observer, hook)(self, *args))
+            except Exception:
+                log.warning("%s: observer %r failed in %s", self.label, observer, hook,
+                            exc_info=True)
+                results.append(None)
+        return results
+
+    def _handler_finished(self, states: list[Any], message: Message, outcome: Outcome,
+                          error: BaseException | None, seconds: float) -> None:
+        for observer, state in zip(self._observers, states, strict=False):
+            try:
+                observer.handler_finished(self, message, state, outcome, error, seconds)
+            except Exception:
+                log.warning("%s: observer %r failed in handler_finished", self.label,
+                            observer, exc_info=True)
+
+    def _batch_failed(self) -> None:
+        """Tell the observers the batch in progress rolled back; it comes back whole."""
+        record, self._record = self._record, None
+        if record is not None:
+            self._notify("batch_finished", [(m, "failed") for m in record.messages],
+                         time.perf_counter() - record.started, False)
 
     def _raise_unless_handler_failure(
         self, session: Session, message: Message, exc: BaseException
@@ -874,11 +991,16 @@ class _ConsumerBase:
         if not _transaction_usable(session):
             raise _DatabaseFailure(message, exc) from exc
 
-    def _log_handler_failure(self, message: Message, exc: BaseException, nacked: bool) -> None:
-        outcome = (f"nacked for retry in {as_seconds(self.retry_after):g} s" if nacked
-                   else "its nack failed, so the batch is rolled back")
+    def _log_handler_failure(self, message: Message, exc: BaseException,
+                             outcome: Outcome | None) -> None:
+        if outcome == "nacked":
+            result = f"nacked for retry in {as_seconds(self.retry_after):g} s"
+        elif outcome == "dead_lettered":
+            result = "out of retries, moved to the dead-letter queue"
+        else:
+            result = "its nack failed, so the batch is rolled back"
         log.error("%s: handler for %r failed on message %s (retry %s); %s", self.label,
-                  message.type, message.msg_id, message.retry_count or 0, outcome,
+                  message.type, message.msg_id, message.retry_count or 0, result,
                   exc_info=exc)
 
     def _describe_failure(self, exc: BaseException) -> str:
@@ -925,6 +1047,10 @@ class _ConsumerBase:
         if self._commit_failed_for == messages[0].msg_id:
             self._commit_failed_for = None
         self._shutdown.batch_ended()
+        record, self._record = self._record, None
+        if record is not None and self._observers:
+            self._notify("batch_finished", record.outcomes,
+                         time.perf_counter() - record.started, True)
 
     def _log_abandoned(self) -> None:
         batch = self._shutdown.batch
