@@ -29,6 +29,14 @@ def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
         assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
 
 
+def is_our_engine(conn: Conn) -> bool:
+    """Whether the installed engine is ours, not another PgQue 0.2 install
+    (``PGQUE_SCHEMA_SQL=...``): for behaviour beyond the 0.2 reference."""
+    comment = scalar(conn, "select obj_description(oid, 'pg_namespace') from pg_namespace"
+                           " where nspname = 'pgque'")
+    return str(comment or "").startswith("sqlalchemy-pgque ")
+
+
 def engine_files() -> dict[str, str]:
     """The bundled engine's SQL files by name, in install order."""
     sql_dir = resources.files("sqlalchemy_pgque") / "sql"

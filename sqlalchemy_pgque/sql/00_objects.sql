@@ -127,6 +127,28 @@ CREATE TABLE IF NOT EXISTS pgque.tick (
     PRIMARY KEY (tick_queue, tick_id)
 );
 
+-- Columns added after the first release, for true pending figures under forced ticks
+-- (the note at the top of 30_ticker.sql explains them): queue_seq_skipped counts the event
+-- sequence values force_next_tick has skipped; tick_seq_skipped is the part of a tick's
+-- tick_event_seq that no event accounts for. An older install gets them with 0, which is
+-- what its ticks would have recorded had no forced tick happened; the constant default
+-- makes ADD COLUMN a catalog-only change that rewrites no row. They are added only when
+-- missing, so a reinstall takes no lock on these hot tables and changes nothing.
+DO $added_columns$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'pgque.queue'::regclass
+                      AND attname = 'queue_seq_skipped' AND NOT attisdropped) THEN
+        ALTER TABLE pgque.queue ADD COLUMN IF NOT EXISTS queue_seq_skipped bigint NOT NULL DEFAULT 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'pgque.tick'::regclass
+                      AND attname = 'tick_seq_skipped' AND NOT attisdropped) THEN
+        ALTER TABLE pgque.tick ADD COLUMN IF NOT EXISTS tick_seq_skipped bigint NOT NULL DEFAULT 0;
+    END IF;
+END
+$added_columns$;
+
 CREATE TABLE IF NOT EXISTS pgque.subscription (
     sub_id        serial NOT NULL,
     sub_queue     int4 NOT NULL REFERENCES pgque.queue (queue_id),

@@ -48,6 +48,19 @@ BEGIN
 END
 $$;
 
+-- last_value and is_called of a sequence, read together. is_called is false only before
+-- the first nextval, while last_value reads 1 with no value handed out (see above).
+CREATE OR REPLACE FUNCTION pgque._seq_state(
+    i_seq_name text, OUT last_value bigint, OUT is_called boolean)
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+BEGIN
+    EXECUTE 'SELECT last_value, is_called FROM ' || pgque.quote_fqname(i_seq_name)
+       INTO last_value, is_called;
+END
+$$;
+
 -- Copy the explicit privileges of one relation onto another (grantee by grantee).
 CREATE OR REPLACE FUNCTION pgque._grant_perms_from(
     i_src_schema text, i_src_table text, i_dst_schema text, i_dst_table text)

@@ -294,6 +294,7 @@ DECLARE
     q pgque.queue%ROWTYPE;
     latest pgque.tick%ROWTYPE;
     oldest pgque.tick%ROWTYPE;
+    seq record;
     span float8;
 BEGIN
     FOR q IN
@@ -319,10 +320,17 @@ BEGIN
          ORDER BY t.tick_id LIMIT 1;
         last_tick_id := latest.tick_id;
         ticker_lag := now() - latest.tick_time;
-        ev_new := pgque.seq_getval(q.queue_event_seq) - latest.tick_event_seq;
+        -- Sequence distances less the values forced ticks skipped (30_ticker.sql); the
+        -- sequence "now" counts as a tick with the queue's current skipped total.
+        SELECT * INTO seq FROM pgque._seq_state(q.queue_event_seq);
+        ev_new := pgque._seq_events(
+            latest.tick_event_seq, latest.tick_seq_skipped, seq.last_value,
+            q.queue_seq_skipped + CASE WHEN seq.is_called THEN 0 ELSE 1 END);
         span := extract(epoch FROM latest.tick_time - oldest.tick_time);
         ev_per_sec := CASE WHEN span > 0
-                           THEN (latest.tick_event_seq - oldest.tick_event_seq) / span END;
+                           THEN pgque._seq_events(oldest.tick_event_seq, oldest.tick_seq_skipped,
+                                                  latest.tick_event_seq, latest.tick_seq_skipped)
+                                / span END;
         RETURN NEXT;
     END LOOP;
 END
@@ -345,7 +353,9 @@ AS $$
 $$;
 
 -- One row per subscription row, cooperative members included under their own consumer
--- name '<consumer>.<subconsumer>'. NULL arguments match everything.
+-- name '<consumer>.<subconsumer>'. NULL arguments match everything. pending_events is the
+-- sequence distance from the cursor tick to the latest tick less the values forced ticks
+-- skipped in between (30_ticker.sql).
 CREATE OR REPLACE FUNCTION pgque.get_consumer_info(
     i_queue_name text, i_consumer_name text,
     OUT queue_name text, OUT consumer_name text, OUT lag interval, OUT last_seen interval,
@@ -361,14 +371,15 @@ AS $$
            now() - cursor_tick.tick_time,
            now() - s.sub_active,
            s.sub_last_tick, s.sub_batch, s.sub_next_tick,
-           latest.tick_event_seq - cursor_tick.tick_event_seq
+           pgque._seq_events(cursor_tick.tick_event_seq, cursor_tick.tick_seq_skipped,
+                             latest.tick_event_seq, latest.tick_seq_skipped)
       FROM pgque.subscription s
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
       LEFT JOIN pgque.tick cursor_tick
              ON cursor_tick.tick_queue = s.sub_queue AND cursor_tick.tick_id = s.sub_last_tick
       LEFT JOIN LATERAL (
-            SELECT t.tick_event_seq FROM pgque.tick t
+            SELECT t.tick_event_seq, t.tick_seq_skipped FROM pgque.tick t
              WHERE t.tick_queue = s.sub_queue ORDER BY t.tick_id DESC LIMIT 1
       ) latest ON true
      WHERE ($1 IS NULL OR q.queue_name = $1)
