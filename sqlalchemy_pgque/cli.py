@@ -33,6 +33,7 @@ from . import _statements as statements
 from . import admin, schema
 from ._duration import as_seconds
 from .errors import PgqueError, _first_line, _translate
+from .logs import configure_logging
 
 __all__ = ["main"]
 
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed.command == "sql":
         sys.stdout.write(schema.engine_sql())
         return 0
+    configure_logging(parsed.log_level, parsed.log_format)
     if not parsed.url:
         print("error: give --url or set DATABASE_URL", file=sys.stderr)
         return 2
@@ -82,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     url = argparse.ArgumentParser(add_help=False)
     url.add_argument("--url", default=os.environ.get("DATABASE_URL"),
                      help="SQLAlchemy database URL (default: $DATABASE_URL)")
+    url.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="format of the log lines on stderr")
+    url.add_argument("--log-level", default="WARNING", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     install = commands.add_parser("install", parents=[url], help="install or upgrade the engine")

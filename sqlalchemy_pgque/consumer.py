@@ -72,6 +72,7 @@ from .errors import (
     _sqlstate,
     _translate,
 )
+from .logs import _bind_fields, _unbind_fields
 from .message import Message
 from .queue import MAX_MESSAGES, Queue, _check_cooperative_name
 
@@ -675,12 +676,20 @@ class _ConsumerBase:
         _check_subscription(session.connection(), self.queue.name, self.name, self.subconsumer)
 
     def _process_batch_steps(self) -> Steps[int]:
+        token = self._bind_log_fields()
         try:
             return (yield from self._batch())[0]
         except _DatabaseFailure as failure:
             raise failure.error from None
         finally:
             self._shutdown.batch_ended()
+            _unbind_fields(token)
+
+    def _bind_log_fields(self) -> Any:
+        fields: dict[str, Any] = {"queue": self.queue.name, "consumer": self.name}
+        if self.subconsumer is not None:
+            fields["subconsumer"] = self.subconsumer
+        return _bind_fields(**fields)
 
     def _batch(self) -> Steps[tuple[int, bool]]:
         """``(messages handled, whether another batch may be ready at once)``.
@@ -728,6 +737,7 @@ class _ConsumerBase:
     def _handle_batch(self, session: Any, messages: list[Message]) -> Steps[None]:
         """Handle and ack the batch; on return the caller's transaction commits it."""
         shutdown = self._shutdown
+        token = _bind_fields(batch_id=messages[0].batch_id)
         try:
             yield self._on_session(session, self._batch_started, messages)
             if self.subconsumer is not None:
@@ -747,8 +757,18 @@ class _ConsumerBase:
                     and not isinstance(exc, (_BatchAbandoned, _BatchLost)):
                 raise _BatchAbandoned() from exc
             raise
+        finally:
+            _unbind_fields(token)
 
     def _handle(self, session: Any, message: Message, check_constraints: bool) -> Steps[None]:
+        token = _bind_fields(msg_id=message.msg_id)
+        try:
+            yield from self._handle_in_context(session, message, check_constraints)
+        finally:
+            _unbind_fields(token)
+
+    def _handle_in_context(self, session: Any, message: Message,
+                           check_constraints: bool) -> Steps[None]:
         handler = self._handler_for(message.type)
         if handler is None:
             if self.unknown_handler_policy == "nack":
@@ -793,10 +813,12 @@ class _ConsumerBase:
             raise PgqueError(f"{self!r} has no engine: bind its session factory to one, or "
                              "pass an engine")
         self._shutdown.running = True
+        token = self._bind_log_fields()
         try:
             yield from self._consume(engine)
         finally:
             self._run_ended()
+            _unbind_fields(token)
 
     def _consume(self, engine: Any) -> Steps[None]:
         outage = Outage(self.label, log)

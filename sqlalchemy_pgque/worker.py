@@ -59,6 +59,7 @@ from ._runloop import Outage, stop_signals_handled
 from ._statements import SERVER_KEEPALIVES
 from .consumer import AsyncConsumer, Consumer, _check_subscription
 from .errors import InvalidName, PgqueError, _first_line, _is_transient
+from .logs import configure_logging
 from .ticker import Ticker
 
 if TYPE_CHECKING:
@@ -499,6 +500,9 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
                              f"reached yet (default: {DEFAULT_STARTUP_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line, with queue, consumer, subconsumer, "
+                             "batch_id and msg_id fields where they apply")
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
@@ -531,10 +535,7 @@ class _Signals:
 def main(argv: Iterable[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); the process exit code."""
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     engines = _Engines(url=None)
     signals = _Signals()
     try:

@@ -7,6 +7,7 @@ switches come from environment variables, read when the worker imports this modu
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -101,3 +102,14 @@ async_cooperative = AsyncConsumer(
 async def record_async_slowly(msg: Message, session: AsyncSession) -> None:
     await session.execute(_INSERT, {**_row(msg), "by": f"aw:{msg.batch_id}"})
     await asyncio.sleep(0.05)  # members overlap only if the loop runs them side by side
+
+chatty = Consumer(SessionLocal, queue="q", name="c",
+                  poll_interval=float(os.environ.get("APP_POLL_INTERVAL", "30")))
+
+
+@chatty.on("ok", "boom")
+def log_then_maybe_fail(msg: Message) -> None:
+    """Logs from inside the handler; a message of type "boom" fails."""
+    logging.getLogger("workers_app").info("handling %s", msg.type)
+    if msg.type == "boom":
+        raise ValueError("boom")
