@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
+from . import _trace
 from ._statements import (
     INSERT_MIXED,
     INSERT_MIXED_WAKE,
@@ -82,6 +83,17 @@ class PendingEvent:
             return NO_EXTRAS
         return (extras[0], extras[1], extras[2], extras[3])
 
+    def _set_extra(self, index: int, value: str) -> bool:
+        """Put ``value`` in ``extra<index + 1>`` unless the sender gave that field a
+        value of its own; whether it was put there."""
+        name, type_name, extras = self._key
+        fields = list(extras or NO_EXTRAS)
+        if fields[index] is not None:
+            return False
+        fields[index] = value
+        self._key = (name, type_name, tuple(fields))
+        return True
+
     def _payload_text(self) -> str:
         if self._factory is None:
             assert self._text is not None
@@ -134,8 +146,10 @@ def sync_session(session: Session | AsyncSession | scoped_session[Any]) -> Sessi
     )
 
 
-def record(session: Session, events: Iterable[PendingEvent]) -> None:
-    """Add ``events`` to ``session``'s outbox, to be emitted at its next flush or commit."""
+def record(session: Session, events: Sequence[PendingEvent]) -> None:
+    """Add ``events``, recorded by one send call, to ``session``'s outbox, to be emitted
+    at its next flush or commit; with tracing on, they carry the send's trace context."""
+    _trace.created(events)
     _outbox(session).pending.extend(events)
 
 

@@ -531,7 +531,8 @@ class _ConsumerBase:
         self._shutdown = self._new_shutdown()
         self._commit_failed_for: int | None = None
         """First message id of a batch whose COMMIT failed on a handler's writes."""
-        self._observers: list[ConsumerObserver] = []
+        from .tracing import default_observers  # tracing.py builds on this module
+        self._observers: list[ConsumerObserver] = default_observers()
         self._record: _BatchRecord | None = None
         self.progress_at: float | None = None
         """``time.monotonic()`` when the run loop last completed a round (handled a

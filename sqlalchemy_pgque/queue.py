@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from sqlalchemy.orm import Session, scoped_session
 
+from . import _trace
 from ._duration import Duration, as_seconds
 from ._outbox import NO_EXTRAS, PendingEvent, current_transaction, record, sync_session
 from ._statements import (
@@ -256,6 +258,10 @@ class Queue:
 
         Works the same on an ``AsyncSession``: the event is emitted by
         ``await session.flush()`` / ``await session.commit()``.
+
+        With OpenTelemetry tracing on (:mod:`sqlalchemy_pgque.tracing`), the call
+        records a PRODUCER span and the event carries its trace context in ``extra4``,
+        unless given an ``extra4`` of its own.
         """
         sync = sync_session(session)
         extras = (extra1, extra2, extra3, extra4)
@@ -313,12 +319,17 @@ class Queue:
         commits); pending ORM changes are not flushed. A callable payload is called now.
         """
         payload_text = encode_payload(payload() if callable(payload) else payload)
+        insert = partial(self._insert_now, bind, type, payload_text)
+        return _trace.sent_now(self.name, type, (extra1, extra2, extra3, extra4), insert)
+
+    def _insert_now(self, bind: Bind, type: str, payload_text: str,
+                    extras: tuple[str | None, ...]) -> int:
         params: dict[str, object] = {"queue": self.name, "type": type, "payload": payload_text}
-        if (extra1, extra2, extra3, extra4) == NO_EXTRAS:
+        if extras == NO_EXTRAS:
             stmt = SEND_WAKE if self.wake else SEND
         else:
             stmt = INSERT_EVENT_WAKE if self.wake else INSERT_EVENT
-            params.update(extra1=extra1, extra2=extra2, extra3=extra3, extra4=extra4)
+            params.update(zip(("extra1", "extra2", "extra3", "extra4"), extras, strict=True))
         event_id: int = execute(bind_connection(bind), stmt, params, WRITER).scalar_one()
         return event_id
 

@@ -14,6 +14,7 @@ MODULES = [
     "sqlalchemy_pgque.functions",
     "sqlalchemy_pgque.message",
     "sqlalchemy_pgque.queue",
+    "sqlalchemy_pgque.tracing",
 ]
 
 
