@@ -762,44 +762,41 @@ class _ConsumerBase:
             _unbind_fields(token)
 
     def _handle(self, session: Any, message: Message, check_constraints: bool) -> Steps[None]:
+        handler = self._handler_for(message.type)
         token = _bind_fields(msg_id=message.msg_id)
         try:
-            yield from self._handle_in_context(session, message, check_constraints)
+            if handler is None:
+                if self.unknown_handler_policy == "nack":
+                    yield self._on_session(session, self._nack_unknown, message)
+                self._outcome(message, "unknown_type")
+                return
+            started, states = time.perf_counter(), self._notify("handler_started", message)
+            outcome: Outcome = "failed"
+            error: BaseException | None = None
+            try:
+                if handler.takes_session:
+                    yield from within(session.begin_nested(), self._call_handler(
+                        handler, message, session, check_constraints))
+                else:
+                    yield partial(handler.function, message)
+                outcome = "handled"
+            except Exception as exc:
+                error = exc
+                yield self._on_session(session, self._raise_unless_handler_failure, message,
+                                       exc)
+                try:
+                    dead = yield self._on_session(session, self._nack, message, repr(exc))
+                except BaseException:
+                    self._log_handler_failure(message, exc, None)
+                    raise
+                outcome = "dead_lettered" if dead else "nacked"
+                self._log_handler_failure(message, exc, outcome)
+            finally:
+                self._handler_finished(states, message, outcome, error,
+                                       time.perf_counter() - started)
+            self._outcome(message, outcome)
         finally:
             _unbind_fields(token)
-
-    def _handle_in_context(self, session: Any, message: Message,
-                           check_constraints: bool) -> Steps[None]:
-        handler = self._handler_for(message.type)
-        if handler is None:
-            if self.unknown_handler_policy == "nack":
-                yield self._on_session(session, self._nack_unknown, message)
-            self._outcome(message, "unknown_type")
-            return
-        started, states = time.perf_counter(), self._notify("handler_started", message)
-        outcome: Outcome = "failed"
-        error: BaseException | None = None
-        try:
-            if handler.takes_session:
-                yield from within(session.begin_nested(),
-                                  self._call_handler(handler, message, session, check_constraints))
-            else:
-                yield partial(handler.function, message)
-            outcome = "handled"
-        except Exception as exc:
-            error = exc
-            yield self._on_session(session, self._raise_unless_handler_failure, message, exc)
-            try:
-                dead = yield self._on_session(session, self._nack, message, repr(exc))
-            except BaseException:
-                self._log_handler_failure(message, exc, None)
-                raise
-            outcome = "dead_lettered" if dead else "nacked"
-            self._log_handler_failure(message, exc, outcome)
-        finally:
-            self._handler_finished(states, message, outcome, error,
-                                   time.perf_counter() - started)
-        self._outcome(message, outcome)
 
     @staticmethod
     def _call_handler(handler: _Handler, message: Message, session: Any,
