@@ -53,11 +53,13 @@ def payloads(start: int) -> list[str]:
     return [json.dumps(payload(n)) for n in range(start, start + BATCH_SIZE)]
 
 
-def build_backlog(dsn: str, consumer: str) -> None:
-    """Subscribe ``consumer`` afresh and put 50 ticked batches of 1,000 events behind it."""
+def build_backlog(dsn: str, *consumers: str) -> None:
+    """Subscribe ``consumers`` afresh and put 50 ticked batches of 1,000 events behind
+    them (the same events behind each)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("select pgque.unsubscribe(%s, %s)", (QUEUE, consumer))
-        conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, consumer))
+        for consumer in consumers:
+            conn.execute("select pgque.unsubscribe(%s, %s)", (QUEUE, consumer))
+            conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, consumer))
         for batch in range(BATCHES):
             conn.execute("select pgque.send_batch(%s, %s, %b::jsonb[])",
                          (QUEUE, "order.created", payloads(batch * BATCH_SIZE)))

@@ -286,6 +286,14 @@ SERVER_KEEPALIVES: Final = (
 )
 
 
+# -- metrics (metrics.py) ------------------------------------------------------------
+# The figures read at scrape time give up on a database slow to answer instead of
+# holding a connection and a snapshot; local to the reading transaction.
+FIGURES_STATEMENT_TIMEOUT: Final = text(
+    "SELECT set_config('statement_timeout', :timeout, true)"
+)
+
+
 # -- installing the engine (schema.py) -----------------------------------------------
 
 TAKE_OVER: Final = text("SET LOCAL pgque.take_over = 'on'")

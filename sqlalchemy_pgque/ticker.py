@@ -111,6 +111,11 @@ class Ticker:
         self.lock_retry_interval = lock_retry_interval
         self.leading = threading.Event()
         """Set while this process holds the ticker lock and ticks."""
+        self.progress_at: float | None = None
+        """``time.monotonic()`` when the run loop last completed a round (ticked and
+        waited while leading, or tried the lock while another process leads); ``None``
+        before. A health check compares it with the clock: a loop stuck in an outage
+        or in a slow statement stops moving it."""
         self._stopping = threading.Event()
         self._waker: Waker | None = None
 
@@ -204,6 +209,7 @@ class Ticker:
                 # connecting works (a read-only server, a full disk).
                 return True
             outage.succeeded()
+            self.progress_at = time.monotonic()
             self._stopping.wait(self.lock_retry_interval)
         return False
 
@@ -253,6 +259,7 @@ class Ticker:
                     self._tick_now(connection, queue_name)
                 else:
                     deferred[queue_name] = ready_at
+            self.progress_at = time.monotonic()
 
     def _catch_up(self, connection: psycopg.Connection[Any]) -> None:
         """Tick the queues that have events since their last tick.

@@ -20,6 +20,13 @@ subconsumers, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its own threa
 the subconsumer name set in code, so that worker processes started from one command
 line can be given names of their own.
 
+``--metrics-port PORT`` (on ``--metrics-host``, 0.0.0.0 by default; port 0 takes a
+free port, logged as ``serving metrics on http://...``) serves Prometheus metrics on
+``/metrics``, ``/healthz`` (503 once a consumer loop or the ticker made no progress
+for ``--health-timeout`` seconds beyond its idle wait) and ``/readyz`` (503 until
+every consumer listens and while the database does not answer); it needs the
+``metrics`` extra (see :mod:`sqlalchemy_pgque.metrics`).
+
 SIGTERM or SIGINT stops the consumers after their current batch, for at most
 ``--shutdown-timeout`` seconds (25 by default): then the batch is abandoned (rolled
 back, redelivered whole later); a second SIGTERM or SIGINT abandons it at once. The
@@ -64,6 +71,8 @@ from .ticker import Ticker
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .metrics import MetricsServer
 
 __all__ = ["main"]
 
@@ -344,6 +353,7 @@ class _Runner:
         self.ticker = ticker
         self.engines = engines
         self.failed = threading.Event()
+        self.metrics_server: MetricsServer | None = None
         self.deadline: float | None = None
         """``time.monotonic()`` after which the process exits without the threads left."""
         self._threads: list[threading.Thread] = []
@@ -458,6 +468,16 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {value}")
+    return value
+
+
 def _seconds_or_no_limit(raw: str) -> float | None:
     """Seconds, or ``inf`` / ``none`` for no limit."""
     if raw.strip().lower() in ("inf", "none"):
@@ -488,6 +508,15 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--subconsumer", default=None, metavar="NAME",
                         help="subconsumer name of the cooperative consumers (NAME-1 … "
                              "NAME-N with --concurrency), instead of the one set in code")
+    parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                        help="serve /metrics, /healthz and /readyz on this port (0: any "
+                             "free port, logged); needs sqlalchemy-pgque[metrics]")
+    parser.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                        help="address of --metrics-port (default: 0.0.0.0)")
+    parser.add_argument("--health-timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="/healthz fails once a consumer loop or the ticker made no "
+                             "progress for this long beyond its idle wait (default: 60, "
+                             "longer than a batch and the outages the worker rides out)")
     parser.add_argument("--shutdown-timeout", type=_seconds_or_no_limit, default=_UNSET,
                         metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long the batches in progress may "
@@ -562,6 +591,8 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
     """Load, bind and check the consumers (and the ticker) of the command line."""
     if args.url:
         engines.url = _parse_url(args.url)
+    if args.metrics_port is not None:
+        _import_metrics()  # a missing extra is reported before waiting for the database
     consumers = [c for target in args.targets for c in load_consumers(target)]
     consumers = expand_subconsumers(consumers, args.concurrency, args.subconsumer)
     for consumer in consumers:
@@ -580,15 +611,59 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
                         tick_period=args.tick_period, wake=not args.no_wake)
         checks.append(("ticker", ticker.check))
     _start_up(checks, args.startup_timeout, stopping)
-    return _Runner(consumers, ticker, engines)
+    runner = _Runner(consumers, ticker, engines)
+    if args.metrics_port is not None:
+        runner.metrics_server = _metrics_server(args, runner, engines)
+    return runner
+
+
+def _import_metrics() -> Any:
+    try:
+        from . import metrics
+    except ImportError as exc:
+        if exc.name != "prometheus_client":
+            raise
+        raise ConfigError("--metrics-port needs prometheus-client: "
+                          "pip install 'sqlalchemy-pgque[metrics]'") from None
+    return metrics
+
+
+def _metrics_server(args: argparse.Namespace, runner: _Runner,
+                    engines: _Engines) -> MetricsServer:
+    """The metrics of ``runner``'s consumers and ticker, on a bound (not yet serving) port."""
+    metrics = _import_metrics()
+    health_timeout = args.health_timeout
+    if health_timeout is None:
+        health_timeout = metrics.DEFAULT_HEALTH_TIMEOUT
+    # The database's figures are read on the sync engine the ticker would use.
+    watched = metrics.Metrics(_ticker_engine(runner.consumers, engines),
+                              health_timeout=health_timeout)
+    watched.watch(runner.consumers, runner.ticker)
+    try:
+        server: MetricsServer = metrics.MetricsServer(watched, args.metrics_host,
+                                                      args.metrics_port)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port: cannot listen on {args.metrics_host} port "
+                          f"{args.metrics_port}: {exc.strerror or exc}") from None
+    return server
 
 
 def _run(runner: _Runner) -> int:
     consumers, ticker = runner.consumers, runner.ticker
     log.info("worker started: %s%s", ", ".join(c.label for c in consumers),
              " and the ticker" if ticker else "")
+    server = runner.metrics_server
+    if server is not None:
+        server.start()
+        server.metrics.worker_running(True)
+        log.info("serving metrics on %s (/metrics, /healthz, /readyz)", server.url)
     runner.start()
-    stopped = runner.join()
+    try:
+        stopped = runner.join()
+    finally:
+        if server is not None:
+            server.metrics.worker_running(False)
+            server.stop()
     if not stopped:
         runner.report_left_behind()
     if runner.failed.is_set():

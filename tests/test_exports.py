@@ -13,6 +13,7 @@ MODULES = [
     "sqlalchemy_pgque.errors",
     "sqlalchemy_pgque.functions",
     "sqlalchemy_pgque.message",
+    "sqlalchemy_pgque.metrics",
     "sqlalchemy_pgque.queue",
     "sqlalchemy_pgque.tracing",
 ]
