@@ -15,13 +15,14 @@ Creates a scratch database (dropped afterwards), installs the bundled engine, th
   (which other processes disturb less). Handlers: ``msg`` (a no-op ``(msg)`` handler,
   where the observer's cost is most visible) and ``msg_session`` (a no-op ``(msg,
   session)`` handler, each in its own SAVEPOINT). Observers: ``off`` (none) and
-  ``metrics`` (:class:`sqlalchemy_pgque.metrics.Metrics` watching the consumer).
-  Another observer (tracing) is one more entry of ``OBSERVERS``.
+  ``metrics`` (:class:`sqlalchemy_pgque.metrics.Metrics` watching the consumer),
+  ``metrics+otel`` (and OpenTelemetry tracing, every message a span) and
+  ``metrics+otel-1%`` (tracing with 1 % of the traces sampled).
 * status: ``admin.queues`` + ``admin.consumers`` in one transaction, as ``sqlalchemy-pgque
   status`` and the metrics' scrape-time read do, on 1,000 queues with a consumer each,
   some events and a tick (median of ``--status-runs``).
 
-Targets: ``metrics`` at most 10 % slower than ``off``; ``status`` under 1 s.
+Targets: metrics and tracing at most 10 % slower than ``off``; ``status`` under 1 s.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
@@ -39,7 +40,7 @@ from bench_consumer import QUEUE, TOTAL, build_backlog
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqlalchemy_pgque import Consumer, Message, admin
+from sqlalchemy_pgque import Consumer, Message, admin, tracing
 from sqlalchemy_pgque._listen import url_from_conninfo
 from sqlalchemy_pgque.metrics import Metrics
 
@@ -47,17 +48,57 @@ STATUS_QUEUES = 1000
 RESULTS = Path(__file__).resolve().parent / "results" / "observability.json"
 
 
-def _no_observer(consumer: Consumer, engine: Engine) -> None:
+Undo = Callable[[], None]
+
+
+def _no_observer(consumer: Consumer, engine: Engine) -> Undo | None:
     return None
 
 
-def _metrics(consumer: Consumer, engine: Engine) -> None:
+def _metrics(consumer: Consumer, engine: Engine) -> Undo | None:
     Metrics(engine).watch([consumer])
+    return None
 
 
-OBSERVERS: dict[str, Callable[[Consumer, Engine], None]] = {
+def _metrics_and_tracing(sample: float | None) -> Callable[[Consumer, Engine], Undo | None]:
+    """Metrics, and an OpenTelemetry SDK provider whose spans are batched to an exporter
+    that drops them (the cost measured is the library's and the SDK's, not a
+    collector's); ``sample``: the ratio of a ParentBased(TraceIdRatioBased) sampler,
+    ``None`` for the SDK default (every span)."""
+
+    def setup(consumer: Consumer, engine: Engine) -> Undo | None:
+        from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        class Discard(SpanExporter):
+            def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = (TracerProvider() if sample is None else
+                    TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample))))
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        tracing.configure(tracer_provider=provider)
+        Metrics(engine).watch([consumer])
+
+        def undo() -> None:
+            tracing.configure()
+            provider.shutdown()
+
+        return undo
+
+    return setup
+
+
+OBSERVERS: dict[str, Callable[[Consumer, Engine], Undo | None]] = {
     "off": _no_observer,
     "metrics": _metrics,
+    "metrics+otel": _metrics_and_tracing(None),
+    "metrics+otel-1%": _metrics_and_tracing(0.01),
 }
 """What watches the consumer in each variant; ``off`` is the baseline."""
 
@@ -87,10 +128,14 @@ def drain(dsn: str, handler: str, observer: str) -> tuple[float, float]:
             @consumer.on("*")
             def handle(msg: Message) -> None:
                 saw()
-        OBSERVERS[observer](consumer, engine)
-        started, cpu_started = time.perf_counter(), time.thread_time()
-        consumer.run(install_signal_handlers=False)
-        elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
+        undo = OBSERVERS[observer](consumer, engine)
+        try:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            consumer.run(install_signal_handlers=False)
+            elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
+        finally:
+            if undo is not None:
+                undo()
         assert seen == TOTAL, seen
         return TOTAL / elapsed, cpu / TOTAL * 1e6
     finally:
@@ -98,7 +143,7 @@ def drain(dsn: str, handler: str, observer: str) -> tuple[float, float]:
 
 
 def _consumer_name(handler: str, observer: str) -> str:
-    return f"c_{handler}_{observer}"
+    return "c_{}_{}".format(handler, observer.replace("+", "_").replace("-", "_").rstrip("%"))
 
 
 def measure_drain(dsn: str, rounds: int, handlers: list[str]) -> dict[str, object]:
