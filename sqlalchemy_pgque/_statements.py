@@ -293,6 +293,45 @@ FIGURES_STATEMENT_TIMEOUT: Final = text(
     "SELECT set_config('statement_timeout', :timeout, true)"
 )
 
+# -- the testing toolkit (testing.py) ------------------------------------------------
+# Reads and shortcuts for tests only, never for a running application. They use PgQue
+# 0.2's tables (ENGINE.md §2.1), so they work on any install.
+
+# Every event a queue's tables hold, whatever the ticks and batches: a queue's event
+# tables are its data prefix table and the tables inheriting it, all children of
+# pgque.event_template. Retry copies (ev_owner set) are the
+# same events again, not new sends. The columns are those of a pgque.message row, with
+# batch id 0: the events are in no batch.
+SENT_EVENTS: Final = text("""
+WITH parent AS (
+    SELECT to_regclass(q.queue_data_pfx) AS oid FROM pgque.queue q WHERE q.queue_name = :queue
+)
+SELECT e.ev_id, CAST(0 AS bigint), e.ev_type, e.ev_data, coalesce(e.ev_retry, 0), e.ev_time,
+       e.ev_extra1, e.ev_extra2, e.ev_extra3, e.ev_extra4
+  FROM pgque.event_template e
+ WHERE e.ev_owner IS NULL
+   AND (e.tableoid IN (SELECT oid FROM parent)
+        OR e.tableoid IN (SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                            JOIN parent p ON i.inhparent = p.oid))
+ ORDER BY e.ev_id
+""")
+# What tells one queue of one database from another: a recreated database or queue
+# gets a new oid or id, so events it reuses ids for are not taken for ones seen before.
+SENT_EVENTS_KEY: Final = text(
+    "SELECT d.oid AS datoid, q.queue_id FROM pgque.queue q, pg_catalog.pg_database d "
+    "WHERE q.queue_name = :queue AND d.datname = current_database()"
+)
+# The retries a consumer's nacks parked, made due now rather than after retry_after.
+RETRIES_DUE_NOW: Final = text("""
+UPDATE pgque.retry_queue r SET ev_retry_after = now()
+  FROM pgque.subscription s
+  JOIN pgque.queue q ON q.queue_id = s.sub_queue
+  JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+ WHERE q.queue_name = :queue AND c.co_name = :consumer
+   AND r.ev_owner = s.sub_id AND r.ev_queue = s.sub_queue AND r.ev_retry_after > now()
+""")
+MOVE_RETRIES: Final = text("SELECT pgque.maint_retry_events()")
+
 
 # -- installing the engine (schema.py) -----------------------------------------------
 
