@@ -532,7 +532,11 @@ class _ConsumerBase:
         self._commit_failed_for: int | None = None
         """First message id of a batch whose COMMIT failed on a handler's writes."""
         from .tracing import default_observers  # tracing.py builds on this module
-        self._observers: list[ConsumerObserver] = default_observers()
+        self._observers: list[ConsumerObserver] = []
+        self._handler_hooks: tuple[ConsumerObserver, ...] = ()
+        self._batch_hooks: tuple[ConsumerObserver, ...] = ()
+        for observer in default_observers():
+            self.observe(observer)
         self._record: _BatchRecord | None = None
         self.progress_at: float | None = None
         """``time.monotonic()`` when the run loop last completed a round (handled a
@@ -635,6 +639,13 @@ class _ConsumerBase:
     def observe(self, observer: ConsumerObserver) -> None:
         """Call ``observer``'s hooks from now on (see :class:`ConsumerObserver`)."""
         self._observers = [*self._observers, observer]
+        # Per message, only the observers that override a handler hook are called.
+        kind = type(observer)
+        if kind.handler_started is not ConsumerObserver.handler_started \
+                or kind.handler_finished is not ConsumerObserver.handler_finished:
+            self._handler_hooks = (*self._handler_hooks, observer)
+        if kind.batch_finished is not ConsumerObserver.batch_finished:
+            self._batch_hooks = (*self._batch_hooks, observer)
 
     # -- what a face provides ------------------------------------------------------
 
@@ -770,7 +781,9 @@ class _ConsumerBase:
                     yield self._on_session(session, self._nack_unknown, message)
                 self._outcome(message, "unknown_type")
                 return
-            started, states = time.perf_counter(), self._notify("handler_started", message)
+            hooks = self._handler_hooks
+            started = time.perf_counter() if hooks else 0.0
+            states = self._handler_started(hooks, message) if hooks else ()
             outcome: Outcome = "failed"
             error: BaseException | None = None
             try:
@@ -792,8 +805,9 @@ class _ConsumerBase:
                 outcome = "dead_lettered" if dead else "nacked"
                 self._log_handler_failure(message, exc, outcome)
             finally:
-                self._handler_finished(states, message, outcome, error,
-                                       time.perf_counter() - started)
+                if hooks:
+                    self._handler_finished(hooks, states, message, outcome, error,
+                                           time.perf_counter() - started)
             self._outcome(message, outcome)
         finally:
             _unbind_fields(token)
@@ -965,36 +979,46 @@ class _ConsumerBase:
         self._shutdown.batch_started(messages, connection)
 
     def _outcome(self, message: Message, outcome: Outcome) -> None:
-        if self._record is not None:
+        if self._record is not None and self._batch_hooks:
             self._record.outcomes.append((message, outcome))
 
-    def _notify(self, hook: str, *args: Any) -> list[Any]:
-        """Call ``hook`` of every observer; their results, ``None`` for one that raised."""
-        results = []
-        for observer in self._observers:
-            try:
-                results.append(getattr(observer, hook)(self, *args))
-            except Exception:
-                log.warning("%s: observer %r failed in %s", self.label, observer, hook,
-                            exc_info=True)
-                results.append(None)
-        return results
+    def _observer_failed(self, observer: ConsumerObserver, hook: str) -> None:
+        log.warning("%s: observer %r failed in %s", self.label, observer, hook, exc_info=True)
 
-    def _handler_finished(self, states: list[Any], message: Message, outcome: Outcome,
-                          error: BaseException | None, seconds: float) -> None:
-        for observer, state in zip(self._observers, states, strict=False):
+    def _handler_started(self, hooks: tuple[ConsumerObserver, ...],
+                         message: Message) -> list[Any]:
+        states = []
+        for observer in hooks:
+            try:
+                states.append(observer.handler_started(self, message))
+            except Exception:
+                self._observer_failed(observer, "handler_started")
+                states.append(None)
+        return states
+
+    def _handler_finished(self, hooks: tuple[ConsumerObserver, ...], states: Sequence[Any],
+                          message: Message, outcome: Outcome, error: BaseException | None,
+                          seconds: float) -> None:
+        for observer, state in zip(hooks, states, strict=True):
             try:
                 observer.handler_finished(self, message, state, outcome, error, seconds)
             except Exception:
-                log.warning("%s: observer %r failed in handler_finished", self.label,
-                            observer, exc_info=True)
+                self._observer_failed(observer, "handler_finished")
+
+    def _batch_finished(self, outcomes: Sequence[tuple[Message, Outcome]], seconds: float,
+                        committed: bool) -> None:
+        for observer in self._batch_hooks:
+            try:
+                observer.batch_finished(self, outcomes, seconds, committed)
+            except Exception:
+                self._observer_failed(observer, "batch_finished")
 
     def _batch_failed(self) -> None:
         """Tell the observers the batch in progress rolled back; it comes back whole."""
         record, self._record = self._record, None
-        if record is not None:
-            self._notify("batch_finished", [(m, "failed") for m in record.messages],
-                         time.perf_counter() - record.started, False)
+        if record is not None and self._batch_hooks:
+            self._batch_finished([(m, "failed") for m in record.messages],
+                                 time.perf_counter() - record.started, False)
 
     def _raise_unless_handler_failure(
         self, session: Session, message: Message, exc: BaseException
@@ -1068,9 +1092,9 @@ class _ConsumerBase:
             self._commit_failed_for = None
         self._shutdown.batch_ended()
         record, self._record = self._record, None
-        if record is not None and self._observers:
-            self._notify("batch_finished", record.outcomes,
-                         time.perf_counter() - record.started, True)
+        if record is not None and self._batch_hooks:
+            self._batch_finished(record.outcomes,
+                                 time.perf_counter() - record.started, True)
 
     def _log_abandoned(self) -> None:
         batch = self._shutdown.batch
