@@ -175,3 +175,22 @@ def test_a_user_without_the_pgque_role_is_told_which_one(db: Database, conn: Con
         with psycopg.connect(db.dsn, autocommit=True) as admin_conn:
             admin_conn.execute(f'drop owned by "{role}"')
             admin_conn.execute(f'drop role "{role}"')
+
+
+def test_status_names_the_consumer_that_blocks_rotation(db: Database, conn: Conn) -> None:
+    make_queue(conn, "r", "worker", "forgotten")
+    conn.execute("select pgque.set_queue_config('r', 'rotation_period', '1 millisecond')")
+    send(conn, "r", 2)
+    tick(conn, "r")
+    drain(conn, "r", "forgotten")  # its cursor stays at this tick from now on
+    for _ in range(3):
+        send(conn, "r", 2)
+        scalar(conn, "select pgque.maint_rotate_tables_step1('r')")
+        scalar(conn, "select pgque.maint_rotate_tables_step2()")
+        tick(conn, "r")
+        drain(conn, "r", "worker")
+    (queue,) = json.loads(cli(db, "status", "--json", "--queue", "r").stdout)["queues"]
+    assert queue["rotation_blocked_by"] == ["forgotten"]
+    row = next(line for line in cli(db, "status", "--queue", "r").stdout.splitlines()
+               if line.startswith("r "))
+    assert row.split()[-1] == "forgotten"
