@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+from engine_helpers import tick as tick
 
 T = TypeVar("T")
 
@@ -54,14 +55,6 @@ def send_batches(conn: Conn, batches: int, size: int, queue: str = "q") -> list[
         ids += send_many(conn, queue, size)
         tick(conn, queue)
     return ids
-
-
-def tick(conn: Conn, queue: str) -> int:
-    """Tick ``queue`` now, whatever its thresholds (two transactions, autocommit)."""
-    conn.execute("SELECT pgque.force_next_tick(%s)", (queue,))
-    row = conn.execute("SELECT pgque.ticker(%s)", (queue,)).fetchone()
-    assert row is not None and row[0] is not None
-    return int(row[0])
 
 
 def move_retries(conn: Conn) -> int:

@@ -22,6 +22,16 @@ def scalar(conn: Conn, query: str, *params: object) -> Any:
     return row[0]
 
 
+def tick(conn: Conn, queue: str = "q") -> int:
+    """Tick ``queue`` now, whatever its thresholds, and return the tick's id: two
+    transactions (``conn`` is autocommit), ``force_next_tick`` then ``ticker``, so that
+    the tick's snapshot sees every event committed before the call."""
+    conn.execute("select pgque.force_next_tick(%s)", (queue,))
+    tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
+    assert tick_id is not None, f"no tick for queue {queue!r}"
+    return int(tick_id)
+
+
 def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
     """Create queue ``name`` and subscribe ``consumers``, each call asserting it was new."""
     assert scalar(conn, "select pgque.create_queue(%s)", name) == 1

@@ -20,6 +20,7 @@ import pgque
 import psycopg
 import pytest
 from conftest import Database
+from engine_helpers import tick
 from psycopg import sql
 from sqlalchemy import create_engine
 
@@ -62,14 +63,6 @@ def create_queue(conn: Conn, queue: str = QUEUE) -> None:
 def send(conn: Conn, payload: str, queue: str = QUEUE) -> int:
     row = conn.execute("select pgque.send(%s, %s::text)", (queue, payload)).fetchone()
     assert row is not None
-    return int(row[0])
-
-
-def tick(conn: Conn, queue: str = QUEUE) -> int:
-    """Make the ticker insert a tick now (the producer's events must be committed)."""
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    row = conn.execute("select pgque.ticker(%s)", (queue,)).fetchone()
-    assert row is not None and row[0] is not None
     return int(row[0])
 
 
@@ -299,7 +292,7 @@ def test_ack_clears_member_window_and_main_already_moved(queue: Conn) -> None:
     start = sub_row(conn, GROUP)
     assert start is not None and start.last_tick is not None
     send_window(conn, 2, "m")
-    end_tick = tick(conn)  # a second, empty window after the first one
+    end_tick = tick(conn, QUEUE)  # a second, empty window after the first one
 
     batch = single_batch(receive_coop(conn, "a"))
     main, member = sub_row(conn, GROUP), sub_row(conn, "grp.a")
@@ -536,7 +529,7 @@ def test_member_nack_goes_to_group_retry(queue: Conn) -> None:
     while (row := conn.execute("select pgque.maint_retry_events()").fetchone()) and row[0]:
         moved += row[0]
     assert moved == 1
-    tick(conn)
+    tick(conn, QUEUE)
 
     back = receive_coop(conn, "b")
     assert [(m.msg_id, m.retry_count, m.payload) for m in back] == [(ids[0], 1, "n-0")]

@@ -21,18 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from engine_helpers import Conn, make_queue, scalar
+from engine_helpers import Conn, make_queue, scalar, tick
 from psycopg import sql
 
 from sqlalchemy_pgque import schema
-
-
-def tick(conn: Conn, queue: str = "q") -> int:
-    """Force a tick now (two transactions: force, then tick) and return its id."""
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
-    assert isinstance(tick_id, int)
-    return tick_id
 
 
 def receive(conn: Conn, consumer: str, queue: str = "q",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, documented_error_codes, make_queue, scalar
+from engine_helpers import Conn, documented_error_codes, make_queue, scalar, tick
 from psycopg import errors, sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError
@@ -34,11 +34,6 @@ from sqlalchemy_pgque import (
     schema,
 )
 from sqlalchemy_pgque.errors import _sqlstate, _translate
-
-
-def tick(conn: Conn, queue: str = "q") -> None:
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    assert scalar(conn, "select pgque.ticker(%s)", queue) is not None
 
 
 def received_payloads(conn: Conn, consumer: str = "c", queue: str = "q") -> list[object]:

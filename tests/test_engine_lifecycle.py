@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, ConnectAs, is_our_engine, make_queue, scalar
+from engine_helpers import Conn, ConnectAs, is_our_engine, make_queue, scalar, tick
 from sqlalchemy import create_engine
 
 from sqlalchemy_pgque import schema
@@ -33,13 +33,6 @@ def records(conn: Conn, query: str, *params: object) -> list[dict[str, Any]]:
 
 def send(conn: Conn, queue: str, payload: str) -> int:
     return int(scalar(conn, "select pgque.send(%s, %s::jsonb)", queue, payload))
-
-
-def tick(conn: Conn, queue: str) -> int:
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
-    assert tick_id is not None
-    return int(tick_id)
 
 
 def receive(conn: Conn, queue: str, consumer: str) -> list[tuple[Any, ...]]:

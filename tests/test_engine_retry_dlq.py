@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, ConnectAs, make_queue, scalar
+from engine_helpers import Conn, ConnectAs, make_queue, scalar, tick
 
 Message = tuple[Any, ...]
 
@@ -29,11 +29,6 @@ NACK_SQL = (
 
 def send(conn: Conn, queue: str, payload: str, ev_type: str = "t") -> int:
     return int(scalar(conn, "select pgque.send(%s, %s, %s::jsonb)", queue, ev_type, payload))
-
-
-def tick(conn: Conn, queue: str) -> None:
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    assert scalar(conn, "select pgque.ticker(%s)", queue) is not None
 
 
 def receive(conn: Conn, queue: str, consumer: str) -> list[Message]:

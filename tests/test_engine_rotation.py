@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_helpers import Conn, scalar
+from engine_helpers import Conn, scalar, tick
 
 MSG_ID, BATCH_ID = 0, 1
 
@@ -27,11 +27,6 @@ def make_queue(conn: Conn, name: str, *consumers: str) -> int:
 def send_many(conn: Conn, queue: str, count: int) -> list[int]:
     return [int(scalar(conn, "select pgque.send(%s, %s::jsonb)", queue, str(i)))
             for i in range(count)]
-
-
-def tick(conn: Conn, queue: str) -> None:
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    assert scalar(conn, "select pgque.ticker(%s)", queue) is not None
 
 
 def drain(conn: Conn, queue: str, consumer: str) -> list[int]:
