@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from engine_helpers import tick as tick
-
-T = TypeVar("T")
+from engine_helpers import wait_until as wait_until
 
 Conn = psycopg.Connection[Any]
 
@@ -79,19 +76,6 @@ def open_batch(conn: Conn, queue: str, consumer: str) -> int | None:
     ).fetchone()
     assert row is not None, f"{consumer} is not subscribed to {queue}"
     return None if row[0] is None else int(row[0])
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
-               what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def listening(conn: Conn, channel: str = "pgque_q") -> int:

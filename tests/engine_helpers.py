@@ -4,11 +4,14 @@ the engine's SQL files read as text."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+
+T = TypeVar("T")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 ConnectAs = Callable[[str], Conn]
@@ -30,6 +33,19 @@ def tick(conn: Conn, queue: str = "q") -> int:
     tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
     assert tick_id is not None, f"no tick for queue {queue!r}"
     return int(tick_id)
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
+               what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
 
 
 def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:

@@ -15,13 +15,12 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
-from engine_helpers import Conn, make_queue, scalar, tick
+from engine_helpers import Conn, make_queue, scalar, tick, wait_until
 from psycopg import sql
 
 from sqlalchemy_pgque import schema
@@ -51,18 +50,6 @@ def drain(conn: Conn, consumer: str, queue: str = "q") -> list[int]:
             conn.execute("select pgque.ack(%s)", (rows[0][1],))
         elif scalar(conn, "select pgque.next_batch(%s, %s)", queue, consumer) is None:
             return got
-
-
-def poll(until: Callable[[], object], timeout: float = 15.0, every: float = 0.02) -> object:
-    """Call ``until`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = until()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not reached within {timeout} s")
-        time.sleep(every)
 
 
 def tick_times(conn: Conn, queue: str = "q") -> list[tuple[int, datetime]]:
@@ -412,7 +399,8 @@ def test_pending_events_tick_once_max_lag_passed(conn: Conn) -> None:
     # Thresholds are checked against the latest tick: one pending event and almost no
     # lag means no tick yet.
     assert scalar(conn, "select pgque.ticker('q')") is None
-    poll(lambda: scalar(conn, "select pgque.ticker('q')"))
+    wait_until(lambda: scalar(conn, "select pgque.ticker('q')"), timeout=15,
+               what="a tick")
     (_, before), (_, after) = tick_times(conn)[-2:]
     assert after - before >= timedelta(seconds=1)
     assert payloads(receive(conn, "c")) == ["x"]
@@ -425,7 +413,8 @@ def test_idle_queue_backs_off(conn: Conn) -> None:
     assert scalar(conn, "select pgque.ticker('q')") is not None
     assert scalar(conn, "select pgque.ticker('q')") is None
     for _ in range(2):
-        poll(lambda: scalar(conn, "select pgque.ticker('q')"))
+        wait_until(lambda: scalar(conn, "select pgque.ticker('q')"), timeout=15,
+               what="a tick")
     times = [t for _, t in tick_times(conn)]
     gaps = [b - a for a, b in itertools.pairwise(times[1:])]
     assert gaps[0] >= timedelta(milliseconds=200)  # max_lag / 2
@@ -697,7 +686,7 @@ def test_concurrent_receives_of_one_consumer_serialise(conn: Conn, db: Any) -> N
 
         waiter = threading.Thread(target=second_receive)
         waiter.start()
-        poll(lambda: scalar(conn, "select wait_event_type = 'Lock' from pg_stat_activity"
+        wait_until(lambda: scalar(conn, "select wait_event_type = 'Lock' from pg_stat_activity"
                                   " where pid = %s", second_pid))
         assert "second" not in results
         first.commit()
