@@ -51,8 +51,22 @@ __all__ = [
 T = TypeVar("T")
 
 
+class _Figures:
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (ISO times, lists), for ``--json``."""
+        result: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, tuple):
+                value = list(value)
+            result[name] = value
+        return result
+
+
 @dataclass(frozen=True)
-class QueueStatus:
+class QueueStatus(_Figures):
     """One queue, as ``admin.queues()`` sees it."""
 
     queue: str
@@ -78,12 +92,9 @@ class QueueStatus:
     ticker_paused: bool
     external_ticker: bool
 
-    def as_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
 
 @dataclass(frozen=True)
-class ConsumerStatus:
+class ConsumerStatus(_Figures):
     """One consumer of one queue, or one subconsumer of a cooperative consumer."""
 
     queue: str
@@ -108,12 +119,9 @@ class ConsumerStatus:
         sub = f".{self.subconsumer}" if self.subconsumer else ""
         return f"{self.queue}/{self.consumer}{sub}"
 
-    def as_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
 
 @dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(_Figures):
     """A dead-lettered event: a message its consumer gave up on after its retries."""
 
     id: int
@@ -133,20 +141,7 @@ class DeadLetter:
     extra3: str | None
     extra4: str | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
 
-
-def _as_dict(status: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name in status.__dataclass_fields__:
-        value = getattr(status, name)
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, tuple):
-            value = list(value)
-        result[name] = value
-    return result
 
 
 @contextmanager

@@ -249,9 +249,8 @@ def _status(engine: Engine, args: argparse.Namespace) -> int:
 def _read_status(
     engine: Engine, queue: str | None
 ) -> tuple[list[admin.QueueStatus], list[admin.ConsumerStatus]]:
-    with engine.begin() as conn:
-        schema._require_installed(conn)
-        return admin.queues(conn, queue), admin.consumers(conn, queue)
+    return _with_engine_check(  # type: ignore[no-any-return]
+        engine, lambda conn: (admin.queues(conn, queue), admin.consumers(conn, queue)))
 
 
 def _over_thresholds(queues: list[admin.QueueStatus], consumers: list[admin.ConsumerStatus],

@@ -5,10 +5,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from engine_helpers import Conn, scalar
+from engine_helpers import Conn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from traffic_helpers import BATCH_ID, dead_letter, drain, make_queue, send, tick
+from traffic_helpers import (
+    BATCH_ID,
+    dead_letter,
+    drain,
+    make_queue,
+    rotation_blocked_by_a_stopped_consumer,
+    send,
+    tick,
+)
 
 from sqlalchemy_pgque import DeadLetterNotFound, QueueNotFound, admin
 
@@ -72,17 +80,7 @@ def test_stuck_consumers_are_those_behind_or_holding_a_batch_too_long(
 
 
 def test_a_consumer_that_stops_blocks_rotation_and_is_named(conn: Conn, engine: Engine) -> None:
-    make_queue(conn, "r", "worker", "forgotten")
-    conn.execute("select pgque.set_queue_config('r', 'rotation_period', '1 millisecond')")
-    send(conn, "r", 2)
-    tick(conn, "r")
-    drain(conn, "r", "forgotten")  # its cursor stays at this tick from now on
-    for _ in range(3):
-        send(conn, "r", 2)
-        scalar(conn, "select pgque.maint_rotate_tables_step1('r')")
-        scalar(conn, "select pgque.maint_rotate_tables_step2()")
-        tick(conn, "r")
-        drain(conn, "r", "worker")
+    rotation_blocked_by_a_stopped_consumer(conn)
     (status,) = admin.queues(engine, "r")
     assert status.rotation_blocked_by == ("forgotten",)
     drain(conn, "r", "forgotten")

@@ -12,7 +12,14 @@ import psycopg
 import pytest
 from conftest import Database
 from engine_helpers import Conn, scalar
-from traffic_helpers import dead_letter, drain, make_queue, send, tick
+from traffic_helpers import (
+    dead_letter,
+    drain,
+    make_queue,
+    rotation_blocked_by_a_stopped_consumer,
+    send,
+    tick,
+)
 
 from sqlalchemy_pgque import schema
 
@@ -178,17 +185,7 @@ def test_a_user_without_the_pgque_role_is_told_which_one(db: Database, conn: Con
 
 
 def test_status_names_the_consumer_that_blocks_rotation(db: Database, conn: Conn) -> None:
-    make_queue(conn, "r", "worker", "forgotten")
-    conn.execute("select pgque.set_queue_config('r', 'rotation_period', '1 millisecond')")
-    send(conn, "r", 2)
-    tick(conn, "r")
-    drain(conn, "r", "forgotten")  # its cursor stays at this tick from now on
-    for _ in range(3):
-        send(conn, "r", 2)
-        scalar(conn, "select pgque.maint_rotate_tables_step1('r')")
-        scalar(conn, "select pgque.maint_rotate_tables_step2()")
-        tick(conn, "r")
-        drain(conn, "r", "worker")
+    rotation_blocked_by_a_stopped_consumer(conn)
     (queue,) = json.loads(cli(db, "status", "--json", "--queue", "r").stdout)["queues"]
     assert queue["rotation_blocked_by"] == ["forgotten"]
     row = next(line for line in cli(db, "status", "--queue", "r").stdout.splitlines()

@@ -56,3 +56,19 @@ def dead_letter(conn: Conn, queue: str, consumer: str, count: int, type_: str,
                 "select pgque.event_dead(%s, %s, %s, now(), NULL, 5, %s, %s)",
                 (batch_id, msg_id, reason, type_got, payload))
         assert scalar(conn, "select pgque.ack(%s)", rows[0][BATCH_ID]) == 1
+
+
+def rotation_blocked_by_a_stopped_consumer(conn: Conn) -> None:
+    """Queue ``r``: ``worker`` keeps up through three rotation rounds while
+    ``forgotten`` stays at its first tick, so the next rotation is due and blocked."""
+    make_queue(conn, "r", "worker", "forgotten")
+    conn.execute("select pgque.set_queue_config('r', 'rotation_period', '1 millisecond')")
+    send(conn, "r", 2)
+    tick(conn, "r")
+    drain(conn, "r", "forgotten")  # its cursor stays at this tick from now on
+    for _ in range(3):
+        send(conn, "r", 2)
+        scalar(conn, "select pgque.maint_rotate_tables_step1('r')")
+        scalar(conn, "select pgque.maint_rotate_tables_step2()")
+        tick(conn, "r")
+        drain(conn, "r", "worker")
