@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, event
@@ -25,8 +27,14 @@ from ._statements import (
     INSERT_MIXED,
     INSERT_MIXED_WAKE,
     SEND,
+    SEND_AT,
+    SEND_AT_EXTRAS,
+    SEND_AT_EXTRAS_WAKE,
+    SEND_AT_WAKE,
     SEND_BATCH,
     SEND_BATCH_WAKE,
+    SEND_IDEM,
+    SEND_IDEM_WAKE,
     SEND_WAKE,
     WRITER,
     execute,
@@ -39,9 +47,29 @@ if TYPE_CHECKING:
 
     from .queue import Queue
 
-__all__ = ["NO_EXTRAS", "PendingEvent", "current_transaction", "record", "sync_session"]
+__all__ = [
+    "NO_EXTRAS", "PendingEvent", "SendOptions", "current_transaction", "record", "sync_session",
+]
 
 NO_EXTRAS: Final = (None, None, None, None)
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """How one event is sent, beyond queue, type, payload and extras: checked by
+    ``Queue.send``, each making the event go out with its own statement."""
+
+    deliver_at: datetime | None = None
+    """Aware; ``None`` with ``delay`` set (the due time is then taken on the server)."""
+    delay: float | None = None
+    """Seconds after the statement that sends the event."""
+    idempotency_key: str | None = None
+    key_ttl: float | None = None
+    """Seconds the key stays claimed; ``None``: the engine's default (1 hour)."""
+
+    @property
+    def delayed(self) -> bool:
+        return self.deliver_at is not None or self.delay is not None
 
 
 class PendingEvent:
@@ -50,9 +78,18 @@ class PendingEvent:
     ``event_id`` is ``None`` until the Session flushes or commits, then the id PgQue
     assigned. It returns to ``None`` if the transaction (or the SAVEPOINT) that
     emitted it rolls back.
+
+    An event sent with ``idempotency_key`` whose key was already claimed inserts
+    nothing: after the flush ``deduplicated`` is ``True`` and ``event_id`` is the id of
+    the event the key was first sent with. A delayed event (``deliver_at`` or
+    ``delay``) due later waits in the engine's holding storage: ``delayed_id`` is its
+    id there and ``event_id`` stays ``None`` (the event gets its id when it is moved
+    into the queue at its due time); one already due is sent at once and gets an
+    ``event_id``.
     """
 
-    __slots__ = ("_emitted_in", "_factory", "_key", "_recorded_in", "_text", "event_id", "queue")
+    __slots__ = ("_emitted_in", "_factory", "_key", "_options", "_recorded_in", "_text",
+                 "deduplicated", "delayed_id", "event_id", "queue")
 
     def __init__(
         self,
@@ -61,14 +98,28 @@ class PendingEvent:
         text: str | None,
         factory: Callable[[], object] | None,
         recorded_in: SessionTransaction | None,
+        options: SendOptions | None = None,
     ) -> None:
         self.queue = queue
         self.event_id: int | None = None
+        self.deduplicated: bool | None = None
+        """After the flush, for an event sent with ``idempotency_key``: whether its key
+        was already claimed, so nothing was inserted; ``None`` otherwise."""
+        self.delayed_id: int | None = None
+        """After the flush, for a delayed event not yet due: its holding-row id."""
+        self._options = options
         self._key = key
         self._text = text
         self._factory = factory
         self._recorded_in = recorded_in
         self._emitted_in: SessionTransaction | None = None
+
+    def _emitted(self, event_id: int | None, deduplicated: bool | None = None,
+                 delayed_id: int | None = None) -> None:
+        self.event_id, self.deduplicated, self.delayed_id = event_id, deduplicated, delayed_id
+
+    def _undone(self) -> None:
+        self.event_id = self.deduplicated = self.delayed_id = None
 
     @property
     def type(self) -> str:
@@ -86,6 +137,10 @@ class PendingEvent:
     def _set_extra(self, index: int, value: str) -> bool:
         """Put ``value`` in ``extra<index + 1>`` unless the sender gave that field a
         value of its own; whether it was put there."""
+        if self._options is not None and self._options.idempotency_key is not None:
+            # The engine's idempotent send has no field left for it: such an event
+            # goes without the sender's trace context, silently.
+            return True
         name, type_name, extras = self._key
         fields = list(extras or NO_EXTRAS)
         if fields[index] is not None:
@@ -109,7 +164,13 @@ class PendingEvent:
             ) from exc
 
     def __repr__(self) -> str:
-        return f"<PendingEvent {self.queue.name!r} type={self.type!r} event_id={self.event_id}>"
+        more = ""
+        if self.deduplicated:
+            more = " deduplicated"
+        if self.delayed_id is not None:
+            more = f" delayed_id={self.delayed_id}"
+        return (f"<PendingEvent {self.queue.name!r} type={self.type!r} "
+                f"event_id={self.event_id}{more}>")
 
 
 class _Outbox:
@@ -227,7 +288,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         if outbox is not None:
             # Still listed after the root transaction ended means it was not committed.
             for pending in outbox.emitted:
-                pending.event_id = None
+                pending._undone()
         return
     outbox = session.info.get(_OUTBOX_KEY)
     if outbox is None or not transaction.nested:
@@ -243,7 +304,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     kept: list[PendingEvent] = []
     for pending in outbox.emitted:
         if _within(pending._emitted_in, transaction):
-            pending.event_id = None
+            pending._undone()
             pending._emitted_in = None
             if not _within(pending._recorded_in, transaction):
                 undone.append(pending)
@@ -263,15 +324,58 @@ def _emit_pending(session: Session) -> None:
     outbox.pending = []
     try:
         conn = session.connection()
-        ids = _insert_events(conn, events)
+        # Plain events go out together; a delayed or idempotent one needs its own
+        # function call, which splits the run so the recorded order holds.
+        plain: list[PendingEvent] = []
+        for pending in events:
+            if pending._options is None:
+                plain.append(pending)
+                continue
+            if plain:
+                _emit_plain(conn, plain)
+                plain = []
+            _emit_with_options(conn, pending, pending._options)
+        if plain:
+            _emit_plain(conn, plain)
     except BaseException:
+        for pending in events:
+            pending._undone()
         outbox.pending = events + outbox.pending
         raise
     emitted_in = current_transaction(session)
-    for pending, event_id in zip(events, ids, strict=True):
-        pending.event_id = event_id
+    for pending in events:
         pending._emitted_in = emitted_in
     outbox.emitted.extend(events)
+
+
+def _emit_plain(conn: Connection, events: Sequence[PendingEvent]) -> None:
+    for pending, event_id in zip(events, _insert_events(conn, events), strict=True):
+        pending._emitted(event_id)
+
+
+def _emit_with_options(conn: Connection, pending: PendingEvent, options: SendOptions) -> None:
+    queue_name, type_name, extras = pending._key
+    params: dict[str, object] = {
+        "queue": queue_name, "type": type_name, "payload": pending._payload_text()}
+    if options.idempotency_key is not None:
+        fields = extras or NO_EXTRAS
+        params.update(key=options.idempotency_key, ttl=options.key_ttl,
+                      partition_key=fields[0])
+        stmt = SEND_IDEM_WAKE if pending.queue.wake else SEND_IDEM
+        event_id, deduplicated = tuple(execute(conn, stmt, params, WRITER).one())[:2]
+        pending._emitted(event_id, deduplicated=bool(deduplicated))
+        return
+    params.update(deliver_at=options.deliver_at, delay=options.delay)
+    if extras is None:
+        stmt = SEND_AT_WAKE if pending.queue.wake else SEND_AT
+    else:
+        stmt = SEND_AT_EXTRAS_WAKE if pending.queue.wake else SEND_AT_EXTRAS
+        params.update(zip(("extra1", "extra2", "extra3", "extra4"), extras, strict=True))
+    sent_id, due = tuple(execute(conn, stmt, params, WRITER).one())[:2]
+    if due:  # send_at inserted the event at once: an event id
+        pending._emitted(sent_id)
+    else:
+        pending._emitted(None, delayed_id=sent_id)
 
 
 _encode_row = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

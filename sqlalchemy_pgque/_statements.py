@@ -43,6 +43,10 @@ scoped_session), in its current transaction, or a Connection."""
 #: notifies it with the queue name as payload, delivered when (and only if) it commits.
 WAKE_CHANNEL: Final = "sqlalchemy_pgque_wake"
 
+#: NOTIFY channel of delayed sends (``Queue.send(deliver_at=...)``), with the queue
+#: name as payload: a ticker waiting for the next due time looks again.
+DELAYED_WAKE_CHANNEL: Final = "sqlalchemy_pgque_delayed"
+
 
 # -- running a statement -------------------------------------------------------------
 
@@ -126,6 +130,40 @@ INSERT_MIXED_WAKE: Final = text(
 )
 
 
+# Delayed and idempotent sends (the engine's PgQue 0.3 functions): one call per event.
+# The due time of a ``delay`` is taken on the server, from the sending statement's
+# start, so client clocks don't matter; ``due`` tells whether send_at inserted the
+# event at once (its id is an event id) or parked it (a holding-row id). A parked one
+# notifies DELAYED_WAKE_CHANNEL so a ticker waiting for the next due time sees it.
+_DUE_AT = (
+    "(SELECT coalesce(CAST(:deliver_at AS timestamptz), statement_timestamp() "
+    "+ make_interval(secs => CAST(:delay AS double precision))) AS at) AS d"
+)
+_SEND_AT_SQL = (
+    "SELECT pgque.send_at(:queue, :type, CAST(:payload AS jsonb), d.at{extras}), "
+    "d.at <= now() AS due{wake} FROM " + _DUE_AT
+)
+_EXTRAS_ARGS = (
+    ", CAST(:extra1 AS text), CAST(:extra2 AS text), CAST(:extra3 AS text), "
+    "CAST(:extra4 AS text)"
+)
+SEND_AT: Final = text(_SEND_AT_SQL.format(extras="", wake=""))
+SEND_AT_EXTRAS: Final = text(_SEND_AT_SQL.format(extras=_EXTRAS_ARGS, wake=""))
+_DELAYED_WAKE = (
+    f", CASE WHEN d.at <= now() THEN pg_notify('{WAKE_CHANNEL}', :queue) "
+    f"ELSE pg_notify('{DELAYED_WAKE_CHANNEL}', :queue) END"
+)
+SEND_AT_WAKE: Final = text(_SEND_AT_SQL.format(extras="", wake=_DELAYED_WAKE))
+SEND_AT_EXTRAS_WAKE: Final = text(_SEND_AT_SQL.format(extras=_EXTRAS_ARGS, wake=_DELAYED_WAKE))
+_SEND_IDEM_SQL = (
+    "SELECT r.event_id, r.deduped{wake} FROM pgque.send_idem(:queue, :type, "
+    "CAST(:payload AS jsonb), CAST(:key AS text), coalesce(make_interval(secs => "
+    "CAST(:ttl AS double precision)), interval '1 hour'), CAST(:partition_key AS text)) AS r"
+)
+SEND_IDEM: Final = text(_SEND_IDEM_SQL.format(wake=""))
+SEND_IDEM_WAKE: Final = text(_SEND_IDEM_SQL.format(wake=f", {_NOTIFY}"))
+
+
 # -- receiving and subscriptions (queue.py, consumer.py) -----------------------------
 
 RECEIVE: Final = text("SELECT * FROM pgque.receive(:queue, :consumer, :max_messages)")
@@ -191,6 +229,15 @@ MAINT_RETRY_EVENTS: Final = "SELECT pgque.maint_retry_events()"
 MAINT_ROTATE_STEP2: Final = "SELECT pgque.maint_rotate_tables_step2()"
 QUEUES_WITH_NEW_EVENTS: Final = "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
 TICK_PERIOD_MS: Final = "SELECT tick_period_ms FROM pgque.config"
+MAINT_DELIVER_DELAYED: Final = "SELECT pgque.maint_deliver_delayed()"
+SECONDS_TO_NEXT_DELAYED: Final = (
+    "SELECT extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"
+)
+HAS_DELAYED_DELIVERY: Final = (
+    "SELECT coalesce(has_function_privilege(to_regprocedure('pgque.maint_deliver_delayed()'), "
+    "'EXECUTE') AND has_function_privilege(to_regprocedure('pgque.next_delayed_due()'), "
+    "'EXECUTE'), false)"
+)
 TRY_ADVISORY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
 SET_APPLICATION_NAME: Final = "SELECT set_config('application_name', %s, false)"
 SYNCHRONOUS_COMMIT_OFF: Final = "SELECT set_config('synchronous_commit', 'off', false)"

@@ -10,6 +10,8 @@ their leading words.
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -20,6 +22,7 @@ __all__ = [
     "ConsumerModeConflict",
     "ConsumerNotSubscribed",
     "DeadLetterNotFound",
+    "EngineFeatureMissing",
     "EngineNotInstalled",
     "ForeignSchemaError",
     "InvalidName",
@@ -50,6 +53,26 @@ class EngineNotInstalled(PgqueError):
 
     def __reduce__(self) -> tuple[type[EngineNotInstalled], tuple[str]]:
         return (type(self), (self.detail,))
+
+
+class EngineFeatureMissing(PgqueError):
+    """The installed engine lacks a function the call needs: delayed delivery,
+    idempotent send and the observability functions are PgQue 0.3 functions, which
+    the bundled engine has and a PgQue 0.2 install does not."""
+
+    def __init__(self, function: str, detail: str = "") -> None:
+        message = (
+            f"pgque.{function}() is a PgQue 0.3 function, and the engine installed in this "
+            "database does not have it (a PgQue 0.2 install?); install the bundled engine, "
+            "which upgrades in place and keeps queued events: `python -m sqlalchemy_pgque "
+            "install --url URL` or op.pgque_install() in an Alembic migration"
+        )
+        super().__init__(f"{message} ({detail})" if detail else message)
+        self.function = function
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[EngineFeatureMissing], tuple[str, str]]:
+        return (type(self), (self.function, self.detail))
 
 
 class ForeignSchemaError(PgqueError):
@@ -165,6 +188,13 @@ _MESSAGE_MAP: tuple[tuple[str, type[PgqueError]], ...] = (
 )
 
 _UNDEFINED_FUNCTION = "42883"
+# Functions of the PgQue 0.3 API that a 0.2 install lacks.
+_API_0_3_FUNCTIONS = frozenset({
+    "send_at", "maint_deliver_delayed", "next_delayed_due", "send_idem", "maint_idem",
+    "queue_stats", "consumer_stats", "queue_health", "otel_metrics", "in_flight",
+    "throughput", "error_rate", "pause_queue", "resume_queue",
+})
+_MISSING_FUNCTION = re.compile(r"function pgque\.(\w+)\(")
 _UNDEFINED_TABLE = "42P01"
 _UNDEFINED_OBJECT = "42704"
 _INVALID_SCHEMA_NAME = "3F000"
@@ -201,6 +231,9 @@ def _translate(
     state = _sqlstate(orig)
     lowered = detail.lower()
     if state in (_UNDEFINED_FUNCTION, _UNDEFINED_TABLE, _UNDEFINED_OBJECT, _INVALID_SCHEMA_NAME):
+        missing = _MISSING_FUNCTION.search(detail) if state == _UNDEFINED_FUNCTION else None
+        if missing is not None and missing.group(1) in _API_0_3_FUNCTIONS:
+            return EngineFeatureMissing(missing.group(1), detail)
         if "pgque" in lowered:
             return EngineNotInstalled(detail)
         return None

@@ -14,7 +14,7 @@ statement each (``_statements.py``); the consumer (``consumer.py``) is built on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, scoped_session
 
 from . import _trace
 from ._duration import Duration, as_seconds
-from ._outbox import NO_EXTRAS, PendingEvent, current_transaction, record, sync_session
+from ._outbox import (
+    NO_EXTRAS,
+    PendingEvent,
+    SendOptions,
+    current_transaction,
+    record,
+    sync_session,
+)
 from ._statements import (
     ACK,
     ADMIN,
@@ -156,6 +163,53 @@ def _check_cooperative_name(kind: str, name: object) -> str:
     return checked
 
 
+def _send_options(
+    deliver_at: datetime | None,
+    delay: Duration | None,
+    idempotency_key: str | None,
+    key_ttl: Duration | None,
+    extras: tuple[str | None, ...],
+) -> SendOptions | None:
+    """The checked options of one send; ``None`` for a plain send. Raises before
+    anything is recorded."""
+    if deliver_at is not None and delay is not None:
+        raise ValueError("give deliver_at or delay, not both")
+    if deliver_at is not None:
+        if not isinstance(deliver_at, datetime):
+            raise TypeError(f"deliver_at must be a datetime, got {deliver_at!r}")
+        if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+            raise ValueError(
+                f"deliver_at must be timezone-aware, got the naive {deliver_at!r}: a naive "
+                "time means a different instant on every server; use for example "
+                "datetime.now(timezone.utc) + timedelta(hours=24)"
+            )
+    delay_seconds = None if delay is None else as_seconds(delay)
+    if delay_seconds is not None and delay_seconds <= 0:
+        delay_seconds = None  # due already: a plain send
+    ttl_seconds = None if key_ttl is None else as_seconds(key_ttl)
+    if idempotency_key is None:
+        if ttl_seconds is not None:
+            raise ValueError("key_ttl is given without an idempotency_key")
+        if deliver_at is None and delay_seconds is None:
+            return None
+        return SendOptions(deliver_at=deliver_at, delay=delay_seconds)
+    if not isinstance(idempotency_key, str):
+        raise TypeError(f"idempotency_key must be a str, got {idempotency_key!r}")
+    if deliver_at is not None or delay is not None:
+        raise ValueError(
+            "idempotency_key cannot be combined with deliver_at or delay: the engine's "
+            "idempotent send inserts the event at once"
+        )
+    if ttl_seconds is not None and ttl_seconds <= 0:
+        raise ValueError(f"key_ttl must be a positive duration, got {key_ttl!r}")
+    if any(field is not None for field in extras[1:]):
+        raise ValueError(
+            "an idempotent send takes no extra2, extra3 or extra4: the engine stores the "
+            "idempotency key in extra2 (extra1 is its partition key)"
+        )
+    return SendOptions(idempotency_key=idempotency_key, key_ttl=ttl_seconds)
+
+
 class Queue:
     """A PgQue queue, declared by name.
 
@@ -239,6 +293,10 @@ class Queue:
         extra2: str | None = None,
         extra3: str | None = None,
         extra4: str | None = None,
+        deliver_at: datetime | None = None,
+        delay: Duration | None = None,
+        idempotency_key: str | None = None,
+        key_ttl: Duration | None = None,
     ) -> PendingEvent:
         """Record an event on ``session``; it is sent when the session flushes or commits.
 
@@ -262,10 +320,34 @@ class Queue:
         With OpenTelemetry tracing on (:mod:`sqlalchemy_pgque.tracing`), the call
         records a PRODUCER span and the event carries its trace context in ``extra4``,
         unless given an ``extra4`` of its own.
+
+        **Delayed delivery**: ``deliver_at`` (a timezone-aware ``datetime``) or ``delay``
+        (a :data:`Duration` counted from the sending statement, on the server's clock)
+        holds the event back until then; it still commits or rolls back with the
+        session's transaction. A due time already past sends it at once. A worker
+        running the ticker delivers it within milliseconds of its due time; without
+        one, ``pgque.maint()`` moves it (every 30 s under pg_cron).
+
+        **Idempotent send**: ``idempotency_key`` sends the event only if no event was
+        sent to this queue with the same key within the last ``key_ttl`` (1 hour by
+        default); otherwise nothing is inserted, and after the flush
+        :attr:`PendingEvent.deduplicated` is ``True`` and ``event_id`` the id of the
+        first event. The key names the *effect*, not the entity: ``f"charge:{order.id}"``
+        and ``f"receipt:{order.id}"`` are two keys, and a second charge for the same
+        order after a refund needs a new one (``f"charge:{order.id}:{attempt}"``). The
+        engine stores the key in ``extra2`` and a given ``extra1`` as its partition key,
+        so an idempotent event takes no ``extra2``, ``extra3`` or ``extra4``. Concurrent
+        senders of one key serialize in the database: exactly one event is sent.
+
+        Both need the engine's PgQue 0.3 functions (the bundled engine has them);
+        against a PgQue 0.2 install the flush raises
+        :class:`~sqlalchemy_pgque.errors.EngineFeatureMissing`.
         """
         sync = sync_session(session)
         extras = (extra1, extra2, extra3, extra4)
-        pending = self._pending_event(sync, payload, type, None if extras == NO_EXTRAS else extras)
+        options = _send_options(deliver_at, delay, idempotency_key, key_ttl, extras)
+        pending = self._pending_event(
+            sync, payload, type, None if extras == NO_EXTRAS else extras, options)
         record(sync, [pending])
         return pending
 
@@ -275,13 +357,17 @@ class Queue:
         payloads: Iterable[object],
         *,
         type: str = "default",
+        deliver_at: datetime | None = None,
+        delay: Duration | None = None,
     ) -> list[PendingEvent]:
-        """Record several events of one type, as :meth:`send` does for each.
+        """Record several events of one type, as :meth:`send` does for each, due at
+        ``deliver_at`` or after ``delay`` when given.
 
         All payloads are validated first; if one cannot be encoded, nothing is recorded.
         """
         sync = sync_session(session)
-        events = [self._pending_event(sync, payload, type, None) for payload in payloads]
+        options = _send_options(deliver_at, delay, None, None, NO_EXTRAS)
+        events = [self._pending_event(sync, payload, type, None, options) for payload in payloads]
         record(sync, events)
         return events
 
@@ -291,6 +377,7 @@ class Queue:
         payload: object,
         type: str,
         extras: tuple[str | None, ...] | None,
+        options: SendOptions | None,
     ) -> PendingEvent:
         if not isinstance(type, str):
             raise TypeError(f"event type must be a str, got {type!r}")
@@ -299,7 +386,8 @@ class Queue:
         else:
             payload_text, factory = encode_payload(payload), None
         return PendingEvent(
-            self, (self.name, type, extras), payload_text, factory, current_transaction(session)
+            self, (self.name, type, extras), payload_text, factory, current_transaction(session),
+            options,
         )
 
     def send_now(

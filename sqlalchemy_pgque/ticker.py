@@ -2,7 +2,8 @@
 
 PgQue delivers nothing until something calls ``pgque.ticker()``. :class:`Ticker` does
 that at the configured tick period, runs the retry mover and ``maint()`` every 30 s and
-``maint_rotate_tables_step2()`` in a later transaction, and, when woken by a commit
+``maint_rotate_tables_step2()`` in a later transaction, moves delayed events into their
+queues at their due time (engines with PgQue 0.3's delayed delivery), and, when woken by a commit
 (``Queue.send`` NOTIFYs ``sqlalchemy_pgque_wake`` with the queue name inside the
 producer's transaction), ticks that queue at once so its consumers get the event
 within milliseconds. Any number of processes may run one: a PostgreSQL advisory lock
@@ -216,8 +217,11 @@ class Ticker:
     def _lead(self, listener: Listener, outage: Outage) -> None:
         connection = listener.connection
         period = self.tick_period or _configured_tick_period(connection)
+        delayed = _DelayedDelivery.open(connection)
         if self.wake:
             listener.listen(statements.WAKE_CHANNEL)
+            if delayed is not None:
+                listener.listen(statements.DELAYED_WAKE_CHANNEL)
             self._catch_up(connection)
         self.leading.set()
         log.info("ticker: holding the ticker lock; ticking every %.3f s%s", period,
@@ -235,6 +239,14 @@ class Ticker:
                 next_tick += period
                 if next_tick <= now:
                     next_tick = now + period
+                if delayed is not None:
+                    # Also the floor for delayed events sent by other clients, which
+                    # notify nobody.
+                    delayed.look_again(connection)
+            if delayed is not None and delayed.due_at <= now:
+                if delayed.deliver(connection):
+                    self._catch_up(connection)
+                delayed.look_again(connection)
             if now >= next_maint:
                 self._maintain(connection)
                 next_maint = time.monotonic() + self.maint_interval
@@ -248,7 +260,15 @@ class Ticker:
                     last_wake_tick[queue_name] = now
                     self._tick_now(connection, queue_name)
             deadline = min(next_tick, next_maint, next_step2, *deferred.values())
-            woken = {n.payload for n in listener.wait(max(0.0, deadline - time.monotonic()))}
+            if delayed is not None:
+                deadline = min(deadline, delayed.due_at)
+            woken: set[str] = set()
+            for notify in listener.wait(max(0.0, deadline - time.monotonic())):
+                if notify.channel == statements.DELAYED_WAKE_CHANNEL:
+                    assert delayed is not None
+                    delayed.look_again(connection)
+                else:
+                    woken.add(notify.payload)
             now = time.monotonic()
             for queue_name in sorted(woken):
                 if queue_name in deferred:
@@ -297,6 +317,48 @@ class Ticker:
             moved = int(row[0]) if row and row[0] is not None else 0
         connection.execute(statements.MAINT)
         connection.execute(statements.MAINT_ROTATE_STEP2)
+
+
+class _DelayedDelivery:
+    """When the engine's delayed-delivery mover must run next.
+
+    ``pgque.maint()`` moves due delayed events every 30 s; the ticker moves them at their
+    due time instead, read with ``pgque.next_delayed_due()`` after each tick period,
+    each move and each delayed send of ``Queue.send`` (which notifies
+    ``DELAYED_WAKE_CHANNEL``), and then ticks the queues that received them.
+    """
+
+    def __init__(self) -> None:
+        self.due_at = math.inf
+        """``time.monotonic()`` when the earliest held event is due; ``inf``: none."""
+
+    @classmethod
+    def open(cls, connection: psycopg.Connection[Any]) -> _DelayedDelivery | None:
+        """The schedule, or ``None`` when the engine has no delayed delivery (a PgQue
+        0.2 install) or this user may not run its mover."""
+        try:
+            row = connection.execute(statements.HAS_DELAYED_DELIVERY).fetchone()
+        except psycopg.Error as exc:
+            if _is_connection_lost(exc):
+                raise
+            log.debug("ticker: no delayed delivery: %s", _first_line(exc))
+            return None
+        if not (row and row[0]):
+            return None
+        delivery = cls()
+        delivery.look_again(connection)
+        return delivery
+
+    def look_again(self, connection: psycopg.Connection[Any]) -> None:
+        row = connection.execute(statements.SECONDS_TO_NEXT_DELAYED).fetchone()
+        seconds = row[0] if row else None
+        # The server's clock decides when an event is due; only the wait is local.
+        self.due_at = math.inf if seconds is None else time.monotonic() + max(0.0, float(seconds))
+
+    def deliver(self, connection: psycopg.Connection[Any]) -> int:
+        """Move the due events into their queues; how many."""
+        row = connection.execute(statements.MAINT_DELIVER_DELAYED).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
 
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:
