@@ -24,9 +24,11 @@
 -- reads the current slot, and the slot switch takes a lock that conflicts with it, so the
 -- switch waits for every claimer in flight and every later claimer reads the new slot.
 -- The same barrier makes TRUNCATE possible under load: every send_idem also holds
--- ACCESS SHARE on all partitions until it commits. maint_idem waits for the barrier at
--- most lock_timeout, so producers stall at most that long behind it, and a run that
--- cannot get it leaves the work to the next one.
+-- ACCESS SHARE on all partitions until it commits, so a bare TRUNCATE would wait for
+-- them and every later send_idem would queue behind it. maint_idem waits for the barrier
+-- at most lock_timeout (a run that cannot get it leaves the work to the next one), so
+-- producers queue behind a waiting maint_idem at most that long; once it holds the
+-- barrier they wait for the end of its transaction, which maint() keeps short.
 --
 -- No foreign key to pgque.queue: its check would lock the queue row on every send.
 -- drop_queue deletes the queue's claims itself.
@@ -148,7 +150,8 @@ BEGIN
         END IF;
         -- A concurrent claimer of this generation makes the INSERT wait for its
         -- transaction, then do nothing if it committed (REPEATABLE READ raises a
-        -- serialization failure instead).
+        -- serialization failure instead). Only two claimers inserting at the very same
+        -- instant can leave a tuple behind: the loser's killed speculative insert.
         INSERT INTO pgque.idem_claim (queue_id, idem_key, gen, event_id, expires_at, slot)
         SELECT qid, i_idem_key, coalesce(newest.gen, 0) + 1, drawn, now() + i_ttl,
                s.last_value
@@ -211,11 +214,15 @@ $$;
 -- left in the others. Nothing is capped, so it always returns 0 (PgQue's 1 means "cap
 -- hit, call again").
 --
--- The partition work runs only when there is some, under the barrier described at the
--- top; waiting for it longer than lock_timeout, or for a partition that someone reads
--- directly, gives up this run's partition work (the subtransaction releases the locks).
--- Under the barrier no claimer runs, so a partition's contents cannot change between
--- the check and the TRUNCATE.
+-- The partition work takes the barrier described at the top only when there is some to
+-- do. SHARE ROW EXCLUSIVE rather than SHARE: it also serialises concurrent runs, so each
+-- decides on the slot it will switch from. Under the barrier no claimer runs, so a
+-- partition cannot change between its check and its TRUNCATE. Any lock wait longer than
+-- lock_timeout (the barrier, a partition someone reads directly, a concurrent run) gives
+-- up this run's partition work: the subtransaction releases the locks it took, and the
+-- next run tries again. The slot is set last; should the caller's transaction still roll
+-- back, the slot stays switched (setval is not transactional) to a partition that may
+-- then hold expired claims again, which costs space until a later run, not correctness.
 CREATE OR REPLACE FUNCTION pgque.maint_idem()
 RETURNS integer
 LANGUAGE plpgsql
@@ -232,20 +239,22 @@ DECLARE
     target integer;
     watermark bigint := (extract(epoch FROM now()) * 1000000)::bigint;
 BEGIN
-    SELECT last_value INTO cur FROM pgque.idem_slot;
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgque.%I)', 'idem_claim_' || cur) INTO cur_used;
-    FOR s IN 0 .. 2 LOOP
-        CONTINUE WHEN s = cur;
-        EXECUTE format('SELECT max(expires_at) FROM pgque.%I', 'idem_claim_' || s) INTO latest;
-        IF latest < now() OR (latest IS NULL AND cur_used) THEN
-            has_work := true;
-        END IF;
-    END LOOP;
+    BEGIN
+        SELECT last_value INTO cur FROM pgque.idem_slot;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgque.%I)', 'idem_claim_' || cur)
+           INTO cur_used;
+        FOR s IN 0 .. 2 LOOP
+            CONTINUE WHEN s = cur;
+            EXECUTE format('SELECT max(expires_at) FROM pgque.%I', 'idem_claim_' || s)
+               INTO latest;
+            IF latest < now() OR (latest IS NULL AND cur_used) THEN
+                has_work := true;
+            END IF;
+        END LOOP;
 
-    IF has_work THEN
-        BEGIN
+        IF has_work THEN
             LOCK TABLE pgque.idem_switch IN SHARE ROW EXCLUSIVE MODE;
-            -- Another maint_idem may have switched while we waited.
+            -- Another run may have switched while we waited.
             SELECT last_value INTO cur FROM pgque.idem_slot;
             FOR i IN 1 .. 2 LOOP
                 s := (cur + i) % 3;
@@ -266,12 +275,12 @@ BEGIN
             IF target IS NOT NULL AND cur_used THEN
                 PERFORM setval('pgque.idem_slot', target);
             END IF;
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;
-        END;
-    END IF;
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
+    END;
 
-    -- setval is not transactional; never move the watermark back.
+    -- setval is not transactional either; never move the watermark back.
     IF watermark > (SELECT last_value FROM pgque.idem_gc_watermark) THEN
         PERFORM setval('pgque.idem_gc_watermark', watermark);
     END IF;

@@ -354,6 +354,27 @@ def test_maint_idem_does_not_keep_producers_waiting_behind_an_open_send(
     assert current_slot(conn) == (start + 1) % 3
 
 
+@pytest.mark.parametrize("mode", ["ACCESS SHARE", "ACCESS EXCLUSIVE"])
+def test_maint_idem_leaves_partitions_it_cannot_lock_to_a_later_run(
+        conn: Conn, db: Database, mode: str) -> None:
+    make_queue(conn)
+    start = current_slot(conn)
+    send_idem(conn, "q", "short", SHORT_TTL)
+    assert scalar(conn, "select pgque.maint_idem()") == 0
+    time.sleep(0.25)
+    watermark = scalar(conn, "select last_value from pgque.idem_gc_watermark")
+    with psycopg.connect(db.dsn) as reader:
+        reader.execute(f"lock table {PARTITIONS[start]} in {mode} mode")
+        assert scalar(conn, "select pgque.maint_idem()") == 0
+        reader.commit()
+    assert rows_in(conn, PARTITIONS[start]) == 1
+    # The expired claim is hidden all the same.
+    assert scalar(conn, "select last_value from pgque.idem_gc_watermark") > watermark
+    assert claims(conn) == {}
+    assert scalar(conn, "select pgque.maint_idem()") == 0
+    assert rows_in(conn, PARTITIONS[start]) == 0
+
+
 # --- concurrency ---------------------------------------------------------------------------
 
 
