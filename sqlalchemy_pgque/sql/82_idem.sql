@@ -130,9 +130,10 @@ BEGIN
          LIMIT 1;
         IF newest.expires_at > now() THEN
             IF drawn IS NOT NULL THEN
-                -- We lost a race for the key after drawing an event id: no event will
-                -- carry it. Counted with the values forced ticks skip, so that the
-                -- pending figures (30_ticker.sql) do not count it as an event.
+                -- We lost a race for the key after drawing an event id, which no event
+                -- will carry: a gap in the queue's ids, only ever in this race. It is
+                -- counted with the values forced ticks skip, so that the pending figures
+                -- (30_ticker.sql) do not count it as an event.
                 UPDATE pgque.queue SET queue_seq_skipped = queue_seq_skipped + 1
                  WHERE queue_id = qid;
             END IF;
