@@ -462,6 +462,12 @@ FAILURES = [
     Failure("22023", "select * from pgque.receive('q', 'c', 0)", None, SUBSCRIBED),
     Failure("22023", "select pgque.set_queue_config('q', 'bogus', '1')", None, QUEUE),
     Failure("22023", "select * from pgque.throughput('q', '1 hour', '0 seconds')", None, QUEUE),
+    Failure("PQ001", "select * from pgque.send_idem('nosuch', 't', 'x', 'k')", QueueNotFound),
+    Failure("PQ104", "select * from pgque.send_idem('q', 't', 'x', 'k')", None,
+            (*QUEUE, "update pgque.queue set queue_disable_insert = true")),
+    Failure("22004", "select * from pgque.send_idem('q', 't', 'x', null)", None, QUEUE),
+    Failure("22023", "select * from pgque.send_idem('q', 't', 'x', 'k', '0 seconds')", None,
+            QUEUE),
     Failure("0A000", "select pgque.start()", None),
     Failure("0A000", "select pgque.start_timetable()", None),
 ]
