@@ -142,7 +142,7 @@ def test_offline_script_gives_the_online_database(
     # The engine script is printed verbatim: no %-doubling, no parameter markers.
     installed_script = Path(sql_path).read_text() if sql_path else schema.engine_sql()
     assert installed_script.strip().rstrip(";") in upgrade_script
-    assert upgrade_script.count("CREATE OR REPLACE FUNCTION pgque.create_queue") == 1
+    assert upgrade_script.count("CREATE OR REPLACE FUNCTION pgque.create_queue(i_queue_name") == 1
     run_psql(scratch_db.dsn, upgrade_script, tmp_path)
     assert pgque_state(scratch_db.dsn) == online_state
     assert memberships(scratch_db.dsn, app_role) == (True, False)

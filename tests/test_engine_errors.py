@@ -421,6 +421,8 @@ FAILURES = [
     Failure("PQ001", "select pgque.ticker('nosuch')", QueueNotFound),
     Failure("PQ001", "select pgque.subscribe('nosuch', 'c')", QueueNotFound),
     Failure("PQ001", "select pgque.drop_queue('nosuch')", QueueNotFound),
+    Failure("PQ001", "select * from pgque.throughput('nosuch', '1 hour', '1 minute')",
+            QueueNotFound),
     Failure("PQ002", "select * from pgque.receive('q', 'stranger')", ConsumerNotSubscribed,
             QUEUE),
     Failure("PQ002", "select pgque.event_retry_raw('q', 'stranger', now(), 1, now(), 0, 't',"
@@ -459,6 +461,13 @@ FAILURES = [
     Failure("22004", "select pgque.send_batch('q', null::text[])", None, QUEUE),
     Failure("22023", "select * from pgque.receive('q', 'c', 0)", None, SUBSCRIBED),
     Failure("22023", "select pgque.set_queue_config('q', 'bogus', '1')", None, QUEUE),
+    Failure("22023", "select * from pgque.throughput('q', '1 hour', '0 seconds')", None, QUEUE),
+    Failure("PQ001", "select * from pgque.send_idem('nosuch', 't', 'x', 'k')", QueueNotFound),
+    Failure("PQ104", "select * from pgque.send_idem('q', 't', 'x', 'k')", None,
+            (*QUEUE, "update pgque.queue set queue_disable_insert = true")),
+    Failure("22004", "select * from pgque.send_idem('q', 't', 'x', null)", None, QUEUE),
+    Failure("22023", "select * from pgque.send_idem('q', 't', 'x', 'k', '0 seconds')", None,
+            QUEUE),
     Failure("0A000", "select pgque.start()", None),
     Failure("0A000", "select pgque.start_timetable()", None),
 ]

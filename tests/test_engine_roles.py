@@ -25,8 +25,15 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 QUEUE = "roles_q"
 
-# Grant class per public function name (spec §3): R reader, W writer, A admin only,
-# O owner only. Names not listed are internal helpers: never reader/writer-callable.
+# Functions PgQue 0.3 adds (ENGINE-0.3.md §6.3), absent from another 0.2 install; our
+# engine's are required by their own tests in tests/engine/.
+PGQUE_03_READER = ["queue_stats", "consumer_stats", "queue_health", "otel_metrics",
+                   "stuck_consumers", "in_flight", "throughput", "error_rate"]
+PGQUE_03_WRITER = ["send_idem"]
+PGQUE_03_ADMIN = ["pause_queue", "resume_queue", "maint_idem"]
+# Grant class per public function name (spec §3, and ENGINE-0.3 §3 for the 0.3
+# additions): R reader, W writer, A admin only, O owner only. Names not listed are
+# internal helpers: never reader/writer-callable.
 GRANT_CLASS: dict[str, str] = {
     **dict.fromkeys(["send", "send_batch", "insert_event", "dlq_replay", "dlq_replay_all"],
                     "W"),
@@ -48,9 +55,14 @@ GRANT_CLASS: dict[str, str] = {
         "jsontriga", "logutriga", "sqltriga",
     ], "A"),
     **dict.fromkeys(["uninstall", "insert_event_bulk"], "O"),
+    **dict.fromkeys(PGQUE_03_READER, "R"),
+    **dict.fromkeys(PGQUE_03_WRITER, "W"),
+    **dict.fromkeys(PGQUE_03_ADMIN, "A"),
 }
-# Low priority in the spec (§3.10): checked when present, not required.
-OPTIONAL_FUNCTIONS = {"jsontriga", "logutriga", "sqltriga"}
+# Low priority in the spec (§3.10), or PgQue 0.3 additions a 0.2 install under test
+# (PGQUE_SCHEMA_SQL) lacks: checked when present, not required.
+OPTIONAL_FUNCTIONS = {"jsontriga", "logutriga", "sqltriga",
+                      *PGQUE_03_READER, *PGQUE_03_WRITER, *PGQUE_03_ADMIN}
 GROUP_ROLES = ("pgque_reader", "pgque_writer", "pgque_admin")
 # pgque-py's nack form; the engine re-reads the event, so only msg_id matters.
 NACK = ("select pgque.nack(%s, ROW(%s, %s, null, null, null, now(), null, null, null, null)"

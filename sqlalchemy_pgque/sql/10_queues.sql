@@ -484,6 +484,8 @@ BEGIN
     EXECUTE 'DROP TABLE ' || pgque.quote_fqname(q.queue_data_pfx) || ' CASCADE';
     DELETE FROM pgque.tick WHERE tick_queue = q.queue_id;
     DELETE FROM pgque.retry_queue WHERE ev_queue = q.queue_id;
+    -- Idempotency claims (82_idem.sql) have no foreign key to cascade from.
+    DELETE FROM pgque.idem_claim WHERE queue_id = q.queue_id;
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_event_seq);
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_tick_seq);
     DELETE FROM pgque.queue WHERE queue_id = q.queue_id;

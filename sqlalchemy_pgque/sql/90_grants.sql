@@ -36,3 +36,13 @@ BEGIN
     END LOOP;
 END
 $queues$;
+
+-- Idempotency claims (82_idem.sql): owner only, for every role including admin, as in
+-- PgQue 0.3 (ENGINE-0.3 §2.1). A claimer that bypassed send_idem, or a slot moved
+-- without its barrier, would break deduplication. The blanket grants above reach
+-- these objects on every install, so they are taken back after them.
+REVOKE ALL ON pgque.idem, pgque.idem_claim, pgque.idem_claim_0, pgque.idem_claim_1,
+              pgque.idem_claim_2, pgque.idem_switch
+    FROM PUBLIC, pgque_reader, pgque_writer, pgque_admin;
+REVOKE ALL ON SEQUENCE pgque.idem_slot, pgque.idem_gc_watermark
+    FROM PUBLIC, pgque_reader, pgque_writer, pgque_admin;
