@@ -14,7 +14,7 @@ from conftest import Database
 from engine_helpers import is_our_engine, scalar, tick, wait_until
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_pgque import EngineFeatureMissing, Queue
 from sqlalchemy_pgque.errors import PgqueError
@@ -24,10 +24,23 @@ Conn = psycopg.Connection[tuple[object, ...]]
 orders_q = Queue("orders")
 
 
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    """An ORM row to flush: a Session with no ORM changes does not flush at all, so
+    these tests add one where they look at an event between flush and commit."""
+
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
 @pytest.fixture
 def orders(conn: Conn) -> Conn:
     if not is_our_engine(conn):
         pytest.skip("delayed delivery and idempotent send are PgQue 0.3 functions")
+    conn.execute("create table notes (id serial primary key)")
     conn.execute("select pgque.create_queue('orders')")
     conn.execute("select pgque.subscribe('orders', 'c')")
     return conn
@@ -59,6 +72,7 @@ def test_a_delayed_event_commits_with_the_session_and_arrives_when_due(
     due = datetime.now(timezone.utc) + timedelta(milliseconds=300)
     with Session(engine) as session, session.begin():
         pending = orders_q.send(session, {"remind": 1}, type="reminder", deliver_at=due)
+        session.add(Note())
         session.flush()
         assert pending.event_id is None
         assert pending.delayed_id is not None
@@ -76,6 +90,7 @@ def test_a_rolled_back_delayed_send_leaves_nothing(orders: Conn, engine: Engine)
     with Session(engine) as session:
         session.begin()
         pending = orders_q.send(session, {"n": 1}, delay=60)
+        session.add(Note())
         session.flush()
         assert pending.delayed_id is not None
         session.rollback()
@@ -136,6 +151,7 @@ def test_bad_options_raise_before_anything_is_recorded(
     with Session(engine) as session, session.begin():
         with pytest.raises(error, match=words):
             orders_q.send(session, {"n": 1}, **options)
+        session.add(Note())
         session.flush()
     assert held(orders) == 0 and received(orders) == []
 
@@ -174,6 +190,7 @@ def test_a_rolled_back_idempotent_send_frees_its_key(orders: Conn, engine: Engin
     with Session(engine) as session:
         session.begin()
         pending = orders_q.send(session, {"n": 1}, idempotency_key="k")
+        session.add(Note())
         session.flush()
         assert pending.deduplicated is False
         session.rollback()
@@ -237,6 +254,7 @@ def test_the_same_on_an_async_session(orders: Conn, async_engine: object) -> Non
         async with AsyncSession(async_engine) as session:
             await session.begin()
             again = orders_q.send(session, {"n": 3}, idempotency_key="k")
+            session.add(Note())
             await session.flush()
             dedup_inside = again.deduplicated
             await session.rollback()
@@ -264,6 +282,7 @@ def test_an_engine_without_the_function_raises_a_clear_error(
     with Session(engine) as session:
         session.begin()
         orders_q.send(session, {"n": 1}, **options)
+        session.add(Note())
         with pytest.raises(EngineFeatureMissing, match=r"PgQue 0\.3 function") as raised:
             session.flush()
         session.rollback()
