@@ -28,8 +28,8 @@ QUEUE = "roles_q"
 # Grant class per public function name (spec §3): R reader, W writer, A admin only,
 # O owner only. Names not listed are internal helpers: never reader/writer-callable.
 GRANT_CLASS: dict[str, str] = {
-    **dict.fromkeys(["send", "send_batch", "insert_event", "dlq_replay", "dlq_replay_all"],
-                    "W"),
+    **dict.fromkeys(["send", "send_batch", "insert_event", "dlq_replay", "dlq_replay_all",
+                     "send_at"], "W"),
     **dict.fromkeys([
         "subscribe", "unsubscribe", "receive", "ack", "nack", "register_consumer",
         "register_consumer_at", "unregister_consumer", "next_batch", "next_batch_info",
@@ -45,12 +45,14 @@ GRANT_CLASS: dict[str, str] = {
         "maint_rotate_tables_step2", "maint_operations", "maint_tables_to_vacuum",
         "ticker_loop", "set_tick_period_ms", "start", "stop", "start_timetable",
         "stop_timetable", "status", "event_dead", "dlq_purge",
-        "jsontriga", "logutriga", "sqltriga",
+        "jsontriga", "logutriga", "sqltriga", "maint_deliver_delayed", "next_delayed_due",
     ], "A"),
     **dict.fromkeys(["uninstall", "insert_event_bulk"], "O"),
 }
-# Low priority in the spec (§3.10): checked when present, not required.
-OPTIONAL_FUNCTIONS = {"jsontriga", "logutriga", "sqltriga"}
+# Low priority in the spec (§3.10), or beyond PgQue 0.2 (ENGINE-0.3.md; our
+# next_delayed_due): checked when present, not required.
+OPTIONAL_FUNCTIONS = {"jsontriga", "logutriga", "sqltriga",
+                      "send_at", "maint_deliver_delayed", "next_delayed_due"}
 GROUP_ROLES = ("pgque_reader", "pgque_writer", "pgque_admin")
 # pgque-py's nack form; the engine re-reads the event, so only msg_id matters.
 NACK = ("select pgque.nack(%s, ROW(%s, %s, null, null, null, now(), null, null, null, null)"
