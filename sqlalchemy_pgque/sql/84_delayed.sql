@@ -67,6 +67,25 @@ CREATE TABLE IF NOT EXISTS pgque.delayed_mover_log_0 PARTITION OF pgque.delayed_
 CREATE TABLE IF NOT EXISTS pgque.delayed_mover_log_1 PARTITION OF pgque.delayed_mover_log FOR VALUES IN (1);
 CREATE INDEX IF NOT EXISTS delayed_mover_log_run_idx ON pgque.delayed_mover_log (run);
 
+-- Taking over an upstream install that loaded its experimental delayed.sql: its holding
+-- table makes way for the view, its rows move into the store. Inserted by this
+-- transaction, they are pending for every state recorded so far, and keep their ids
+-- (the sequence, owned by the old table, is kept).
+DO $upstream_delayed$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class
+                WHERE oid = to_regclass('pgque.delayed_events') AND relkind = 'r') THEN
+        ALTER SEQUENCE pgque.delayed_events_de_id_seq OWNED BY NONE;
+        INSERT INTO pgque.delayed_store (de_id, slot, de_queue_name, de_deliver_at, de_type,
+                                         de_data, de_extra1, de_extra2, de_extra3, de_extra4)
+        SELECT de_id, 0, de_queue_name, de_deliver_at, de_type, de_data,
+               de_extra1, de_extra2, de_extra3, de_extra4
+          FROM pgque.delayed_events;
+        DROP TABLE pgque.delayed_events;
+    END IF;
+END
+$upstream_delayed$;
+
 -- The state before any run: due never, nothing seen (xmax 1), so every row is pending.
 -- Only a first install adds it; a reinstall keeps the log, and with it which rows were
 -- delivered.

@@ -689,3 +689,31 @@ def test_reinstall_keeps_pending_rows_and_what_was_delivered(db: Database, conn:
     assert [m[PAYLOAD] for m in drain(conn)] == ["delivered", "pending"]
     assert conn.execute(SEND_AT, ("q", "t", '"again"', later)).fetchone() is not None
     assert holding(conn) == 2
+
+
+def test_taking_over_upstream_delayed_events_keeps_its_rows(empty_db: Database) -> None:
+    with psycopg.connect(empty_db.dsn, autocommit=True) as c:
+        c.execute("create schema pgque")
+        # Upstream's experimental holding table (spec §2.2), with one due and one later row.
+        c.execute("create table pgque.delayed_events (de_id bigserial primary key,"
+                  " de_queue_name text not null, de_deliver_at timestamptz not null,"
+                  " de_type text, de_data text, de_extra1 text, de_extra2 text,"
+                  " de_extra3 text, de_extra4 text)")
+        c.execute("insert into pgque.delayed_events (de_queue_name, de_deliver_at, de_type,"
+                  " de_data, de_extra1) values ('q', now() - interval '1 minute', 't', 'due', 'x'),"
+                  " ('q', now() + interval '1 hour', 't', 'later', null)")
+    engine = create_engine(empty_db.url)
+    try:
+        with engine.begin() as sa_conn:
+            schema.install(sa_conn, take_over=True)
+    finally:
+        engine.dispose()
+    with psycopg.connect(empty_db.dsn, autocommit=True) as c:
+        assert c.execute("select de_id, de_data from pgque.delayed_events order by de_id"
+                         ).fetchall() == [(1, "due"), (2, "later")]
+        make_queue(c, "q", "c")
+        assert move(c) == 1
+        [msg] = drain(c)
+        assert (msg[PAYLOAD], msg[EXTRA1]) == ("due", "x")
+        assert scalar(c, SEND_AT, "q", "t", "{}", db_now(c) + timedelta(hours=1)) == 3
+        assert holding(c) == 2
