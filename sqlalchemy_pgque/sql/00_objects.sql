@@ -36,6 +36,8 @@
 --   22004  null_value_not_allowed: a required argument is NULL; not 23502
 --          (not_null_violation), which drivers report as a constraint failure of a row
 --   22023  invalid_parameter_value: an argument out of range, or an unknown parameter
+--   25000  invalid_transaction_state: a call that needs READ COMMITTED ran under a
+--          stricter isolation level
 --   0A000  feature_not_supported: pg_cron or pg_timetable is not installed
 
 -- Serialise concurrent installs (two migrations, two test workers) on one database.

@@ -157,6 +157,9 @@ $$;
 -- other entry is called as <name>(text) with the queue name, but only if it has the same
 -- owner as this function: maint() runs with its owner's rights, and queue_extra_maint
 -- must not let whoever can edit a queue row run arbitrary code as that owner.
+-- Then the delayed-delivery mover (84_delayed.sql) runs, and its count is added; it needs
+-- READ COMMITTED, so under a stricter level maint() skips it with a warning rather than
+-- fail rotation and the other entries with it.
 CREATE OR REPLACE FUNCTION pgque.maint()
 RETURNS integer
 LANGUAGE plpgsql
@@ -201,6 +204,12 @@ BEGIN
                 USING op.func_arg;
         END IF;
     END LOOP;
+    IF current_setting('transaction_isolation') IN ('read committed', 'read uncommitted') THEN
+        total := total + pgque.maint_deliver_delayed();
+    ELSE
+        RAISE WARNING 'pgque.maint: skipping pgque.maint_deliver_delayed(): it needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
     RETURN total;
 END
 $$;
