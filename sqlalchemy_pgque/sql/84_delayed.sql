@@ -205,6 +205,27 @@ BEGIN
 END
 $$;
 
+-- Ours, beyond the 0.3 API: send_at with the four extra fields, which the delivered
+-- event carries (the Python layer's Queue.send(deliver_at=..., extra1=...), and the
+-- trace context it puts in extra4). No defaults, so the 4-argument calls stay unambiguous.
+CREATE OR REPLACE FUNCTION pgque.send_at(
+    i_queue text, i_type text, i_payload jsonb, i_deliver_at timestamptz,
+    i_extra1 text, i_extra2 text, i_extra3 text, i_extra4 text)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+BEGIN
+    IF i_deliver_at <= now() THEN
+        RETURN pgque._insert_event(i_queue, i_type, i_payload::text,
+                                   i_extra1, i_extra2, i_extra3, i_extra4);
+    END IF;
+    RETURN pgque._delayed_hold(i_queue, i_deliver_at, i_type, i_payload::text,
+                               i_extra1, i_extra2, i_extra3, i_extra4);
+END
+$$;
+
 -- Whether partition slot of the store holds rows, all delivered by the given state.
 -- Each query is a statement of its own, so under READ COMMITTED it sees every row
 -- committed so far, also after the state's snapshot (those count as not delivered).
@@ -414,3 +435,5 @@ END
 $$;
 
 GRANT EXECUTE ON FUNCTION pgque.send_at(text, text, jsonb, timestamptz) TO pgque_writer;
+GRANT EXECUTE ON FUNCTION pgque.send_at(text, text, jsonb, timestamptz, text, text, text, text)
+    TO pgque_writer;
