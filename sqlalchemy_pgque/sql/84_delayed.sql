@@ -275,6 +275,7 @@ DECLARE
     kept_ids bigint[] := '{}';
     discarded jsonb := '{}';
     held jsonb := '{}';
+    woken text[] := '{}';
     moved integer := 0;
     log_part smallint;
     part_since bigint;
@@ -343,8 +344,17 @@ BEGIN
             PERFORM pgque._insert_event(r.de_queue_name, r.de_type, r.de_data,
                                         r.de_extra1, r.de_extra2, r.de_extra3, r.de_extra4);
             moved := moved + 1;
+            IF NOT r.de_queue_name = ANY (woken) THEN
+                woken := woken || r.de_queue_name;
+            END IF;
         END IF;
     END LOOP;
+    -- The commit-wake channel of the Python layer's ticker (sqlalchemy_pgque.Queue
+    -- notifies it on every send): a ticker listening ticks these queues as soon as this
+    -- transaction commits, whoever ran the mover (the ticker itself, or maint() under
+    -- pg_cron). get_queue_info().ev_new cannot tell it: a queue's first event goes
+    -- uncounted there (ENGINE.md §6.5).
+    PERFORM pg_notify('sqlalchemy_pgque_wake', name) FROM unnest(woken) AS name;
     FOR r IN SELECT key, value FROM jsonb_each_text(discarded) ORDER BY key LOOP
         RAISE WARNING 'pgque.maint_deliver_delayed: queue not found: %; discarded % delayed event(s)',
             r.key, r.value;
