@@ -244,7 +244,9 @@ class Ticker:
                     # notify nobody.
                     delayed.look_again(connection)
             if delayed is not None and delayed.due_at <= now:
-                if delayed.deliver(connection):
+                # The mover notifies WAKE_CHANNEL with each queue it delivered to; a
+                # ticker not listening there looks for new events instead.
+                if delayed.deliver(connection) and not self.wake:
                     self._catch_up(connection)
                 delayed.look_again(connection)
             if now >= next_maint:
@@ -325,7 +327,8 @@ class _DelayedDelivery:
     ``pgque.maint()`` moves due delayed events every 30 s; the ticker moves them at their
     due time instead, read with ``pgque.next_delayed_due()`` after each tick period,
     each move and each delayed send of ``Queue.send`` (which notifies
-    ``DELAYED_WAKE_CHANNEL``), and then ticks the queues that received them.
+    ``DELAYED_WAKE_CHANNEL``); the mover's own notifications on ``WAKE_CHANNEL`` then
+    get the queues that received events ticked like a commit wake-up.
     """
 
     def __init__(self) -> None:
