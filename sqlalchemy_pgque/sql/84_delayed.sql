@@ -18,8 +18,9 @@
 --   in two partitions, and the one it switches into (holding only superseded states)
 --   is truncated.
 -- * pgque.delayed_events, the name tests and operators use, is a view of the rows not
---   delivered yet, with INSTEAD OF INSERT and DELETE. A DELETE (an operator cancelling
---   a delayed message) is a real delete: the only path that leaves dead tuples.
+--   delivered yet, with INSTEAD OF INSERT, UPDATE and DELETE. A DELETE (an operator
+--   cancelling a delayed message) is a real delete, and an UPDATE a delete and a new
+--   row: the only paths that leave dead tuples.
 --
 -- The mover relies on READ COMMITTED: after taking its lock it must see the previous
 -- run's state, and its reclaim checks must see every committed row.
@@ -181,12 +182,34 @@ BEGIN
 END
 $$;
 
+-- An UPDATE (rescheduling; the testing toolkit's deliver(include_delayed=True) makes
+-- held events due now) holds the new version as a new row: a row keeps the
+-- inserting transaction's id, so rewriting it in place under a newer due time could
+-- make it count as delivered by a mover run that never saw it.
+CREATE OR REPLACE FUNCTION pgque._delayed_events_update()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+BEGIN
+    DELETE FROM pgque.delayed_store WHERE de_id = OLD.de_id;
+    NEW.de_id := pgque._delayed_hold(NEW.de_queue_name, NEW.de_deliver_at, NEW.de_type,
+                                     NEW.de_data, NEW.de_extra1, NEW.de_extra2,
+                                     NEW.de_extra3, NEW.de_extra4);
+    RETURN NEW;
+END
+$$;
+
 CREATE OR REPLACE TRIGGER delayed_events_insert
     INSTEAD OF INSERT ON pgque.delayed_events
     FOR EACH ROW EXECUTE FUNCTION pgque._delayed_events_insert();
 CREATE OR REPLACE TRIGGER delayed_events_delete
     INSTEAD OF DELETE ON pgque.delayed_events
     FOR EACH ROW EXECUTE FUNCTION pgque._delayed_events_delete();
+CREATE OR REPLACE TRIGGER delayed_events_update
+    INSTEAD OF UPDATE ON pgque.delayed_events
+    FOR EACH ROW EXECUTE FUNCTION pgque._delayed_events_update();
 
 CREATE OR REPLACE FUNCTION pgque.send_at(
     i_queue text, i_type text, i_payload jsonb, i_deliver_at timestamptz)
