@@ -378,6 +378,17 @@ UPDATE pgque.retry_queue r SET ev_retry_after = now()
    AND r.ev_owner = s.sub_id AND r.ev_queue = s.sub_queue AND r.ev_retry_after > now()
 """)
 MOVE_RETRIES: Final = text("SELECT pgque.maint_retry_events()")
+CAN_MOVE_DELAYED: Final = text(
+    "SELECT to_regprocedure('pgque.maint_deliver_delayed()') IS NOT NULL, "
+    "coalesce(has_function_privilege(to_regprocedure('pgque.maint_deliver_delayed()'), "
+    "'EXECUTE'), false)"
+)
+# Through the view, whose UPDATE holds each event anew (sql/84_delayed.sql).
+DELAYED_DUE_NOW: Final = text(
+    "UPDATE pgque.delayed_events SET de_deliver_at = now() "
+    "WHERE de_queue_name = :queue AND de_deliver_at > now()"
+)
+MOVE_DELAYED: Final = text("SELECT pgque.maint_deliver_delayed()")
 
 
 # -- installing the engine (schema.py) -----------------------------------------------

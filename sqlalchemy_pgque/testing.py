@@ -88,7 +88,7 @@ from ._listen import url_from_conninfo
 from ._runloop import Steps, adrive, drive
 from ._statements import Bind
 from .consumer import AsyncConsumer, Consumer, ConsumerObserver, Outcome, _ConsumerBase
-from .errors import QueueNotFound
+from .errors import EngineFeatureMissing, PermissionDenied, QueueNotFound
 from .message import Message, messages_from_rows
 from .queue import Queue
 
@@ -267,6 +267,7 @@ def deliver(
     max_batches: int | None = None,
     raise_errors: bool = True,
     include_retries: bool = False,
+    include_delayed: bool = False,
     engine: Engine | None = None,
 ) -> DeliveryReport:
     """Run the consumers' handlers in this thread until nothing is pending for them.
@@ -297,6 +298,13 @@ def deliver(
         queue with ``pgque.maint_retry_events()``, so a ``retry_after`` of a minute
         never makes a test wait. The database user needs write access to
         ``pgque.retry_queue`` (the owner of the engine, or ``pgque_admin``).
+    :param include_delayed: also deliver the consumers' delayed events
+        (``Queue.send(..., delay=...)``) that are not due yet, as if their time had
+        come: their due time is set to now (``pgque.delayed_events``) and the mover
+        (``pgque.maint_deliver_delayed()``) moves them into the queue, so a test of a
+        "remind me in 24 hours" handler runs at once. Delayed events already due are
+        moved by every round anyway, when the engine has delayed delivery and the
+        database user may run its mover (``pgque_admin``).
     :param engine: bind the consumers' sessions to this engine for the duration of
         the call (a consumer declared with an unbound ``sessionmaker()``, as the
         worker's ``--url`` would); by default each consumer's own binding is used.
@@ -311,7 +319,7 @@ def deliver(
     with _bound(targets, engine):
         ticking = {id(c): _engine_of(c, engine) for c in targets}
         return drive(_delivery(targets, ticking, _run_in_transaction, max_batches,
-                               raise_errors, include_retries))
+                               raise_errors, include_retries, include_delayed))
 
 
 async def adeliver(
@@ -320,6 +328,7 @@ async def adeliver(
     max_batches: int | None = None,
     raise_errors: bool = True,
     include_retries: bool = False,
+    include_delayed: bool = False,
     engine: AsyncEngine | None = None,
 ) -> DeliveryReport:
     """:func:`deliver` for :class:`~sqlalchemy_pgque.AsyncConsumer`: the same rounds
@@ -330,7 +339,7 @@ async def adeliver(
     with _bound(targets, engine):
         ticking = {id(c): _engine_of(c, engine) for c in targets}
         return await adrive(_delivery(targets, ticking, _arun_in_transaction, max_batches,
-                                      raise_errors, include_retries))
+                                      raise_errors, include_retries, include_delayed))
 
 
 def _targets(kind: type[ConsumerT], function: str, first: ConsumerT,
@@ -389,6 +398,7 @@ def _delivery(
     max_batches: int | None,
     raise_errors: bool,
     include_retries: bool,
+    include_delayed: bool = False,
 ) -> Steps[DeliveryReport]:
     """The rounds of :func:`deliver`, as steps (``_runloop``) for either face."""
     __tracebackhide__ = True
@@ -407,8 +417,14 @@ def _delivery(
         return partial(in_transaction, engines[id(consumer)], work)
 
     try:
+        moves_delayed = bool((yield on(consumers[0], partial(
+            _can_move_delayed, include_delayed))))
         for _ in range(_MAX_ROUNDS):
             moved = 0
+            if moves_delayed:
+                for consumer in consumers:
+                    moved += yield on(consumer, partial(
+                        _delayed_now, consumer.queue.name if include_delayed else None))
             if include_retries:
                 for consumer in consumers:
                     moved += yield on(consumer, partial(
@@ -475,6 +491,28 @@ def _retries_now(queue: str, consumer: str, connection: Connection) -> int:
         if not moved:
             return total
         total += moved
+
+
+def _can_move_delayed(required: bool, connection: Connection) -> bool:
+    """Whether the engine has delayed delivery and this user may run its mover; when
+    ``required`` (``include_delayed=True``) and not, the error that says why."""
+    has_function, may_execute = connection.execute(statements.CAN_MOVE_DELAYED).one()
+    if required and not has_function:
+        raise EngineFeatureMissing("maint_deliver_delayed")
+    if required and not may_execute:
+        raise PermissionDenied("deliver(include_delayed=True) runs "
+                               "pgque.maint_deliver_delayed()", statements.ADMIN)
+    return bool(may_execute)
+
+
+def _delayed_now(queue: str | None, connection: Connection) -> int:
+    """Make ``queue``'s held delayed events due now (none when ``queue`` is ``None``),
+    then move every due one into its queue; how many were moved."""
+    if queue is not None:
+        statements.execute(connection, statements.DELAYED_DUE_NOW, {"queue": queue},
+                           statements.ADMIN)
+    return statements.scalar_int(statements.execute(
+        connection, statements.MOVE_DELAYED, {}, statements.ADMIN))
 
 
 def _behind(queue: str, consumer: str, connection: Connection) -> bool:

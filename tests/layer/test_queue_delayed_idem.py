@@ -14,10 +14,11 @@ from conftest import Database
 from engine_helpers import is_our_engine, scalar, tick, wait_until
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sqlalchemy_pgque import EngineFeatureMissing, Queue
+from sqlalchemy_pgque import Consumer, EngineFeatureMissing, Queue
 from sqlalchemy_pgque.errors import PgqueError
+from sqlalchemy_pgque.testing import deliver
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -290,3 +291,17 @@ def test_an_engine_without_the_function_raises_a_clear_error(
     assert raised.value.function == function.split("(")[0]
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from pgque.delayed_events")).scalar() == 0
+
+
+def test_the_toolkit_delivers_held_events_when_asked(orders: Conn, engine: Engine) -> None:
+    consumer = Consumer(sessionmaker(engine), queue=orders_q, name="c")
+    seen: list[str] = []
+    consumer.on("*")(lambda msg: seen.append(msg.type))
+    with Session(engine) as session, session.begin():
+        orders_q.send(session, {}, type="now")
+        orders_q.send(session, {}, type="tomorrow", delay=timedelta(days=1))
+    deliver(consumer)
+    assert seen == ["now"] and held(orders) == 1
+    report = deliver(consumer, include_delayed=True)
+    assert seen == ["now", "tomorrow"] and held(orders) == 0
+    assert [d.type for d in report.handled] == ["tomorrow"]
