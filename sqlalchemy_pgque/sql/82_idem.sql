@@ -183,31 +183,40 @@ BEGIN
 END
 $$;
 
+-- PL/pgSQL rather than SQL wrappers: a SQL function that cannot be inlined (SECURITY
+-- DEFINER, SET) is planned again on every call before PostgreSQL 18, which made a
+-- send_idem cost a third more than its work.
 CREATE OR REPLACE FUNCTION pgque.send_idem(
     i_queue text, i_type text, i_payload text, i_idem_key text,
     i_ttl interval DEFAULT '1 hour', i_partition_key text DEFAULT NULL)
 RETURNS TABLE (event_id bigint, deduped boolean)
-LANGUAGE sql
+LANGUAGE plpgsql
 ROWS 1
 SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
-    SELECT r.o_event_id, r.o_deduped
+BEGIN
+    SELECT r.o_event_id, r.o_deduped INTO event_id, deduped
       FROM pgque._send_idem(i_queue, i_type, i_payload, i_idem_key, i_ttl, i_partition_key) r;
+    RETURN NEXT;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pgque.send_idem(
     i_queue text, i_type text, i_payload jsonb, i_idem_key text,
     i_ttl interval DEFAULT '1 hour', i_partition_key text DEFAULT NULL)
 RETURNS TABLE (event_id bigint, deduped boolean)
-LANGUAGE sql
+LANGUAGE plpgsql
 ROWS 1
 SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
-    SELECT r.o_event_id, r.o_deduped
+BEGIN
+    SELECT r.o_event_id, r.o_deduped INTO event_id, deduped
       FROM pgque._send_idem(i_queue, i_type, i_payload::text, i_idem_key, i_ttl,
                             i_partition_key) r;
+    RETURN NEXT;
+END
 $$;
 
 -- Claims GC for every queue: truncate each non-current partition whose claims have all
