@@ -13,18 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    move_retries,
-    open_batch,
-    send,
-    send_batches,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, handled_counts, open_batch
+from engine_helpers import Conn, make_queue, move_retries, send, send_batches, tick, wait_until
 from sqlalchemy import Engine, Integer, String, create_engine, event, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -47,7 +37,7 @@ class Shipment(Base):
 
 @pytest.fixture
 def queue(conn: Conn, engine: Engine) -> Queue:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     Base.metadata.create_all(engine)
     return Queue("q")
@@ -85,9 +75,9 @@ def test_handlers_take_msg_or_msg_and_session(conn: Conn, engine: Engine, queue:
     def tagged(msg: Message, tag: str = "bound") -> None:  # a default is not the session
         seen.append((msg.msg_id, tag))
 
-    noted = send(conn, "q", '{"a": 1}', "note")
-    written = [send(conn, "q", "{}", "write") for _ in range(3)]
-    tagged_id = send(conn, "q", "{}", "tagged")
+    noted = send(conn, "q", '{"a": 1}', type="note")
+    written = [send(conn, "q", "{}", type="write") for _ in range(3)]
+    tagged_id = send(conn, "q", "{}", type="tagged")
     tick(conn, "q")
 
     assert consumer.process_batch() == 5
@@ -106,9 +96,9 @@ def test_engine_is_accepted_and_catch_all_gets_other_types(
     consumer.on("a")(lambda msg: specific.append(msg.msg_id))
     consumer.on("*")(lambda msg: caught.append(msg.type))
 
-    a = send(conn, "q", "{}", "a")
-    send(conn, "q", "{}", "b")
-    send(conn, "q", "{}", "c")
+    a = send(conn, "q", "{}", type="a")
+    send(conn, "q", "{}", type="b")
+    send(conn, "q", "{}", type="c")
     tick(conn, "q")
 
     assert consumer.process_batch() == 3
@@ -121,8 +111,8 @@ def test_engine_is_accepted_and_catch_all_gets_other_types(
 def test_unknown_type_policy(conn: Conn, engine: Engine, queue: Queue, policy: str) -> None:
     consumer = Consumer(engine, queue="q", name="c", unknown_handler_policy=policy)  # type: ignore[arg-type]
     consumer.on("known")(lambda msg: None)
-    send(conn, "q", "{}", "known")
-    unknown = send(conn, "q", "{}", "unknown")
+    send(conn, "q", "{}", type="known")
+    unknown = send(conn, "q", "{}", type="unknown")
     tick(conn, "q")
 
     assert consumer.process_batch() == 2
@@ -147,8 +137,8 @@ def test_raising_handler_rolls_back_its_writes_retries_then_dead_letters(
         if msg.payload["fail"]:
             raise ValueError(f"cannot ship {msg.msg_id}")
 
-    good = send(conn, "q", '{"fail": false}', "job")
-    bad = send(conn, "q", '{"fail": true}', "job")
+    good = send(conn, "q", '{"fail": false}', type="job")
+    bad = send(conn, "q", '{"fail": true}', type="job")
     tick(conn, "q")
 
     assert consumer.process_batch() == 2
@@ -185,7 +175,8 @@ def test_failed_nack_rolls_back_the_whole_batch(conn: Conn, engine: Engine, queu
         if msg.payload["fail"]:
             raise ValueError("boom")
 
-    ids = [send(conn, "q", '{"fail": false}', "job"), send(conn, "q", '{"fail": true}', "job")]
+    ids = [send(conn, "q", '{"fail": false}', type="job"),
+           send(conn, "q", '{"fail": true}', type="job")]
     tick(conn, "q")
 
     with pytest.raises(MessageNotInBatch):

@@ -18,17 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    open_batch,
-    send_batches,
-    send_many,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, handled_counts, open_batch
+from engine_helpers import Conn, make_queue, send_batches, send_many, tick, wait_until
 from psycopg import sql
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
@@ -46,7 +37,7 @@ _LOCK_KEY = 77001
 
 @pytest.fixture
 def queue(conn: Conn) -> Queue:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     return Queue("q")
 
@@ -174,7 +165,7 @@ def test_run_survives_connections_dying_in_handlers_and_delivers_each_event_once
 def test_cooperative_member_survives_its_connection_dying_mid_batch(
     conn: Conn, engine: Engine, running: list[tuple[Any, threading.Thread]]
 ) -> None:
-    setup_queue(conn, "q", "seed")
+    make_queue(conn, "q", "seed")
     conn.execute(HANDLED_TABLE)
     group = Queue("q")
     with Session(engine) as session, session.begin():
