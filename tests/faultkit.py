@@ -10,7 +10,7 @@ Faults are real: SIGKILL of the worker, ``pg_terminate_backend`` storms, server
 restarts, SIGTERM. Afterwards :func:`tally` compares, per consumer, the rows the
 handlers committed with the events that exist: every event handled exactly once.
 
-``tests/test_faults.py`` runs short versions in the suite; ``bench/bench_faults.py``
+``tests/processes/test_faults.py`` runs short versions in the suite; ``bench/bench_faults.py``
 runs long ones and writes their figures.
 """
 

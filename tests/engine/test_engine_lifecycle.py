@@ -208,7 +208,7 @@ def test_get_consumer_info_follows_cursor_and_batch(conn: Conn) -> None:
     assert (info["last_tick"], info["current_batch"], info["next_tick"]) == (
         first_tick, None, None)
     if is_our_engine(conn):
-        # The forced tick's jump is not counted (see tests/test_engine_pending.py).
+        # The forced tick's jump is not counted (see tests/engine/test_engine_pending.py).
         assert info["pending_events"] == 3
     else:
         assert info["pending_events"] == seq_second - seq_first

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -20,6 +19,7 @@ import psycopg
 from conftest import Database
 from consumer_support import one_error_line
 from engine_helpers import Conn, make_queue, move_retries, send_many, tick, wait_until
+from faultkit import worker_env
 from pgcluster import PgCluster
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
@@ -204,10 +204,7 @@ sys.exit(main(["metrics_app:consumer", "--metrics-port", "0"]))
 
 
 def test_metrics_without_the_extra_say_what_to_install() -> None:
-    tests = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_PROMETHEUS], env=env,
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_PROMETHEUS], env=worker_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip() == (

@@ -29,7 +29,6 @@ from sqlalchemy_pgque import (
     Message,
     MessageNotInBatch,
     PermissionDenied,
-    PgqueError,
     Queue,
     QueueNotFound,
 )
@@ -339,15 +338,6 @@ def test_permission_denied_names_the_role_to_grant(
         assert isinstance(jobs_q.send_now(conn, {"granted": True}), int)
 
 
-def test_invalid_names() -> None:
-    for bad in ["", "q" * 58, 42]:
-        with pytest.raises(InvalidName):
-            Queue(bad)  # type: ignore[arg-type]
-    assert Queue("q" * 57).name == "q" * 57
-    with pytest.raises(InvalidName):
-        Queue("ok", consumers=[""])
-
-
 def test_invalid_names_from_the_engine(jobs: Engine) -> None:
     with jobs.connect() as conn, pytest.raises(InvalidName, match="dot"):
         jobs_q.subscribe_subconsumer(conn, "pool.main", "w1")
@@ -362,13 +352,6 @@ def test_unrelated_database_errors_are_not_translated(jobs: Engine) -> None:
     with jobs.connect() as conn, pytest.raises(DBAPIError) as caught:
         conn.execute(text("SELECT * FROM no_such_table"))
     assert _translate(caught.value) is None
-
-
-def test_pgque_errors_share_a_base() -> None:
-    for error in (QueueNotFound, ConsumerNotSubscribed, BatchNotFound, EngineNotInstalled,
-                  PermissionDenied, InvalidName, MessageNotInBatch, ConsumerModeConflict,
-                  BatchInProgress):
-        assert issubclass(error, PgqueError)
 
 
 def test_async_session_is_refused_with_advice(db: Database) -> None:
