@@ -1,12 +1,18 @@
 """What the consumer, ticker and worker tests share beyond engine_helpers: the table their
-handlers write to, and what they read of a consumer's cursor, of LISTEN sessions and of a
-worker's output."""
+handlers write to, consumers run in threads, and what they read of a consumer's cursor,
+of LISTEN and ticker sessions and of a worker's output."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from engine_helpers import Conn
+
+from sqlalchemy_pgque import Consumer
+
+Running = list[tuple[Consumer, threading.Thread]]
+"""The consumers a test started in threads, for its fixture to stop and join."""
 
 HANDLED_TABLE = """
 CREATE TABLE handled (
@@ -31,6 +37,24 @@ def open_batch(conn: Conn, queue: str, consumer: str) -> int | None:
     ).fetchone()
     assert row is not None, f"{consumer} is not subscribed to {queue}"
     return None if row[0] is None else int(row[0])
+
+
+def start(running: Running, consumer: Consumer) -> threading.Thread:
+    """Run ``consumer`` in a thread, once it listens; it joins ``running``."""
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    running.append((consumer, thread))
+    assert consumer.listening.wait(10)
+    return thread
+
+
+def ticker_sessions(conn: Conn) -> int:
+    """The database's connections that tickers hold (by their application_name)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def listening(conn: Conn, channel: str = "pgque_q") -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import HANDLED_TABLE, handled_counts, open_batch
+from consumer_support import HANDLED_TABLE, Running, handled_counts, open_batch, start
 from engine_helpers import Conn, make_queue, move_retries, send, send_batches, tick, wait_until
 from sqlalchemy import Engine, Integer, String, create_engine, event, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -239,8 +239,8 @@ def test_as_subconsumer_shares_handlers_and_settings_not_run_state(
 
 
 @pytest.fixture
-def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
-    started: list[tuple[Consumer, threading.Thread]] = []
+def running() -> Iterator[Running]:
+    started: Running = []
     yield started
     for consumer, thread in started:
         consumer.stop()
@@ -248,16 +248,8 @@ def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
         assert not thread.is_alive()
 
 
-def start(running: list[tuple[Consumer, threading.Thread]], consumer: Consumer) -> threading.Thread:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    running.append((consumer, thread))
-    assert consumer.listening.wait(10)
-    return thread
-
-
 def test_tick_notification_wakes_the_consumer_long_before_its_poll_interval(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
     consumer.on("*")(record)
@@ -269,7 +261,7 @@ def test_tick_notification_wakes_the_consumer_long_before_its_poll_interval(
 
 
 def test_backlog_of_batches_drains_without_waiting(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     ids = []
     tick(conn, "q")  # an empty window first: the next ones must still be found
@@ -284,7 +276,7 @@ def test_backlog_of_batches_drains_without_waiting(
 
 
 def test_stop_from_another_thread_returns_promptly(
-    engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
     consumer.on("*")(lambda msg: None)
@@ -298,7 +290,7 @@ def test_stop_from_another_thread_returns_promptly(
 
 
 def test_stop_waits_for_the_batch_in_progress(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
     entered, release = threading.Event(), threading.Event()
@@ -322,7 +314,7 @@ def test_stop_waits_for_the_batch_in_progress(
 
 
 def test_run_reconnects_after_its_connections_are_terminated(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
     consumer.on("*")(record)
@@ -460,7 +452,7 @@ def test_sigterm_stops_run_in_the_main_thread_and_restores_the_handler(
 
 
 def test_cooperative_members_handle_each_event_once(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     with Session(engine) as session, session.begin():
         queue.unsubscribe(session, "c")
@@ -521,7 +513,7 @@ def member_idle_for(conn: Conn, member: str, seconds: float) -> bool:
 
 
 def test_cooperative_members_hold_batches_at_the_same_time(
-    conn: Conn, engine: Engine, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, group: Queue, running: Running
 ) -> None:
     # Each member's first handler call waits for the other's: it returns only if both
     # members hold a batch at once, which the allocation's lock on the group's row
@@ -592,7 +584,7 @@ def test_cooperative_member_keeps_its_batch_while_handlers_run(
 
 
 def test_members_wait_out_an_exhausted_pool(
-    conn: Conn, db: Database, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, db: Database, group: Queue, running: Running
 ) -> None:
     # One connection for two members: each waits for the other's batch, and a wait
     # past the pool's timeout is retried like a database error, not fatal.

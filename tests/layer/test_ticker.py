@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from consumer_support import ticker_sessions
 from engine_helpers import Conn, drain, make_queue, payloads, send, tick, wait_until
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
@@ -135,20 +136,12 @@ def test_one_ticker_leads_and_another_takes_over(conn: Conn, engine: Engine,
     first = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
     assert first.leading.wait(10)
     second = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
-    wait_until(lambda: _ticker_sessions(conn) == 2, what="the second ticker to connect")
+    wait_until(lambda: ticker_sessions(conn) == 2, what="the second ticker to connect")
     assert not second.leading.is_set()
 
     first.stop()
     assert second.leading.wait(10)
     assert not first.leading.is_set()
-
-
-def _ticker_sessions(conn: Conn) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def test_ticker_reconnects_after_its_backend_is_terminated(
@@ -162,7 +155,7 @@ def test_ticker_reconnects_after_its_backend_is_terminated(
         "WHERE application_name LIKE 'sqlalchemy_pgque ticker %' "
         "AND datname = current_database()"
     )
-    wait_until(lambda: _ticker_sessions(conn) == 1 and ticker.leading.is_set(), timeout=10,
+    wait_until(lambda: ticker_sessions(conn) == 1 and ticker.leading.is_set(), timeout=10,
                what="the ticker to come back")
     before = tick_ids(conn)[-1]
     send(conn, "q")

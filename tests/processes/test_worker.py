@@ -8,7 +8,14 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import HANDLED_TABLE, handled_counts, listening, one_error_line, open_batch
+from consumer_support import (
+    HANDLED_TABLE,
+    handled_counts,
+    listening,
+    one_error_line,
+    open_batch,
+    ticker_sessions,
+)
 from engine_helpers import Conn, make_queue, send, send_batches, send_many, tick, wait_until
 from workers_app import BLOCK_KEY
 
@@ -194,7 +201,7 @@ def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers:
     first = workers("workers_app:consumer", extra_args=("--ticker",))
     holder = wait_until(lambda: _ticker_holder(conn), what="a ticker to take the lock")
     second = workers("workers_app:consumer", extra_args=("--ticker",))
-    wait_until(lambda: _ticker_count(conn) == 2, what="both tickers to connect")
+    wait_until(lambda: ticker_sessions(conn) == 2, what="both tickers to connect")
     assert _ticker_holder(conn) == holder
     leader, follower = (first, second) if holder.endswith(f" {first.pid}") else (second, first)
     assert holder.endswith(f" {leader.pid}")
@@ -215,14 +222,6 @@ def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers:
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="ticks after takeover")
     assert _tick_ids(conn, "q")[-1] > before
     assert "holding the ticker lock" in follower.output()
-
-
-def _ticker_count(conn: Conn) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def test_commit_wakes_the_ticker_and_a_rollback_does_not(
