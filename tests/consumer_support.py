@@ -1,14 +1,18 @@
-"""Helpers for the consumer, ticker and worker tests: queue setup and polling."""
+"""What the consumer, ticker and worker tests share beyond engine_helpers: the table their
+handlers write to, consumers run in threads, and what they read of a consumer's cursor,
+of LISTEN and ticker sessions and of a worker's output."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-import psycopg
-from engine_helpers import tick as tick
-from engine_helpers import wait_until as wait_until
+from engine_helpers import Conn
 
-Conn = psycopg.Connection[Any]
+from sqlalchemy_pgque import Consumer
+
+Running = list[tuple[Consumer, threading.Thread]]
+"""The consumers a test started in threads, for its fixture to stop and join."""
 
 HANDLED_TABLE = """
 CREATE TABLE handled (
@@ -19,49 +23,6 @@ CREATE TABLE handled (
     handled_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
-
-
-def setup_queue(conn: Conn, queue: str = "q", consumer: str = "c",
-                **config: object) -> None:
-    """Create ``queue``, apply ``config`` (set_queue_config) and subscribe ``consumer``."""
-    conn.execute("SELECT pgque.create_queue(%s)", (queue,))
-    for param, value in config.items():
-        conn.execute("SELECT pgque.set_queue_config(%s, %s, %s)", (queue, param, str(value)))
-    conn.execute("SELECT pgque.subscribe(%s, %s)", (queue, consumer))
-
-
-def send(conn: Conn, queue: str, payload: str = "{}", type: str = "default") -> int:
-    row = conn.execute("SELECT pgque.send(%s, %s, %s::jsonb)", (queue, type, payload)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def send_many(conn: Conn, queue: str, count: int, type: str = "default") -> list[int]:
-    payloads = [f'{{"n": {i}}}' for i in range(count)]
-    row = conn.execute(
-        "SELECT pgque.send_batch(%s, %s, %s::jsonb[])", (queue, type, payloads)
-    ).fetchone()
-    assert row is not None
-    return [int(i) for i in row[0]]
-
-
-def send_batches(conn: Conn, batches: int, size: int, queue: str = "q") -> list[int]:
-    """Send ``batches`` batches of ``size`` events, each ticked; their ids."""
-    ids: list[int] = []
-    for _ in range(batches):
-        ids += send_many(conn, queue, size)
-        tick(conn, queue)
-    return ids
-
-
-def move_retries(conn: Conn) -> int:
-    total, moved = 0, 1
-    while moved:
-        row = conn.execute("SELECT pgque.maint_retry_events()").fetchone()
-        assert row is not None
-        moved = int(row[0])
-        total += moved
-    return total
 
 
 def handled_counts(conn: Conn) -> dict[int, int]:
@@ -76,6 +37,24 @@ def open_batch(conn: Conn, queue: str, consumer: str) -> int | None:
     ).fetchone()
     assert row is not None, f"{consumer} is not subscribed to {queue}"
     return None if row[0] is None else int(row[0])
+
+
+def start(running: Running, consumer: Consumer) -> threading.Thread:
+    """Run ``consumer`` in a thread, once it listens; it joins ``running``."""
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    running.append((consumer, thread))
+    assert consumer.listening.wait(10)
+    return thread
+
+
+def ticker_sessions(conn: Conn) -> int:
+    """The database's connections that tickers hold (by their application_name)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def listening(conn: Conn, channel: str = "pgque_q") -> int:

@@ -1,11 +1,18 @@
-"""Helpers shared by the engine tests (``test_engine_*.py``): plain psycopg calls, and
-the engine's SQL files read as text."""
+"""Helpers shared by every tier of the suite that talks to the engine in plain psycopg:
+queue setup, sending, ticking, receiving and acking, polling, and the engine's SQL files
+read as text.
+
+Positional arguments follow the SQL functions' own order (the queue, then the
+consumer); everything else is a keyword. Each call is its own transaction on the
+autocommit ``conn`` fixture, which is what the snapshot rule needs between producing,
+ticking and consuming.
+"""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -17,6 +24,21 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 ConnectAs = Callable[[str], Conn]
 """The ``role_conn`` fixture: a connection acting as a fresh member of a pgque role."""
 
+Row = tuple[Any, ...]
+"""A ``pgque.message`` row: msg_id, batch_id, type, payload, retry_count, created_at,
+extra1..4."""
+MSG_ID, BATCH_ID, TYPE, PAYLOAD, RETRY_COUNT, CREATED_AT = range(6)
+
+# A receive returns at most max_return rows of a window, and acking the batch then
+# skips the rest for good: the helpers that ack read whole windows.
+WHOLE_WINDOW = 1_000_000
+
+NACK_SQL = (
+    "select pgque.nack(%s, ROW(%s::bigint, %s::bigint, %s::text, %s::text, %s::int4,"
+    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text)::pgque.message,"
+    " %s::interval, %s)"
+)
+
 
 def scalar(conn: Conn, query: str, *params: object) -> Any:
     """The first column of the one row ``query`` returns."""
@@ -25,11 +47,14 @@ def scalar(conn: Conn, query: str, *params: object) -> Any:
     return row[0]
 
 
-def tick(conn: Conn, queue: str = "q") -> int:
-    """Tick ``queue`` now, whatever its thresholds, and return the tick's id: two
-    transactions (``conn`` is autocommit), ``force_next_tick`` then ``ticker``, so that
-    the tick's snapshot sees every event committed before the call."""
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
+def tick(conn: Conn, queue: str = "q", *, force: bool = True) -> int:
+    """Tick ``queue`` and return the tick's id. Forced (the default): whatever the
+    queue's thresholds, in two transactions (``conn`` is autocommit),
+    ``force_next_tick`` then ``ticker``, so that the tick's snapshot sees every event
+    committed before the call. ``force=False``: one plain ``ticker()`` pass, which
+    must tick under the queue's own thresholds (and moves no sequence forward)."""
+    if force:
+        conn.execute("select pgque.force_next_tick(%s)", (queue,))
     tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
     assert tick_id is not None, f"no tick for queue {queue!r}"
     return int(tick_id)
@@ -48,11 +73,101 @@ def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
         time.sleep(0.01)
 
 
-def make_queue(conn: Conn, name: str = "q", *consumers: str) -> None:
-    """Create queue ``name`` and subscribe ``consumers``, each call asserting it was new."""
+def make_queue(conn: Conn, name: str = "q", *consumers: str, **config: object) -> None:
+    """Create queue ``name``, apply ``config`` (``set_queue_config``, e.g.
+    ``rotation_period="1 millisecond"``) and subscribe ``consumers``, each call
+    asserting it was new."""
     assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
+    for param, value in config.items():
+        assert scalar(conn, "select pgque.set_queue_config(%s, %s, %s)",
+                      name, param, str(value)) == 1
+    subscribe(conn, name, *consumers)
+
+
+def subscribe(conn: Conn, queue: str, *consumers: str) -> None:
+    """Subscribe ``consumers`` to ``queue``, each call asserting it was new."""
     for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
+        assert scalar(conn, "select pgque.subscribe(%s, %s)", queue, consumer) == 1
+
+
+def send(conn: Conn, queue: str, payload: str = "{}", *, type: str = "default") -> int:
+    """Send one event (``payload`` is JSON text); its id."""
+    return int(scalar(conn, "select pgque.send(%s, %s, %s::jsonb)", queue, type, payload))
+
+
+def send_many(conn: Conn, queue: str, count: int, *, type: str = "default") -> list[int]:
+    """Send ``count`` events ``{"n": i}`` with one ``send_batch``, so in one
+    transaction; their ids."""
+    batch = [f'{{"n": {i}}}' for i in range(count)]
+    sent = scalar(conn, "select pgque.send_batch(%s, %s, %s::jsonb[])", queue, type, batch)
+    return [int(i) for i in sent]
+
+
+def send_batches(conn: Conn, queue: str = "q", *, batches: int, size: int) -> list[int]:
+    """``batches`` windows of ``size`` events: each ``send_many`` is followed by a
+    forced tick; their ids."""
+    sent: list[int] = []
+    for _ in range(batches):
+        sent += send_many(conn, queue, size)
+        tick(conn, queue)
+    return sent
+
+
+def receive(conn: Conn, queue: str, consumer: str, *, max_return: int = 1000) -> list[Row]:
+    """``pgque.receive``: the rows of ``consumer``'s current window, batch left open."""
+    return conn.execute("select * from pgque.receive(%s, %s, %s)",
+                        (queue, consumer, max_return)).fetchall()
+
+
+def ack(conn: Conn, batch_id: int) -> int:
+    """``pgque.ack``: 1 if the batch was open, 0 if not."""
+    return int(scalar(conn, "select pgque.ack(%s)", batch_id))
+
+
+def nack(conn: Conn, msg: Sequence[Any], *, retry_after: str = "0 seconds",
+         reason: str | None = None, batch_id: int | None = None) -> int:
+    """``pgque.nack`` of ``msg`` (a message row, all ten columns) in its own batch, or in
+    ``batch_id``: 1 once it is parked for a retry or dead-lettered."""
+    batch = msg[BATCH_ID] if batch_id is None else batch_id
+    return int(scalar(conn, NACK_SQL, batch, *msg, retry_after, reason))
+
+
+def receive_and_ack(conn: Conn, queue: str, consumer: str) -> list[Row]:
+    """The next window of ``consumer`` that holds events, acked; its rows, or none when
+    no tick past its cursor holds any (a window without events is finished by
+    ``receive`` itself, so an empty receive alone does not mean caught up)."""
+    while True:
+        rows = receive(conn, queue, consumer, max_return=WHOLE_WINDOW)
+        if rows:
+            assert ack(conn, rows[0][BATCH_ID]) == 1
+            return rows
+        if scalar(conn, "select pgque.next_batch(%s, %s)", queue, consumer) is None:
+            return []
+
+
+def drain(conn: Conn, queue: str, consumer: str) -> list[Row]:
+    """Receive and ack every window up to the latest tick; the rows received."""
+    got: list[Row] = []
+    while rows := receive_and_ack(conn, queue, consumer):
+        got += rows
+    return got
+
+
+def ids(rows: Sequence[Row]) -> list[int]:
+    return [int(row[MSG_ID]) for row in rows]
+
+
+def payloads(rows: Sequence[Row]) -> list[Any]:
+    return [row[PAYLOAD] for row in rows]
+
+
+def move_retries(conn: Conn) -> int:
+    """Run ``maint_retry_events`` until it moves nothing (it takes a few rows a call);
+    how many due retries went back into their queues."""
+    total = 0
+    while moved := scalar(conn, "select pgque.maint_retry_events()"):
+        total += int(moved)
+    return total
 
 
 def is_our_engine(conn: Conn) -> bool:

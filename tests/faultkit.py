@@ -10,7 +10,7 @@ Faults are real: SIGKILL of the worker, ``pg_terminate_backend`` storms, server
 restarts, SIGTERM. Afterwards :func:`tally` compares, per consumer, the rows the
 handlers committed with the events that exist: every event handled exactly once.
 
-``tests/test_faults.py`` runs short versions in the suite; ``bench/bench_faults.py``
+``tests/processes/test_faults.py`` runs short versions in the suite; ``bench/bench_faults.py``
 runs long ones and writes their figures.
 """
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+from engine_helpers import wait_until
 from sqlalchemy import URL, create_engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -523,31 +524,24 @@ def _finish(figures: Figures, dsn: str, kind: Kind, workers: Workers, producer: 
 
 def wait_for_worker(dsn: str, kind: Kind, timeout: float = 30) -> None:
     """Until the worker listens on the queue's channel and its ticker holds the lock."""
-    deadline = time.monotonic() + timeout
+    listening = len(kind.consumers) * (3 if kind.worker_args else 1)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
+        def started() -> bool:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE query = %s), "
                 "count(*) FILTER (WHERE application_name LIKE 'sqlalchemy_pgque ticker %%') "
                 "FROM pg_stat_activity WHERE datname = current_database()",
                 (f'LISTEN "pgque_{QUEUE}"',),
             ).fetchone()
-            listening = len(kind.consumers) * (3 if kind.worker_args else 1)
-            if row is not None and row[0] >= listening and row[1] >= 1:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the worker did not start listening within {timeout} s")
-            time.sleep(0.02)
+            return row is not None and row[0] >= listening and row[1] >= 1
+
+        wait_until(started, timeout, "the worker to listen and tick")
 
 
 def wait_for_progress(dsn: str, consumers: tuple[str, ...], timeout: float = 30) -> None:
     """Until the handlers commit some rows beyond those committed now."""
-    deadline = time.monotonic() + timeout
     before = handled_count(dsn, consumers)
-    while handled_count(dsn, consumers) <= before:
-        if time.monotonic() > deadline:
-            raise AssertionError("no progress")
-        time.sleep(0.02)
+    wait_until(lambda: handled_count(dsn, consumers) > before, timeout, "handlers' progress")
 
 
 def sigterm_case(dsn: str, url: URL, log_dir: Path, *, batch_size: int, handler_delay: float,
@@ -615,16 +609,13 @@ def create_database(cluster: Any, name: str) -> tuple[str, URL]:
 def wait_for_batch_in_progress(dsn: str, timeout: float = 30) -> None:
     """Until a handler has written in an open batch transaction (its INSERT holds a
     lock on ``handled`` until the batch commits or rolls back)."""
-    deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
+        def in_progress() -> bool:
             row = conn.execute(
                 "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
                 "WHERE l.relation = 'handled'::regclass "
                 "AND a.application_name LIKE 'sqlalchemy_pgque worker %'"
             ).fetchone()
-            if row is not None and row[0]:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError("no batch in progress")
-            time.sleep(0.01)
+            return row is not None and bool(row[0])
+
+        wait_until(in_progress, timeout, "a batch in progress")

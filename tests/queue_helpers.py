@@ -1,4 +1,4 @@
-"""Helpers shared by the Queue tests: queue setup, delivery, statement and NOTIFY capture."""
+"""What the Queue tests capture: the statements a Session sends, and wake NOTIFYs."""
 
 from __future__ import annotations
 
@@ -7,28 +7,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 
-from sqlalchemy_pgque import WAKE_CHANNEL, Message, Queue
-
-
-def create_queue(engine: Engine, queue: Queue, *consumers: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(text("SELECT pgque.create_queue(:q)"), {"q": queue.name})
-        for consumer in consumers:
-            queue.subscribe(conn, consumer)
-
-
-def deliver(engine: Engine, queue: Queue, consumer: str) -> list[Message]:
-    """Tick in a transaction after the producer's commit, then receive and ack the batch."""
-    with engine.begin() as conn:
-        queue.force_next_tick(conn)
-        assert queue.ticker(conn) is not None
-    with engine.begin() as conn:
-        messages = queue.receive(conn, consumer)
-        if messages:
-            assert queue.ack(conn, messages[0].batch_id) == 1
-    return messages
+from sqlalchemy_pgque import WAKE_CHANNEL
 
 
 @contextmanager

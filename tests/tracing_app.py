@@ -1,4 +1,4 @@
-"""A traced worker app for tests/test_tracing.py (``python -m sqlalchemy_pgque.worker
+"""A traced worker app for tests/layer/test_tracing.py (``python -m sqlalchemy_pgque.worker
 tracing_app:consumer``).
 
 It sets up the OpenTelemetry SDK as an application would, as the global tracer

@@ -1,7 +1,7 @@
 """The engine's SQLSTATEs, read from its SQL files: every error has one, and the table
 at the top of the first file, the README and the Python mapping agree.
 
-Triggering each code against a database is tests/test_engine_errors.py's job.
+Triggering each code against a database is tests/engine/test_engine_errors.py's job.
 """
 
 from __future__ import annotations
@@ -13,7 +13,19 @@ import pytest
 from engine_helpers import documented_error_codes, engine_files, raise_exception_statements
 from psycopg.errors import lookup
 
-from sqlalchemy_pgque import errors
+from sqlalchemy_pgque import (
+    BatchInProgress,
+    BatchNotFound,
+    ConsumerModeConflict,
+    ConsumerNotSubscribed,
+    EngineNotInstalled,
+    InvalidName,
+    MessageNotInBatch,
+    PermissionDenied,
+    PgqueError,
+    QueueNotFound,
+    errors,
+)
 
 ERRCODE = re.compile(r"\bUSING\b.*\bERRCODE\s*=\s*'([0-9A-Z]{5})'", re.DOTALL)
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -62,3 +74,10 @@ def test_readme_lists_every_code_with_its_exception() -> None:
         assert rows[code] == f"`{error_class.__name__}`", code
     unmapped = set(documented_error_codes()) - set(errors._CODE_MAP)
     assert all(rows[code] == "—" for code in unmapped)
+
+
+def test_pgque_errors_share_a_base() -> None:
+    for error in (QueueNotFound, ConsumerNotSubscribed, BatchNotFound, EngineNotInstalled,
+                  PermissionDenied, InvalidName, MessageNotInBatch, ConsumerModeConflict,
+                  BatchInProgress):
+        assert issubclass(error, PgqueError)

@@ -1,6 +1,6 @@
 """encode_payload refuses what PostgreSQL's jsonb input refuses, without a database.
 
-The same rules are checked against a real server in tests/test_payload_jsonb.py.
+The same rules are checked against a real server in tests/engine/test_payload_jsonb.py.
 """
 
 from __future__ import annotations

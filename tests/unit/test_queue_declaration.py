@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from sqlalchemy_pgque import Queue
+from sqlalchemy_pgque import InvalidName, Queue
 
 
 def test_settings_are_normalized_to_the_text_pgque_receives() -> None:
@@ -34,3 +34,12 @@ def test_settings_are_normalized_to_the_text_pgque_receives() -> None:
 def test_a_bad_setting_fails_the_declaration(config: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Queue("orders", config=config)  # type: ignore[arg-type]
+
+
+def test_invalid_names() -> None:
+    for bad in ["", "q" * 58, 42]:
+        with pytest.raises(InvalidName):
+            Queue(bad)  # type: ignore[arg-type]
+    assert Queue("q" * 57).name == "q" * 57
+    with pytest.raises(InvalidName):
+        Queue("ok", consumers=[""])

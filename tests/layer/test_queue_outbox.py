@@ -12,12 +12,11 @@ from collections.abc import Iterator
 import pydantic
 import pytest
 from conftest import Database
+from engine_helpers import Conn, make_queue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from queue_helpers import (
     captured_statements,
-    create_queue,
-    deliver,
     pgque_calls,
     wait_wakes,
     wake_listener,
@@ -33,6 +32,7 @@ from sqlalchemy.orm import (
 )
 
 from sqlalchemy_pgque import PayloadError, PendingEvent, Queue, QueueNotFound
+from sqlalchemy_pgque.testing import sent
 
 
 class Base(DeclarativeBase):
@@ -65,11 +65,10 @@ quiet_q = Queue("quiet", wake=False)
 
 
 @pytest.fixture
-def sessions(engine: Engine) -> Iterator[sessionmaker[Session]]:
+def sessions(engine: Engine, conn: Conn) -> Iterator[sessionmaker[Session]]:
     Base.metadata.create_all(engine)
-    create_queue(engine, orders_q, "worker")
-    create_queue(engine, audit_q, "worker")
-    create_queue(engine, quiet_q, "worker")
+    for queue in (orders_q, audit_q, quiet_q):
+        make_queue(conn, queue.name)
     yield sessionmaker(engine, expire_on_commit=False)
 
 
@@ -87,7 +86,7 @@ def test_commit_delivers_with_the_new_primary_key(
         handle = orders_q.send(session, lambda: {"order_id": order.id}, type="order.created")
         assert not session.new or handle.event_id is None
     assert order.id is not None
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [(m.type, m.payload, m.msg_id) for m in messages] == [
         ("order.created", {"order_id": order.id}, handle.event_id)
     ]
@@ -105,7 +104,7 @@ def test_rollback_discards(engine: Engine, sessions: sessionmaker[Session]) -> N
         # The same session's next transaction must not carry the discarded event.
         orders_q.send(session, {"n": 2})
         session.commit()
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [{"n": 2}]
+    assert [m.payload for m in sent(engine, orders_q)] == [{"n": 2}]
     assert order_count(engine) == 0
 
 
@@ -116,7 +115,7 @@ def test_exception_inside_begin_discards(engine: Engine, sessions: sessionmaker[
         session.flush()
         orders_q.send(session, {"n": 2})
         raise RuntimeError("boom")
-    assert deliver(engine, orders_q, "worker") == []
+    assert sent(engine, orders_q) == []
     assert order_count(engine) == 0
 
 
@@ -136,7 +135,7 @@ def test_sends_of_one_flush_are_one_statement_after_the_orm_inserts(
     assert statements.index(calls[0]) > max(
         i for i, s in enumerate(statements) if s.startswith("INSERT INTO orders")
     )
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [m.msg_id for m in messages] == [h.event_id for h in handles]
     assert [m.payload for m in messages[:3]] == [{"order_id": o.id} for o in orders]
     assert [m.payload for m in messages[3:]] == [{"i": i} for i in range(47)]
@@ -151,14 +150,14 @@ def test_mixed_queues_types_and_extras_are_one_statement_in_order(
         audit_q.send(session, {"step": 3})
         orders_q.send(session, {"step": 4}, type="order.created")
     assert len(pgque_calls(statements)) == 1
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [(m.type, m.payload, m.extra1, m.extra2, m.extra4) for m in messages] == [
         ("order.created", {"step": 1}, None, None, None),
         ("order.paid", {"step": 2}, "eur", None, "x"),
         ("order.created", {"step": 4}, None, None, None),
     ]
     assert messages[0].msg_id == first.event_id
-    assert [m.payload for m in deliver(engine, audit_q, "worker")] == [{"step": 3}]
+    assert [m.payload for m in sent(engine, audit_q)] == [{"step": 3}]
 
 
 def test_send_without_orm_changes_is_emitted_on_commit(
@@ -171,7 +170,7 @@ def test_send_without_orm_changes_is_emitted_on_commit(
             session.commit()
             assert handle.event_id is not None
     assert len(pgque_calls(statements)) == 1
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [[1, "two", None]]
+    assert [m.payload for m in sent(engine, orders_q)] == [[1, "two", None]]
 
 
 def test_event_id_is_set_by_flush(engine: Engine, sessions: sessionmaker[Session]) -> None:
@@ -183,7 +182,7 @@ def test_event_id_is_set_by_flush(engine: Engine, sessions: sessionmaker[Session
         event_id = handle.event_id
         assert isinstance(event_id, int)
     assert handle.event_id == event_id
-    assert [m.msg_id for m in deliver(engine, orders_q, "worker")] == [event_id]
+    assert [m.msg_id for m in sent(engine, orders_q)] == [event_id]
 
 
 def test_send_batch_records_each_payload(engine: Engine, sessions: sessionmaker[Session]) -> None:
@@ -191,7 +190,7 @@ def test_send_batch_records_each_payload(engine: Engine, sessions: sessionmaker[
         handles = orders_q.send_batch(session, [{"i": 1}, 2, "\"three\""], type="bulk")
     assert len(pgque_calls(statements)) == 1
     assert all(isinstance(h, PendingEvent) and h.type == "bulk" for h in handles)
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [m.payload for m in messages] == [{"i": 1}, 2, "three"]
     assert [m.msg_id for m in messages] == [h.event_id for h in handles]
 
@@ -210,7 +209,7 @@ def test_savepoint_rollback_drops_events_recorded_inside_it(
         assert inner.event_id is None
         with session.begin_nested():
             orders_q.send(session, {"where": "released"})
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [
+    assert [m.payload for m in sent(engine, orders_q)] == [
         {"where": "outer"},
         {"where": "released"},
     ]
@@ -229,7 +228,7 @@ def test_savepoint_rollback_reemits_events_recorded_outside_it(
             raise RuntimeError("undo the savepoint")
         assert outer.event_id is None
     assert outer.event_id is not None
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [(m.payload, m.msg_id) for m in messages] == [({"where": "outer"}, outer.event_id)]
 
 
@@ -253,7 +252,7 @@ def test_unencodable_payload_raises_in_send_and_records_nothing(
             orders_q.send_batch(session, [{"fine": True}, payload])
         orders_q.send(session, {"fine": True})
     assert order_count(engine) == 1
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [{"fine": True}]
+    assert [m.payload for m in sent(engine, orders_q)] == [{"fine": True}]
 
 
 def test_payload_callable_that_fails_to_encode_fails_the_commit(
@@ -264,7 +263,7 @@ def test_payload_callable_that_fails_to_encode_fails_the_commit(
         orders_q.send(session, {"fine": True})
         orders_q.send(session, lambda: {1, 2})
     assert order_count(engine) == 0
-    assert deliver(engine, orders_q, "worker") == []
+    assert sent(engine, orders_q) == []
 
 
 def lone_surrogate_note() -> str:
@@ -293,7 +292,7 @@ def test_payload_callable_error_names_the_event_and_undoes_the_transaction(
         )
         session.rollback()
     assert order_count(engine) == 0
-    assert deliver(engine, orders_q, "worker") == []
+    assert sent(engine, orders_q) == []
 
 
 def test_payloads_nested_to_the_limit_round_trip(
@@ -310,8 +309,8 @@ def test_payloads_nested_to_the_limit_round_trip(
     with sessions.begin() as session:
         orders_q.send(session, nested, extra1="mixed")
         audit_q.send(session, nested)
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [nested] * 4
-    assert [m.payload for m in deliver(engine, audit_q, "worker")] == [nested]
+    assert [m.payload for m in sent(engine, orders_q)] == [nested] * 4
+    assert [m.payload for m in sent(engine, audit_q)] == [nested]
 
 
 def test_unknown_queue_fails_the_commit(engine: Engine, sessions: sessionmaker[Session]) -> None:
@@ -327,7 +326,7 @@ def test_scalar_payloads_round_trip(engine: Engine, sessions: sessionmaker[Sessi
     with sessions.begin() as session:
         for payload in payloads:
             orders_q.send(session, payload)
-    decoded = [m.payload for m in deliver(engine, orders_q, "worker")]
+    decoded = [m.payload for m in sent(engine, orders_q)]
     assert decoded == [0, -7, 2.5, True, False, None, "text", {"k": [1, 2]},
                        {"unicode": "żółw 🐢"}, [], {}]
 
@@ -340,7 +339,7 @@ def test_dataclass_and_pydantic_payloads_round_trip(
         orders_q.send(session, Refund(order_id=2, amount=9.5))
         orders_q.send(session, {"nested": [Shipped(3, "ups", []), Refund(order_id=4, amount=1)]})
         orders_q.send(session, lambda: Refund(order_id=5, amount=0.25, reason="late"))
-    payloads = [m.payload for m in deliver(engine, orders_q, "worker")]
+    payloads = [m.payload for m in sent(engine, orders_q)]
     assert Shipped(**payloads[0]) == Shipped(order_id=1, carrier="dhl", tags=["a", "b"])
     assert Refund.model_validate(payloads[1]) == Refund(order_id=2, amount=9.5)
     assert payloads[2] == {
@@ -381,13 +380,13 @@ def test_send_now_executes_at_once(engine: Engine, sessions: sessionmaker[Sessio
         event_id = orders_q.send_now(session, {"now": True}, type="instant", extra2="e2")
         assert isinstance(event_id, int)
         assert session.new  # the ORM was not flushed
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert [(m.msg_id, m.type, m.payload, m.extra2) for m in messages] == [
         (event_id, "instant", {"now": True}, "e2")
     ]
     with engine.begin() as conn:
         plain_id = orders_q.send_now(conn, lambda: [1])
-    assert [m.msg_id for m in deliver(engine, orders_q, "worker")] == [plain_id]
+    assert [m.msg_id for m in sent(engine, orders_q)] == [plain_id]
 
 
 def test_close_without_commit_discards(engine: Engine, sessions: sessionmaker[Session]) -> None:
@@ -397,7 +396,7 @@ def test_close_without_commit_discards(engine: Engine, sessions: sessionmaker[Se
     session.close()
     with session.begin():
         orders_q.send(session, {"next": True})
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [{"next": True}]
+    assert [m.payload for m in sent(engine, orders_q)] == [{"next": True}]
 
 
 def test_scoped_session_and_wrong_targets(engine: Engine, sessions: sessionmaker[Session]) -> None:
@@ -407,14 +406,15 @@ def test_scoped_session_and_wrong_targets(engine: Engine, sessions: sessionmaker
         scoped.commit()
     finally:
         scoped.remove()
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [{"scoped": True}]
+    assert [m.payload for m in sent(engine, orders_q)] == [{"scoped": True}]
     with engine.connect() as conn, pytest.raises(TypeError, match="send_now"):
         orders_q.send(conn, {"x": 1})  # type: ignore[arg-type]
 
 
-def test_sessions_created_before_the_first_send_emit(db: Database, engine: Engine) -> None:
+def test_sessions_created_before_the_first_send_emit(db: Database, engine: Engine,
+                                                      conn: Conn) -> None:
     """The listeners are installed lazily; a session that already exists must see them."""
-    create_queue(engine, orders_q, "worker")
+    make_queue(conn, orders_q.name)
     script = textwrap.dedent(
         """
         import sys
@@ -431,7 +431,7 @@ def test_sessions_created_before_the_first_send_emit(db: Database, engine: Engin
     )
     url = db.url.render_as_string(hide_password=False)
     subprocess.run([sys.executable, "-c", script, url], check=True, timeout=60)
-    assert [m.payload for m in deliver(engine, orders_q, "worker")] == [{"early": True}]
+    assert [m.payload for m in sent(engine, orders_q)] == [{"early": True}]
 
 
 savepoint_steps = st.lists(
@@ -487,7 +487,7 @@ def test_savepoints_keep_exactly_the_events_of_committed_scopes(
             released = scopes.pop()
             scopes[-1].extend(released)
     survivors = scopes[0]
-    messages = deliver(engine, orders_q, "worker")
+    messages = sent(engine, orders_q)
     assert sorted(m.payload["n"] for m in messages) == sorted(n for n, _ in survivors)
     by_n = {m.payload["n"]: m.msg_id for m in messages}
     assert all(handle.event_id == by_n[n] for n, handle in survivors)
@@ -504,7 +504,7 @@ def test_failed_emission_inside_a_savepoint_keeps_the_outer_events(
             session.add(Order(total=1))
             session.flush()
         assert outer.event_id is None
-    assert [(m.payload, m.msg_id) for m in deliver(engine, orders_q, "worker")] == [
+    assert [(m.payload, m.msg_id) for m in sent(engine, orders_q)] == [
         ({"where": "outer"}, outer.event_id)
     ]
     assert order_count(engine) == 0

@@ -11,32 +11,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_helpers import Conn, scalar, tick
+from engine_helpers import Conn, drain, ids, make_queue, scalar, send_many, tick, wait_until
 
-MSG_ID, BATCH_ID = 0, 1
-
-
-def make_queue(conn: Conn, name: str, *consumers: str) -> int:
-    assert scalar(conn, "select pgque.create_queue(%s)", name) == 1
-    for consumer in consumers:
-        assert scalar(conn, "select pgque.subscribe(%s, %s)", name, consumer) == 1
-    conn.execute("select pgque.set_queue_config(%s, 'rotation_period', '1 millisecond')", (name,))
-    return int(scalar(conn, "select queue_id from pgque.queue where queue_name = %s", name))
+# Every round's step 1 finds a rotation due.
+AT_ONCE = "1 millisecond"
 
 
-def send_many(conn: Conn, queue: str, count: int) -> list[int]:
-    return [int(scalar(conn, "select pgque.send(%s, %s::jsonb)", queue, str(i)))
-            for i in range(count)]
-
-
-def drain(conn: Conn, queue: str, consumer: str) -> list[int]:
-    """Receive and ack batches until the consumer has nothing left; the ids it got."""
-    got: list[int] = []
-    while rows := conn.execute("select * from pgque.receive(%s, %s, 1000)",
-                               (queue, consumer)).fetchall():
-        got.extend(int(r[MSG_ID]) for r in rows)
-        assert scalar(conn, "select pgque.ack(%s)", rows[0][BATCH_ID]) == 1
-    return got
+def queue_id_of(conn: Conn, queue: str) -> int:
+    return int(scalar(conn, "select queue_id from pgque.queue where queue_name = %s", queue))
 
 
 def cur_table(conn: Conn, queue: str) -> int:
@@ -54,7 +36,7 @@ def rotation_round(conn: Conn, queue: str, consumers: list[str],
     sent += send_many(conn, queue, 2)
     tick(conn, queue)
     for consumer in consumers:
-        received[consumer] += drain(conn, queue, consumer)
+        received[consumer] += ids(drain(conn, queue, consumer))
 
 
 def rotate_times(conn: Conn, queue: str, consumers: list[str], times: int,
@@ -87,7 +69,8 @@ def flush_stats(conn: Conn) -> None:
 
 
 def test_rotation_recycles_tables_without_dead_tuples(conn: Conn) -> None:
-    queue_id = make_queue(conn, "q", "fast")
+    make_queue(conn, "q", "fast", rotation_period=AT_ONCE)
+    queue_id = queue_id_of(conn, "q")
     sent: list[int] = []
     received: dict[str, list[int]] = {"fast": []}
 
@@ -103,14 +86,12 @@ def test_rotation_recycles_tables_without_dead_tuples(conn: Conn) -> None:
                       queue_id)) > 1
 
     flush_stats(conn)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def flushed() -> list[tuple[str, int, int, int]] | None:
         stats = event_table_stats(conn, queue_id)
-        if sum(ins for _, ins, _, _ in stats) == len(sent):
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(f"statistics not flushed: {stats}")
-        time.sleep(0.1)
+        return stats if sum(ins for _, ins, _, _ in stats) == len(sent) else None
+
+    stats = wait_until(flushed, timeout=30, what="the event tables' statistics")
     assert len(stats) == 3
     assert [dead for _, _, _, dead in stats] == [0, 0, 0]
     # Truncation is what emptied the recycled tables: live counts match what is left.
@@ -119,7 +100,7 @@ def test_rotation_recycles_tables_without_dead_tuples(conn: Conn) -> None:
 
 
 def test_step1_needs_step2_and_a_cursor_past_it(conn: Conn) -> None:
-    make_queue(conn, "q", "c")
+    make_queue(conn, "q", "c", rotation_period=AT_ONCE)
     sent: list[int] = []
     received: list[int] = []
 
@@ -127,7 +108,7 @@ def test_step1_needs_step2_and_a_cursor_past_it(conn: Conn) -> None:
         nonlocal sent
         sent += send_many(conn, "q", 2)
         tick(conn, "q")
-        received.extend(drain(conn, "q", "c"))
+        received.extend(ids(drain(conn, "q", "c")))
         assert scalar(conn, "select pgque.maint_rotate_tables_step1('q')") == 0
         return cur_table(conn, "q")
 
@@ -153,11 +134,10 @@ def test_step1_needs_step2_and_a_cursor_past_it(conn: Conn) -> None:
 
 
 def test_rotation_not_due_does_nothing(conn: Conn) -> None:
-    make_queue(conn, "q", "c")
-    conn.execute("select pgque.set_queue_config('q', 'rotation_period', '1 hour')")
+    make_queue(conn, "q", "c", rotation_period="1 hour")
     sent = send_many(conn, "q", 3)
     tick(conn, "q")
-    assert drain(conn, "q", "c") == sent
+    assert ids(drain(conn, "q", "c")) == sent
     for _ in range(3):
         assert scalar(conn, "select pgque.maint_rotate_tables_step1('q')") == 0
         assert scalar(conn, "select pgque.maint_rotate_tables_step2()") == 0
@@ -166,7 +146,7 @@ def test_rotation_not_due_does_nothing(conn: Conn) -> None:
 
 
 def test_lagging_consumer_blocks_rotation_and_loses_nothing(conn: Conn) -> None:
-    make_queue(conn, "q", "fast", "lagging")
+    make_queue(conn, "q", "fast", "lagging", rotation_period=AT_ONCE)
     sent: list[int] = []
     received: dict[str, list[int]] = {"fast": [], "lagging": []}
 
@@ -175,7 +155,7 @@ def test_lagging_consumer_blocks_rotation_and_loses_nothing(conn: Conn) -> None:
         assert cur_table(conn, "q") == 0
     assert received["fast"] == sent
 
-    received["lagging"] = drain(conn, "q", "lagging")
+    received["lagging"] = ids(drain(conn, "q", "lagging"))
     assert received["lagging"] == sent
 
     # Caught up, it no longer holds the tables back.
@@ -185,7 +165,7 @@ def test_lagging_consumer_blocks_rotation_and_loses_nothing(conn: Conn) -> None:
 
 
 def test_consumer_stalled_after_a_rotation_still_gets_every_event(conn: Conn) -> None:
-    make_queue(conn, "q", "fast", "slow")
+    make_queue(conn, "q", "fast", "slow", rotation_period=AT_ONCE)
     sent: list[int] = []
     received: dict[str, list[int]] = {"fast": [], "slow": []}
     rotate_times(conn, "q", ["fast", "slow"], 2, sent, received)
@@ -198,6 +178,6 @@ def test_consumer_stalled_after_a_rotation_still_gets_every_event(conn: Conn) ->
     # With three tables, at most one more switch can happen past the stalled cursor.
     assert cur_table(conn, "q") in {table, (table + 1) % 3}
 
-    received["slow"] += drain(conn, "q", "slow")
+    received["slow"] += ids(drain(conn, "q", "slow"))
     assert received["slow"] == sent
     assert len(sent) > stalled_at

@@ -8,19 +8,8 @@ from typing import Any
 
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    listening,
-    move_retries,
-    one_error_line,
-    open_batch,
-    send_batches,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, handled_counts, listening, one_error_line, open_batch
+from engine_helpers import Conn, make_queue, move_retries, send_batches, tick, wait_until
 from sqlalchemy import create_engine
 
 from sqlalchemy_pgque import BatchInProgress, Queue
@@ -54,7 +43,7 @@ def drain_and_stop(conn: Conn, worker: Any, batches: int, size: int,
                    member_labels: set[str]) -> None:
     """Send ticked batches, wait until each event was handled once and every member
     handled some, then stop ``worker`` with SIGTERM."""
-    ids = send_batches(conn, batches, size)
+    ids = send_batches(conn, batches=batches, size=size)
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=30,
                what="every event handled once")
     assert handlers(conn) == member_labels
@@ -97,7 +86,7 @@ def test_four_member_processes_handle_every_event_exactly_once(
         for n in range(1, 5)
     ]
     wait_until(lambda: listening(conn) == 4, what="four members listening")
-    ids = send_batches(conn, 40, 5)
+    ids = send_batches(conn, batches=40, size=5)
 
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=30,
                what="every event handled once")
@@ -145,7 +134,7 @@ def test_subconsumer_flag_names_the_members(conn: Conn, workers: Any) -> None:
 def test_async_members_share_one_event_loop(conn: Conn, workers: Any) -> None:
     worker = workers("workers_app:async_cooperative", extra_args=("--concurrency", "3"))
     wait_until(lambda: listening(conn) == 3, what="three members listening")
-    ids = send_batches(conn, 9, 4)
+    ids = send_batches(conn, batches=9, size=4)
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), what="every event once")
     assert members(conn) == ["group.aw-1", "group.aw-2", "group.aw-3"]
     # Batches handled at once prove the members ran side by side in the loop.
@@ -165,7 +154,7 @@ def test_killed_members_batch_is_taken_over_after_dead_interval(
     victim = workers("workers_app:cooperative", APP_MEMBER="a", APP_HANDLER_DELAY="60",
                      APP_DEAD_INTERVAL="1")
     wait_until(lambda: listening(conn) == 1, what="member a listening")
-    ids = send_batches(conn, 1, 3)
+    ids = send_batches(conn, batches=1, size=3)
     stale = kill_while_handling(conn, victim, "a")
 
     workers("workers_app:cooperative", APP_MEMBER="b", APP_DEAD_INTERVAL="1",
@@ -178,7 +167,7 @@ def test_killed_members_batch_is_taken_over_after_dead_interval(
 
     row = conn.execute("SELECT pgque.ack(%s)", (stale,)).fetchone()
     assert row is not None and row[0] == 0  # the killed member's batch id stopped working
-    more = send_batches(conn, 2, 2)
+    more = send_batches(conn, batches=2, size=2)
     wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids + more, 1),
                what="the group to go on after the takeover")
 
@@ -187,14 +176,14 @@ def test_killed_members_batch_is_taken_over_after_dead_interval(
 def test_unsubscribing_a_member_that_holds_a_batch(
     conn: Conn, db: Database, workers: Any, max_retries: int
 ) -> None:
-    setup_queue(conn, "q", "plain", max_retries=max_retries)
+    make_queue(conn, "q", "plain", max_retries=max_retries)
     # b stays: removing a group's last member would turn it back into a normal consumer.
     conn.execute("SELECT pgque.subscribe_subconsumer('q', 'group', 'a')")
     conn.execute("SELECT pgque.subscribe_subconsumer('q', 'group', 'b')")
     conn.execute(HANDLED_TABLE)
     holder = workers("workers_app:cooperative", APP_MEMBER="a", APP_HANDLER_DELAY="60")
     wait_until(lambda: listening(conn) == 1, what="member a listening")
-    ids = send_batches(conn, 1, 3)
+    ids = send_batches(conn, batches=1, size=3)
     kill_while_handling(conn, holder, "a")
 
     q = Queue("q")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Server
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_the_example_projects_tests_pass(pg_server: Server) -> None:

@@ -13,22 +13,12 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    open_batch,
-    send_batches,
-    send_many,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, Running, handled_counts, open_batch, start
+from engine_helpers import Conn, make_queue, send_batches, send_many, tick, wait_until
 from psycopg import sql
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
@@ -46,7 +36,7 @@ _LOCK_KEY = 77001
 
 @pytest.fixture
 def queue(conn: Conn) -> Queue:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     return Queue("q")
 
@@ -134,8 +124,8 @@ def test_errors_on_a_healthy_connection_stay_handler_failures(
 
 
 @pytest.fixture
-def running() -> Iterator[list[tuple[Any, threading.Thread]]]:
-    started: list[tuple[Any, threading.Thread]] = []
+def running() -> Iterator[Running]:
+    started: Running = []
     yield started
     for consumer, thread in started:
         consumer.stop(abandon=True)
@@ -143,16 +133,8 @@ def running() -> Iterator[list[tuple[Any, threading.Thread]]]:
         assert not thread.is_alive()
 
 
-def start(running: list[tuple[Any, threading.Thread]], consumer: Consumer) -> threading.Thread:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    running.append((consumer, thread))
-    assert consumer.listening.wait(10)
-    return thread
-
-
 def test_run_survives_connections_dying_in_handlers_and_delivers_each_event_once(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Any, threading.Thread]],
+    conn: Conn, engine: Engine, queue: Queue, running: Running,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sqlalchemy_pgque")
@@ -172,9 +154,9 @@ def test_run_survives_connections_dying_in_handlers_and_delivers_each_event_once
 
 
 def test_cooperative_member_survives_its_connection_dying_mid_batch(
-    conn: Conn, engine: Engine, running: list[tuple[Any, threading.Thread]]
+    conn: Conn, engine: Engine, running: Running
 ) -> None:
-    setup_queue(conn, "q", "seed")
+    make_queue(conn, "q", "seed")
     conn.execute(HANDLED_TABLE)
     group = Queue("q")
     with Session(engine) as session, session.begin():
@@ -445,7 +427,7 @@ def test_handler_error_from_another_database_is_a_handler_failure(
 
 
 def test_deferred_constraint_broken_by_one_handler_nacks_that_message(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Any, threading.Thread]],
+    conn: Conn, engine: Engine, queue: Queue, running: Running,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A handler's writes that break a DEFERRED constraint fail the batch's COMMIT, not

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from conftest import Database
-from consumer_support import Conn, listening, move_retries, setup_queue, tick, wait_until
+from consumer_support import listening
+from engine_helpers import Conn, make_queue, move_retries, tick, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -27,6 +28,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_pgque import AsyncConsumer, Consumer, Message, Queue, tracing
+from sqlalchemy_pgque.testing import deliver
 
 orders_q = Queue("orders")
 
@@ -68,7 +70,7 @@ def traced() -> Iterator[Traced]:
 
 @pytest.fixture
 def orders(conn: Conn) -> None:
-    setup_queue(conn, "orders", "shipping")
+    make_queue(conn, "orders", "shipping")
 
 
 def traceparent(span: ReadableSpan) -> str:
@@ -77,10 +79,9 @@ def traceparent(span: ReadableSpan) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
-def consume(engine: Engine, conn: Conn) -> list[tuple[Message, trace.Span]]:
-    """Tick ``orders`` and handle its batch; each message with the span current in
-    its handler."""
-    tick(conn, "orders")
+def consume(engine: Engine) -> list[tuple[Message, trace.Span]]:
+    """Deliver what ``orders`` holds to ``shipping``; each message with the span current
+    in its handler."""
     seen: list[tuple[Message, trace.Span]] = []
     consumer = Consumer(sessionmaker(engine), queue=orders_q, name="shipping")
 
@@ -88,7 +89,7 @@ def consume(engine: Engine, conn: Conn) -> list[tuple[Message, trace.Span]]:
     def handle(msg: Message, session: Session) -> None:
         seen.append((msg, trace.get_current_span()))
 
-    assert consumer.process_batch() == len(seen) > 0
+    assert len(deliver(consumer).handled) == len(seen) > 0
     return seen
 
 
@@ -100,15 +101,13 @@ def assert_child_of(process: ReadableSpan, producer: ReadableSpan) -> None:
 
 
 @pytest.mark.usefixtures("orders")
-def test_a_send_in_a_session_and_its_handler_make_one_trace(
-    conn: Conn, engine: Engine, traced: Traced
-) -> None:
+def test_a_send_in_a_session_and_its_handler_make_one_trace(engine: Engine, traced: Traced) -> None:
     tracer = traced.provider.get_tracer("test")
     with tracer.start_as_current_span("request") as request, \
             Session(engine) as session, session.begin():
         pending = orders_q.send(session, {"order_id": 7}, type="order.created")
 
-    [(msg, current)] = consume(engine, conn)
+    [(msg, current)] = consume(engine)
     producer, process = traced.one(SpanKind.PRODUCER), traced.one(SpanKind.CONSUMER)
     assert producer.name == "send orders"
     assert producer.parent is not None
@@ -139,7 +138,7 @@ def test_a_send_in_a_session_and_its_handler_make_one_trace(
 
 @pytest.mark.usefixtures("orders")
 def test_traced_sends_of_one_flush_still_go_out_in_one_statement(
-    conn: Conn, engine: Engine, traced: Traced
+    engine: Engine, traced: Traced
 ) -> None:
     with captured_statements(engine) as statements, Session(engine) as session, \
             session.begin():
@@ -147,7 +146,7 @@ def test_traced_sends_of_one_flush_still_go_out_in_one_statement(
             orders_q.send(session, {"n": n}, type="order.created")
     assert len(pgque_calls(statements)) == 1
 
-    seen = consume(engine, conn)
+    seen = consume(engine)
     producers = traced.spans(SpanKind.PRODUCER)
     assert [msg.extra4 for msg, _ in seen] == [traceparent(p) for p in producers]
     for process, producer in zip(traced.spans(SpanKind.CONSUMER), producers, strict=True):
@@ -156,13 +155,13 @@ def test_traced_sends_of_one_flush_still_go_out_in_one_statement(
 
 @pytest.mark.usefixtures("orders")
 def test_send_batch_shares_one_span_and_another_field_can_carry_it(
-    conn: Conn, engine: Engine, traced: Traced
+    engine: Engine, traced: Traced
 ) -> None:
     tracing.configure(context_field="extra1", tracer_provider=traced.provider)
     with Session(engine) as session, session.begin():
         orders_q.send_batch(session, [{"n": 1}, {"n": 2}, {"n": 3}], type="order.created")
 
-    seen = consume(engine, conn)
+    seen = consume(engine)
     producer = traced.one(SpanKind.PRODUCER)
     assert (producer.attributes or {})["messaging.batch.message_count"] == 3
     assert [(msg.extra1, msg.extra4) for msg, _ in seen] == [(traceparent(producer), None)] * 3
@@ -171,9 +170,7 @@ def test_send_batch_shares_one_span_and_another_field_can_carry_it(
 
 
 @pytest.mark.usefixtures("orders")
-def test_send_now_traces_its_insert_with_the_event_id(
-    conn: Conn, engine: Engine, traced: Traced
-) -> None:
+def test_send_now_traces_its_insert_with_the_event_id(engine: Engine, traced: Traced) -> None:
     current_at_insert: list[trace.Span] = []
 
     def on_execute(*args: Any) -> None:
@@ -193,7 +190,7 @@ def test_send_now_traces_its_insert_with_the_event_id(
         **PRODUCER_ATTRIBUTES, "messaging.operation.type": "send",
         "messaging.message.id": str(event_id)}
     assert [span.get_span_context() for span in current_at_insert] == [producer.context]
-    [(msg, _)] = consume(engine, conn)
+    [(msg, _)] = consume(engine)
     assert (msg.extra1, msg.extra4) == ("kept", traceparent(producer))
     assert_child_of(traced.one(SpanKind.CONSUMER), producer)
 
@@ -276,7 +273,7 @@ def test_an_async_handler_runs_inside_its_span(
 
 
 def test_a_subconsumer_is_named_on_its_spans(conn: Conn, engine: Engine, traced: Traced) -> None:
-    setup_queue(conn, "orders", "shipping")
+    make_queue(conn, "orders", "shipping")
     conn.execute("SELECT pgque.subscribe_subconsumer('orders', 'packing', 'w-1')")
     with Session(engine) as session, session.begin():
         orders_q.send(session, {}, type="order.created")
@@ -294,7 +291,7 @@ def test_a_subconsumer_is_named_on_its_spans(conn: Conn, engine: Engine, traced:
 
 @pytest.mark.usefixtures("orders")
 def test_a_senders_own_extra4_is_kept_and_said_once(
-    conn: Conn, engine: Engine, traced: Traced, caplog: pytest.LogCaptureFixture
+    engine: Engine, traced: Traced, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="sqlalchemy_pgque.tracing"), \
             Session(engine) as session, session.begin():
@@ -303,7 +300,7 @@ def test_a_senders_own_extra4_is_kept_and_said_once(
     [warning] = [r for r in caplog.records if r.name == "sqlalchemy_pgque.tracing"]
     assert "'orders'" in warning.getMessage() and "extra4" in warning.getMessage()
 
-    seen = consume(engine, conn)
+    seen = consume(engine)
     assert [msg.extra4 for msg, _ in seen] == ["mine", ""]
     assert len(traced.spans(SpanKind.PRODUCER)) == 2
     for process in traced.spans(SpanKind.CONSUMER):
@@ -312,7 +309,7 @@ def test_a_senders_own_extra4_is_kept_and_said_once(
 
 @pytest.mark.usefixtures("orders")
 def test_with_no_context_field_nothing_is_stored_and_sends_batch_as_without_tracing(
-    conn: Conn, engine: Engine, traced: Traced
+    engine: Engine, traced: Traced
 ) -> None:
     tracing.configure(context_field=None, tracer_provider=traced.provider)
     with captured_statements(engine) as statements, Session(engine) as session, \
@@ -322,7 +319,7 @@ def test_with_no_context_field_nothing_is_stored_and_sends_batch_as_without_trac
     [call] = pgque_calls(statements)
     assert "pgque.send_batch(" in call
 
-    seen = consume(engine, conn)
+    seen = consume(engine)
     assert [(m.extra1, m.extra2, m.extra3, m.extra4) for m, _ in seen] == [(None,) * 4] * 2
     assert len(traced.spans(SpanKind.PRODUCER)) == 2
     for process in traced.spans(SpanKind.CONSUMER):
@@ -336,7 +333,7 @@ def test_a_field_holding_something_else_starts_a_trace_of_its_own(
     # Another producer's own use of extra4, written without this library.
     conn.execute("SELECT pgque.insert_event('orders', 'order.created', '{}', "
                  "NULL, NULL, NULL, 'not a traceparent')")
-    [(msg, current)] = consume(engine, conn)
+    [(msg, current)] = consume(engine)
     process = traced.one(SpanKind.CONSUMER)
     assert msg.extra4 == "not a traceparent"
     assert process.parent is None and not process.links
@@ -344,28 +341,24 @@ def test_a_field_holding_something_else_starts_a_trace_of_its_own(
 
 
 @pytest.mark.usefixtures("orders")
-def test_turned_off_nothing_is_traced_or_stored(
-    conn: Conn, engine: Engine, traced: Traced
-) -> None:
+def test_turned_off_nothing_is_traced_or_stored(engine: Engine, traced: Traced) -> None:
     tracing.configure(enabled=False, tracer_provider=traced.provider)
     with Session(engine) as session, session.begin():
         orders_q.send(session, {}, type="order.created")
         orders_q.send_now(session, {}, type="order.created")
-    seen = consume(engine, conn)
+    seen = consume(engine)
     assert [(m.extra1, m.extra2, m.extra3, m.extra4) for m, _ in seen] == [(None,) * 4] * 2
     assert not any(current.get_span_context().is_valid for _, current in seen)
     assert traced.exporter.get_finished_spans() == ()
 
 
 @pytest.mark.usefixtures("orders")
-def test_without_a_tracer_provider_nothing_is_traced_or_stored(
-    conn: Conn, engine: Engine
-) -> None:
+def test_without_a_tracer_provider_nothing_is_traced_or_stored(engine: Engine) -> None:
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         pytest.skip("a global tracer provider is set in this process")
     with Session(engine) as session, session.begin():
         orders_q.send(session, {}, type="order.created")
-    [(msg, current)] = consume(engine, conn)
+    [(msg, current)] = consume(engine)
     assert msg.extra4 is None
     assert not current.get_span_context().is_valid
 
@@ -431,7 +424,7 @@ def _exported(path: Path, name: str) -> dict[str, Any] | None:
 def test_one_event_from_a_session_through_a_worker_to_its_handler_is_one_trace(
     conn: Conn, engine: Engine, traced: Traced, workers: Any, tmp_path: Path
 ) -> None:
-    setup_queue(conn, "orders", "shipping", ticker_max_lag="50 milliseconds")
+    make_queue(conn, "orders", "shipping", ticker_max_lag="50 milliseconds")
     spans_file = tmp_path / "spans.jsonl"
     worker = workers("tracing_app:consumer", extra_args=("--ticker",),
                      APP_SPANS_FILE=str(spans_file))

@@ -7,13 +7,12 @@ import re
 
 import psycopg
 import pytest
+from engine_helpers import Conn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqlalchemy_pgque import PayloadError
 from sqlalchemy_pgque.message import MAX_PAYLOAD_DEPTH, encode_payload
-
-Conn = psycopg.Connection[tuple[object, ...]]
 
 # A zero with this exponent: PostgreSQL 15 refuses it (numeric_in stops at INT_MAX / 2
 # inclusive), 18 takes it; we refuse it for every server.

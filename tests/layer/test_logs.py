@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import Database
-from consumer_support import Conn, send, setup_queue, tick, wait_until
+from engine_helpers import Conn, make_queue, send, tick, wait_until
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -44,7 +44,7 @@ def logged() -> Iterator[Callable[[], Lines]]:
 
 @pytest.fixture
 def traffic(conn: Conn) -> tuple[int, int, int]:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     ids = send(conn, "q", type="ok"), send(conn, "q", type="boom"), send(conn, "q", type="odd")
     tick(conn, "q")
     return ids

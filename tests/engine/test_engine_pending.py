@@ -21,12 +21,24 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, is_our_engine, make_queue, scalar
+from engine_helpers import (
+    BATCH_ID,
+    Conn,
+    drain,
+    ids,
+    is_our_engine,
+    make_queue,
+    receive,
+    receive_and_ack,
+    scalar,
+    send_many,
+    tick,
+    wait_until,
+)
 from sqlalchemy import Engine
 
 from sqlalchemy_pgque import schema
 
-BATCH_ID = 1
 MAX_COUNT = 500  # the default ticker_max_count: each forced tick skips 2 * 500 + 1001
 
 
@@ -35,22 +47,6 @@ def _our_engine_only(conn: Conn) -> Iterator[None]:
     if not is_our_engine(conn):
         pytest.skip("pending figures net of forced ticks are an extension of PgQue 0.2")
     yield
-
-
-def send(conn: Conn, queue: str, count: int) -> list[int]:
-    """``count`` events in one transaction (one commit); their ids."""
-    ids = scalar(conn, "select pgque.send_batch(%s, %s::text[])",
-                 queue, [str(i) for i in range(count)])
-    return [int(i) for i in ids]
-
-
-def forced_tick(conn: Conn, queue: str = "q") -> int:
-    """What the commit-woken ticker does: force_next_tick, then ticker(queue), each its
-    own transaction."""
-    conn.execute("select pgque.force_next_tick(%s)", (queue,))
-    tick_id = scalar(conn, "select pgque.ticker(%s)", queue)
-    assert isinstance(tick_id, int)
-    return tick_id
 
 
 def pending(conn: Conn, consumer: str, queue: str = "q") -> int:
@@ -89,30 +85,6 @@ def raw_distance(conn: Conn, consumer: str, queue: str = "q") -> int:
         " where q.queue_name = %s and c.co_name = %s", queue, consumer))
 
 
-def receive(conn: Conn, consumer: str, queue: str = "q",
-            max_return: int = 100000) -> list[tuple[Any, ...]]:
-    return conn.execute("select * from pgque.receive(%s, %s, %s)",
-                        (queue, consumer, max_return)).fetchall()
-
-
-def receive_and_ack(conn: Conn, consumer: str, queue: str = "q") -> list[tuple[Any, ...]]:
-    """One window of the consumer, acked; its rows (empty windows are skipped)."""
-    while True:
-        rows = receive(conn, consumer, queue)
-        if rows:
-            assert scalar(conn, "select pgque.ack(%s)", rows[0][BATCH_ID]) == 1
-            return rows
-        if scalar(conn, "select pgque.next_batch(%s, %s)", queue, consumer) is None:
-            return []
-
-
-def drain(conn: Conn, consumer: str, queue: str = "q") -> list[int]:
-    got: list[int] = []
-    while rows := receive_and_ack(conn, consumer, queue):
-        got.extend(int(r[0]) for r in rows)
-    return got
-
-
 # --- commit-woken ticking, one session ------------------------------------------------
 
 
@@ -123,12 +95,12 @@ def test_pending_events_count_events_not_forced_ticks(conn: Conn, forced_first: 
     pending_events is 300, though the sequence moved 100 forced jumps further."""
     make_queue(conn, "q", "c")
     if forced_first:
-        forced_tick(conn)  # the sequence's first value goes to the forced tick
+        tick(conn)  # the sequence's first value goes to the forced tick
     sent: list[int] = []
     late_joiner_from = 0
     for commit in range(100):
-        sent.extend(send(conn, "q", 3))
-        forced_tick(conn)
+        sent.extend(send_many(conn, "q", 3))
+        tick(conn)
         if commit == 59:
             assert scalar(conn, "select pgque.subscribe('q', 'late')") == 1
             late_joiner_from = len(sent)
@@ -137,52 +109,52 @@ def test_pending_events_count_events_not_forced_ticks(conn: Conn, forced_first: 
     assert raw_distance(conn, "c") > 100 * (2 * MAX_COUNT + 1000)  # what 0.2 reports
     assert ev_new(conn) == 0
 
-    first_window = receive_and_ack(conn, "c")
+    first_window = receive_and_ack(conn, "q", "c")
     assert [int(r[0]) for r in first_window] == sent[:3]
     assert pending(conn, "c") == 300 - 3
     # An open batch does not move the cursor: the figure drops at ack.
-    rows = receive(conn, "c", max_return=2)
+    rows = receive(conn, "q", "c", max_return=2)
     assert len(rows) == 2
     assert pending(conn, "c") == 297
     assert scalar(conn, "select pgque.ack(%s)", rows[0][BATCH_ID]) == 1
     assert pending(conn, "c") == 294
 
-    assert drain(conn, "c") == sent[6:]
+    assert ids(drain(conn, "q", "c")) == sent[6:]
     assert pending(conn, "c") == 0
     assert pending(conn, "late") == 300 - late_joiner_from
 
 
 def test_ev_new_counts_events_since_the_latest_tick(conn: Conn) -> None:
     make_queue(conn, "q", "c")
-    forced_tick(conn)
+    tick(conn)
     assert ev_new(conn) == 0
     # force_next_tick alone: the sequence jumped, no event was inserted.
     conn.execute("select pgque.force_next_tick('q')")
     assert ev_new(conn) == 0
     assert conn.execute("select queue_name from pgque.get_queue_info()"
                         " where ev_new > 0").fetchall() == []
-    send(conn, "q", 5)
+    send_many(conn, "q", 5)
     assert ev_new(conn) == 5
     conn.execute("select pgque.force_next_tick('q')")
     assert ev_new(conn) == 5
     # A different ticker_max_count changes the size of the next jump.
     conn.execute("select pgque.set_queue_config('q', 'ticker_max_count', '7')")
     conn.execute("select pgque.force_next_tick('q')")
-    send(conn, "q", 2)
+    send_many(conn, "q", 2)
     assert ev_new(conn) == 7
     assert scalar(conn, "select pgque.ticker('q')") is not None
     assert ev_new(conn) == 0
     assert pending(conn, "c") == 7
-    send(conn, "q", 4)
+    send_many(conn, "q", 4)
     assert ev_new(conn) == 4
 
 
 def test_ev_per_sec_counts_events_not_forced_ticks(conn: Conn) -> None:
     make_queue(conn, "q")
-    forced_tick(conn)
+    tick(conn)
     for _ in range(30):
-        send(conn, "q", 2)
-        forced_tick(conn)
+        send_many(conn, "q", 2)
+        tick(conn)
         time.sleep(0.002)
     # Over the latest tick and the oldest one with id >= latest - 20: 20 commits of 2.
     row = conn.execute(
@@ -207,7 +179,7 @@ def test_figures_without_forced_ticks_are_sequence_distances(conn: Conn) -> None
     conn.execute("select pgque.set_queue_config('q', 'ticker_max_lag', '1 hour')")
     ticks = 0
     for _ in range(23):
-        send(conn, "q", 1)
+        send_many(conn, "q", 1)
         if scalar(conn, "select pgque.ticker('q')") is not None:
             ticks += 1
     assert ticks >= 4
@@ -217,15 +189,15 @@ def test_figures_without_forced_ticks_are_sequence_distances(conn: Conn) -> None
     # first event does not move last_value (spec §6.5), so it goes uncounted.
     assert pending(conn, "c") == raw_distance(conn, "c") == latest_seq - 1
     assert ev_new(conn) == 23 - latest_seq
-    assert len(drain(conn, "c")) == latest_seq
+    assert len(drain(conn, "q", "c")) == latest_seq
     assert pending(conn, "c") == 0
 
 
 def test_external_ticks_keep_sequence_distances(conn: Conn) -> None:
     make_queue(conn, "x", "c")
-    forced_tick(conn, "x")
-    send(conn, "x", 3)
-    forced_tick(conn, "x")
+    tick(conn, "x")
+    send_many(conn, "x", 3)
+    tick(conn, "x")
     conn.execute("select pgque.set_queue_config('x', 'external_ticker', 'true')")
     latest = int(scalar(conn, "select max(tick_id) from pgque.tick"
                               " join pgque.queue on queue_id = tick_queue"
@@ -245,23 +217,21 @@ def test_a_tick_waits_for_the_transaction_that_forced_it(conn: Conn, db: Databas
     """force_next_tick holds the queue-row lock that ticks take first, so a tick never
     sees the jumped sequence without the skipped count that goes with it."""
     make_queue(conn, "q", "c")
-    forced_tick(conn)
-    send(conn, "q", 4)
+    tick(conn)
+    send_many(conn, "q", 4)
     result: dict[str, Any] = {}
     with psycopg.connect(db.dsn) as forcing, psycopg.connect(db.dsn, autocommit=True) as ticking:
         forcing.execute("select pgque.force_next_tick('q')")
         ticking_pid = ticking.info.backend_pid
 
-        def tick() -> None:
+        def concurrent_tick() -> None:
             result["tick"] = scalar(ticking, "select pgque.ticker('q')")
 
-        waiter = threading.Thread(target=tick)
+        waiter = threading.Thread(target=concurrent_tick)
         waiter.start()
-        deadline = time.monotonic() + 15
-        while not scalar(conn, "select wait_event_type = 'Lock' from pg_stat_activity"
-                               " where pid = %s", ticking_pid):
-            assert time.monotonic() < deadline, "the tick did not wait for the lock"
-            time.sleep(0.01)
+        wait_until(lambda: scalar(conn, "select wait_event_type = 'Lock' from pg_stat_activity"
+                                        " where pid = %s", ticking_pid),
+                   timeout=15, what="the tick to wait for the lock")
         forcing.commit()
         waiter.join(timeout=30)
         assert not waiter.is_alive()
@@ -281,14 +251,14 @@ def test_install_upgrades_an_older_engine_in_place(conn: Conn, engine: Engine) -
     make_queue(conn, "q", "c", "d")
     old_ids: list[int] = []
     for _ in range(3):
-        old_ids.extend(send(conn, "q", 2))
-        forced_tick(conn)
-    open_batch = receive(conn, "d")
+        old_ids.extend(send_many(conn, "q", 2))
+        tick(conn)
+    open_batch = receive(conn, "q", "d")
     assert len(open_batch) == 2
     conn.execute("alter table pgque.tick drop column tick_seq_skipped")
     conn.execute("alter table pgque.queue drop column queue_seq_skipped")
     # Queued at upgrade time: sent on the older engine, not ticked yet.
-    queued = send(conn, "q", 3)
+    queued = send_many(conn, "q", 3)
     # What the older engine reports for c: its forced jumps counted as events.
     inflated = raw_distance(conn, "c")
     assert inflated > 3 * (2 * MAX_COUNT + 1000)
@@ -305,14 +275,14 @@ def test_install_upgrades_an_older_engine_in_place(conn: Conn, engine: Engine) -
     assert ev_new(conn) == 3
     # ...and forced ticks from now on add only their events.
     for _ in range(4):
-        forced_tick(conn)
-        queued.extend(send(conn, "q", 1))
-    forced_tick(conn)
+        tick(conn)
+        queued.extend(send_many(conn, "q", 1))
+    tick(conn)
     assert pending(conn, "c") == inflated + len(queued)
     assert scalar(conn, "select pgque.subscribe('q', 'e')") == 1
     for _ in range(5):
-        send(conn, "q", 2)
-        forced_tick(conn)
+        send_many(conn, "q", 2)
+        tick(conn)
     assert pending(conn, "e") == 10
     assert ev_new(conn) == 0
 
@@ -324,12 +294,12 @@ def test_install_upgrades_an_older_engine_in_place(conn: Conn, engine: Engine) -
         "select * from pgque.tick order by tick_queue, tick_id").fetchall() == ticks_before
 
     # Nothing queued was lost, the open batch included.
-    assert receive(conn, "d") == open_batch
+    assert receive(conn, "q", "d") == open_batch
     assert scalar(conn, "select pgque.ack(%s)", open_batch[0][BATCH_ID]) == 1
-    later = drain(conn, "e")
+    later = ids(drain(conn, "q", "e"))
     assert len(later) == 10
-    assert drain(conn, "c") == old_ids + queued + later
-    assert drain(conn, "d") == old_ids[2:] + queued + later
+    assert ids(drain(conn, "q", "c")) == old_ids + queued + later
+    assert ids(drain(conn, "q", "d")) == old_ids[2:] + queued + later
     assert pending(conn, "c") == pending(conn, "d") == pending(conn, "e") == 0
 
 
@@ -355,12 +325,12 @@ def test_pending_events_stay_true_under_concurrent_sends_and_forced_ticks(
             with psycopg.connect(db.dsn, autocommit=True) as c:
                 for i in range(commits):
                     if i % 3 == 0:
-                        ids = send(c, "q", 3)
+                        new_ids = send_many(c, "q", 3)
                     else:
-                        ids = [int(scalar(c, "select pgque.send('q', %s::text)",
-                                          f"{worker}-{i}"))]
+                        new_ids = [int(scalar(c, "select pgque.send('q', %s::text)",
+                                              f"{worker}-{i}"))]
                     with sent_lock:
-                        sent.extend(ids)
+                        sent.extend(new_ids)
         except BaseException as exc:
             errors.append(exc)
 
@@ -368,7 +338,7 @@ def test_pending_events_stay_true_under_concurrent_sends_and_forced_ticks(
         try:
             with psycopg.connect(db.dsn, autocommit=True) as c:
                 while not producing_done.is_set():
-                    forced_tick(c)
+                    tick(c)
                     forced[0] += 1
         except BaseException as exc:
             errors.append(exc)
@@ -386,7 +356,7 @@ def test_pending_events_stay_true_under_concurrent_sends_and_forced_ticks(
         producing_done.set()
         ticker.join(timeout=30)
     assert errors == []
-    forced_tick(conn)
+    tick(conn)
     assert forced[0] >= 10, "the ticker loop hardly ran"
 
     true_count = len(sent)
@@ -395,6 +365,6 @@ def test_pending_events_stay_true_under_concurrent_sends_and_forced_ticks(
     assert abs(figure - true_count) <= true_count / 100, (figure, true_count)
     assert raw_distance(conn, "c") > forced[0] * (2 * MAX_COUNT + 1000)
     assert abs(ev_new(conn)) <= true_count / 100
-    received = drain(conn, "c")
+    received = ids(drain(conn, "q", "c"))
     assert sorted(received) == sorted(sent)
     assert pending(conn, "c") == 0

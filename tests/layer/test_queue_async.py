@@ -7,10 +7,9 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from conftest import Database
+from engine_helpers import Conn, make_queue
 from queue_helpers import (
     captured_statements,
-    create_queue,
-    deliver,
     pgque_calls,
     wait_wakes,
     wake_listener,
@@ -25,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_pgque import PayloadError, Queue
+from sqlalchemy_pgque.testing import sent
 
 Scenario = Callable[[async_sessionmaker[AsyncSession]], Awaitable[None]]
 
@@ -44,11 +44,11 @@ credits_q = Queue("credits")
 
 
 @pytest.fixture
-def run(engine: Engine, db: Database) -> Iterator[Callable[[Scenario], None]]:
+def run(engine: Engine, db: Database, conn: Conn) -> Iterator[Callable[[Scenario], None]]:
     """Run an async scenario against a fresh async engine on the test database."""
     Base.metadata.create_all(engine)
-    create_queue(engine, invoices_q, "worker")
-    create_queue(engine, credits_q, "worker")
+    make_queue(conn, invoices_q.name)
+    make_queue(conn, credits_q.name)
     async_engine: AsyncEngine = create_async_engine(db.url)
 
     def runner(scenario: Scenario) -> None:
@@ -81,7 +81,7 @@ def test_commit_delivers_with_the_new_primary_key(
         assert handle.event_id is not None
 
     run(scenario)
-    messages = deliver(engine, invoices_q, "worker")
+    messages = sent(engine, invoices_q)
     assert [(m.type, m.payload) for m in messages] == [("issued", {"invoice_id": invoice.id})]
 
 
@@ -98,7 +98,7 @@ def test_rollback_discards(engine: Engine, run: Callable[[Scenario], None]) -> N
             await session.commit()
 
     run(scenario)
-    assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [{"n": 2}]
+    assert [m.payload for m in sent(engine, invoices_q)] == [{"n": 2}]
     assert invoice_count(engine) == 0
 
 
@@ -112,7 +112,7 @@ def test_exception_inside_begin_discards(engine: Engine, run: Callable[[Scenario
                 raise RuntimeError("boom")
 
     run(scenario)
-    assert deliver(engine, invoices_q, "worker") == []
+    assert sent(engine, invoices_q) == []
     assert invoice_count(engine) == 0
 
 
@@ -133,7 +133,7 @@ def test_sends_of_one_flush_are_one_statement(
     calls = pgque_calls(statements)
     assert len(calls) == 1
     assert "pgque.send_batch" in calls[0]
-    assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [
+    assert [m.payload for m in sent(engine, invoices_q)] == [
         {"i": i} for i in range(25)
     ]
 
@@ -148,7 +148,7 @@ def test_send_without_orm_changes_is_emitted_on_commit(
             assert handle.event_id is not None
 
     run(scenario)
-    assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [[1, 2]]
+    assert [m.payload for m in sent(engine, invoices_q)] == [[1, 2]]
 
 
 def test_savepoint_rollback(engine: Engine, run: Callable[[Scenario], None]) -> None:
@@ -164,7 +164,7 @@ def test_savepoint_rollback(engine: Engine, run: Callable[[Scenario], None]) -> 
             assert outer.event_id is None
 
     run(scenario)
-    assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [{"where": "outer"}]
+    assert [m.payload for m in sent(engine, invoices_q)] == [{"where": "outer"}]
     assert invoice_count(engine) == 0
 
 
@@ -178,7 +178,7 @@ def test_payload_error_raises_in_send(engine: Engine, run: Callable[[Scenario], 
 
     run(scenario)
     assert invoice_count(engine) == 1
-    assert [m.payload for m in deliver(engine, invoices_q, "worker")] == [{"good": 1}]
+    assert [m.payload for m in sent(engine, invoices_q)] == [{"good": 1}]
 
 
 def deep_note() -> str:
@@ -206,7 +206,7 @@ def test_payload_callable_error_reaches_the_caller_and_undoes_the_transaction(
 
     run(scenario)
     assert invoice_count(engine) == 0
-    assert deliver(engine, invoices_q, "worker") == []
+    assert sent(engine, invoices_q) == []
 
 
 def test_wake_notification_on_commit_only(

@@ -13,18 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    move_retries,
-    open_batch,
-    send,
-    send_batches,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, Running, handled_counts, open_batch, start
+from engine_helpers import Conn, make_queue, move_retries, send, send_batches, tick, wait_until
 from sqlalchemy import Engine, Integer, String, create_engine, event, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -47,7 +37,7 @@ class Shipment(Base):
 
 @pytest.fixture
 def queue(conn: Conn, engine: Engine) -> Queue:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     Base.metadata.create_all(engine)
     return Queue("q")
@@ -85,9 +75,9 @@ def test_handlers_take_msg_or_msg_and_session(conn: Conn, engine: Engine, queue:
     def tagged(msg: Message, tag: str = "bound") -> None:  # a default is not the session
         seen.append((msg.msg_id, tag))
 
-    noted = send(conn, "q", '{"a": 1}', "note")
-    written = [send(conn, "q", "{}", "write") for _ in range(3)]
-    tagged_id = send(conn, "q", "{}", "tagged")
+    noted = send(conn, "q", '{"a": 1}', type="note")
+    written = [send(conn, "q", "{}", type="write") for _ in range(3)]
+    tagged_id = send(conn, "q", "{}", type="tagged")
     tick(conn, "q")
 
     assert consumer.process_batch() == 5
@@ -106,9 +96,9 @@ def test_engine_is_accepted_and_catch_all_gets_other_types(
     consumer.on("a")(lambda msg: specific.append(msg.msg_id))
     consumer.on("*")(lambda msg: caught.append(msg.type))
 
-    a = send(conn, "q", "{}", "a")
-    send(conn, "q", "{}", "b")
-    send(conn, "q", "{}", "c")
+    a = send(conn, "q", "{}", type="a")
+    send(conn, "q", "{}", type="b")
+    send(conn, "q", "{}", type="c")
     tick(conn, "q")
 
     assert consumer.process_batch() == 3
@@ -121,8 +111,8 @@ def test_engine_is_accepted_and_catch_all_gets_other_types(
 def test_unknown_type_policy(conn: Conn, engine: Engine, queue: Queue, policy: str) -> None:
     consumer = Consumer(engine, queue="q", name="c", unknown_handler_policy=policy)  # type: ignore[arg-type]
     consumer.on("known")(lambda msg: None)
-    send(conn, "q", "{}", "known")
-    unknown = send(conn, "q", "{}", "unknown")
+    send(conn, "q", "{}", type="known")
+    unknown = send(conn, "q", "{}", type="unknown")
     tick(conn, "q")
 
     assert consumer.process_batch() == 2
@@ -147,8 +137,8 @@ def test_raising_handler_rolls_back_its_writes_retries_then_dead_letters(
         if msg.payload["fail"]:
             raise ValueError(f"cannot ship {msg.msg_id}")
 
-    good = send(conn, "q", '{"fail": false}', "job")
-    bad = send(conn, "q", '{"fail": true}', "job")
+    good = send(conn, "q", '{"fail": false}', type="job")
+    bad = send(conn, "q", '{"fail": true}', type="job")
     tick(conn, "q")
 
     assert consumer.process_batch() == 2
@@ -185,7 +175,8 @@ def test_failed_nack_rolls_back_the_whole_batch(conn: Conn, engine: Engine, queu
         if msg.payload["fail"]:
             raise ValueError("boom")
 
-    ids = [send(conn, "q", '{"fail": false}', "job"), send(conn, "q", '{"fail": true}', "job")]
+    ids = [send(conn, "q", '{"fail": false}', type="job"),
+           send(conn, "q", '{"fail": true}', type="job")]
     tick(conn, "q")
 
     with pytest.raises(MessageNotInBatch):
@@ -248,8 +239,8 @@ def test_as_subconsumer_shares_handlers_and_settings_not_run_state(
 
 
 @pytest.fixture
-def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
-    started: list[tuple[Consumer, threading.Thread]] = []
+def running() -> Iterator[Running]:
+    started: Running = []
     yield started
     for consumer, thread in started:
         consumer.stop()
@@ -257,16 +248,8 @@ def running() -> Iterator[list[tuple[Consumer, threading.Thread]]]:
         assert not thread.is_alive()
 
 
-def start(running: list[tuple[Consumer, threading.Thread]], consumer: Consumer) -> threading.Thread:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    running.append((consumer, thread))
-    assert consumer.listening.wait(10)
-    return thread
-
-
 def test_tick_notification_wakes_the_consumer_long_before_its_poll_interval(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
     consumer.on("*")(record)
@@ -278,7 +261,7 @@ def test_tick_notification_wakes_the_consumer_long_before_its_poll_interval(
 
 
 def test_backlog_of_batches_drains_without_waiting(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     ids = []
     tick(conn, "q")  # an empty window first: the next ones must still be found
@@ -293,7 +276,7 @@ def test_backlog_of_batches_drains_without_waiting(
 
 
 def test_stop_from_another_thread_returns_promptly(
-    engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
     consumer.on("*")(lambda msg: None)
@@ -307,7 +290,7 @@ def test_stop_from_another_thread_returns_promptly(
 
 
 def test_stop_waits_for_the_batch_in_progress(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=60)
     entered, release = threading.Event(), threading.Event()
@@ -331,7 +314,7 @@ def test_stop_waits_for_the_batch_in_progress(
 
 
 def test_run_reconnects_after_its_connections_are_terminated(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     consumer = Consumer(engine, queue="q", name="c", poll_interval=30)
     consumer.on("*")(record)
@@ -469,7 +452,7 @@ def test_sigterm_stops_run_in_the_main_thread_and_restores_the_handler(
 
 
 def test_cooperative_members_handle_each_event_once(
-    conn: Conn, engine: Engine, queue: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, queue: Queue, running: Running
 ) -> None:
     with Session(engine) as session, session.begin():
         queue.unsubscribe(session, "c")
@@ -530,7 +513,7 @@ def member_idle_for(conn: Conn, member: str, seconds: float) -> bool:
 
 
 def test_cooperative_members_hold_batches_at_the_same_time(
-    conn: Conn, engine: Engine, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, engine: Engine, group: Queue, running: Running
 ) -> None:
     # Each member's first handler call waits for the other's: it returns only if both
     # members hold a batch at once, which the allocation's lock on the group's row
@@ -601,7 +584,7 @@ def test_cooperative_member_keeps_its_batch_while_handlers_run(
 
 
 def test_members_wait_out_an_exhausted_pool(
-    conn: Conn, db: Database, group: Queue, running: list[tuple[Consumer, threading.Thread]]
+    conn: Conn, db: Database, group: Queue, running: Running
 ) -> None:
     # One connection for two members: each waits for the other's batch, and a wait
     # past the pool's timeout is retried like a database error, not fatal.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -18,6 +17,7 @@ import pgque
 import psycopg
 import pytest
 from conftest import Database
+from engine_helpers import Conn, wait_until
 from pgque import (
     Consumer,
     Event,
@@ -28,8 +28,6 @@ from pgque import (
     PgqueError,
     PgqueQueueNotFound,
 )
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 QUEUE = "compat_q"
 CONSUMER = "compat_c"
@@ -52,7 +50,7 @@ def queue(conn: Conn) -> str:
     return QUEUE
 
 
-def tick(client: PgqueClient, queue: str) -> int:
+def client_tick(client: PgqueClient, queue: str) -> int:
     """Close the current batch window the way a pgque-py user does: force, then tick."""
     client.force_next_tick(queue)
     tick_id = client.ticker(queue)
@@ -77,7 +75,7 @@ def test_send_dict_str_none_list_and_event_payloads(client: PgqueClient, queue: 
     assert all(isinstance(i, int) for i in ids)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
-    tick(client, queue)
+    client_tick(client, queue)
     messages = client.receive(queue, CONSUMER, 100)
 
     assert [m.msg_id for m in messages] == ids
@@ -102,10 +100,10 @@ def test_send_in_an_open_transaction_is_delivered_only_after_commit(db: Database
         other.conn.execute("select pgque.create_queue(%s)", (QUEUE,))
         other.subscribe(QUEUE, CONSUMER)
         event_id = producer.send(QUEUE, {"x": 1})
-        tick(other, QUEUE)
+        client_tick(other, QUEUE)
         assert other.receive(QUEUE, CONSUMER) == []
         producer.conn.commit()
-        tick(other, QUEUE)
+        client_tick(other, QUEUE)
         assert [m.msg_id for m in other.receive(QUEUE, CONSUMER)] == [event_id]
 
 
@@ -119,7 +117,7 @@ def test_send_batch_returns_ids_in_input_order(client: PgqueClient, queue: str) 
 
     assert len(ids) == len(payloads)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    tick(client, queue)
+    client_tick(client, queue)
     by_id = {m.msg_id: m for m in client.receive(queue, CONSUMER, 1000)}
     assert set(by_id) == set(ids)
     for event_id, payload in zip(ids, payloads, strict=True):
@@ -138,11 +136,11 @@ def test_subscribe_and_unsubscribe_report_whether_anything_changed(
     client: PgqueClient, queue: str
 ) -> None:
     before = client.send(queue, {"before": True})
-    tick(client, queue)  # a subscription starts at the latest tick: `before` is behind it
+    client_tick(client, queue)  # a subscription starts at the latest tick: `before` is behind it
     assert client.subscribe(queue, CONSUMER) == 1
     assert client.subscribe(queue, CONSUMER) == 0
     after = client.send(queue, {"after": True})
-    tick(client, queue)
+    client_tick(client, queue)
     received = [m.msg_id for m in client.receive(queue, CONSUMER)]
     assert received == [after], f"a new subscriber must not see event {before} sent earlier"
 
@@ -155,12 +153,12 @@ def test_subscribe_and_unsubscribe_report_whether_anything_changed(
 def test_receive_and_ack_advance_the_cursor(client: PgqueClient, queue: str) -> None:
     client.subscribe(queue, CONSUMER)
     first = client.send(queue, {"n": 1})
-    tick(client, queue)
+    client_tick(client, queue)
     batch = client.receive(queue, CONSUMER)
     assert [m.msg_id for m in batch] == [first]
 
     second = client.send(queue, {"n": 2})
-    tick(client, queue)
+    client_tick(client, queue)
     assert client.ack(batch[0].batch_id) == 1
     assert client.ack(batch[0].batch_id) == 0, "a finished batch acks as 0, never raises"
     next_batch = client.receive(queue, CONSUMER)
@@ -173,7 +171,7 @@ def test_receive_and_ack_advance_the_cursor(client: PgqueClient, queue: str) -> 
 def test_unacked_batch_is_redelivered_whole(client: PgqueClient, queue: str) -> None:
     client.subscribe(queue, CONSUMER)
     ids = client.send_batch(queue, "t", [{"i": i} for i in range(5)])
-    tick(client, queue)
+    client_tick(client, queue)
     first = client.receive(queue, CONSUMER, 2)
     assert [m.msg_id for m in first] == ids[:2]
     again = client.receive(queue, CONSUMER, 100)
@@ -198,7 +196,7 @@ def test_nack_parks_the_message_for_retry_with_the_clients_interval(
     client.subscribe(queue, CONSUMER)
     later_id, soon_id, other_id = client.send_batch(
         queue, "job", [{"name": "later"}, {"name": "soon"}, {"name": "ok"}])
-    tick(client, queue)
+    client_tick(client, queue)
     batch = client.receive(queue, CONSUMER)
     by_id = {m.msg_id: m for m in batch}
     batch_id = batch[0].batch_id
@@ -216,13 +214,11 @@ def test_nack_parks_the_message_for_retry_with_the_clients_interval(
     assert 110 < float(parked[0][4]) <= 120
     assert float(parked[1][4]) <= 1
 
-    moved = 0
-    deadline = time.monotonic() + 10
-    while moved == 0 and time.monotonic() < deadline:
-        moved = client.conn.execute("select pgque.maint_retry_events()").fetchone()[0]
-        time.sleep(0.05)
-    assert moved == 1, "the 0.25 s retry is due within a second"
-    tick(client, queue)
+    moved = wait_until(
+        lambda: client.conn.execute("select pgque.maint_retry_events()").fetchone()[0],
+        timeout=10, what="the 0.25 s retry to fall due")
+    assert moved == 1
+    client_tick(client, queue)
     redelivered = client.receive(queue, CONSUMER)
     assert [(m.msg_id, m.retry_count) for m in redelivered] == [(soon_id, 1)]
     assert json.loads(redelivered[0].payload) == {"name": "soon"}
@@ -238,7 +234,7 @@ def test_nack_past_max_retries_dead_letters_with_the_reason(
                         (queue,))
     client.subscribe(queue, CONSUMER)
     event_id = client.send(queue, {"poison": True}, type="bad")
-    tick(client, queue)
+    client_tick(client, queue)
     (message,) = client.receive(queue, CONSUMER)
     client.nack(message.batch_id, message, retry_after=1.5, reason="cannot parse")
     assert client.ack(message.batch_id) == 1
@@ -252,7 +248,7 @@ def test_nack_past_max_retries_dead_letters_with_the_reason(
 def test_nack_ignores_every_field_but_msg_id(client: PgqueClient, queue: str) -> None:
     client.subscribe(queue, CONSUMER)
     event_id = client.send(queue, {"real": 1}, type="real.type")
-    tick(client, queue)
+    client_tick(client, queue)
     (message,) = client.receive(queue, CONSUMER)
     forged = Message(msg_id=message.msg_id, batch_id=-1, type="forged", payload={"fake": 2},
                      retry_count=99, created_at=datetime(2000, 1, 1).astimezone(),
@@ -279,7 +275,7 @@ def test_error_mapping_of_the_client(client: PgqueClient, queue: str) -> None:
 
     client.subscribe(queue, CONSUMER)
     client.send(queue, {"a": 1})
-    tick(client, queue)
+    client_tick(client, queue)
     (message,) = client.receive(queue, CONSUMER)
     stranger = Message(message.msg_id + 1000, message.batch_id, "t", "{}", None,
                        message.created_at)
@@ -311,14 +307,6 @@ def test_ticker_all_counts_the_queues_that_ticked(client: PgqueClient, conn: Con
     assert client.ticker_all() == 0
     client.force_next_tick("all_b")
     assert client.ticker_all() == 1
-
-
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_consumer_processes_every_event_once_end_to_end(db: Database, conn: Conn) -> None:
@@ -387,7 +375,7 @@ def test_consumer_processes_every_event_once_end_to_end(db: Database, conn: Conn
 
     ticker = threading.Thread(target=run_ticker, name="pgque-ticker", daemon=True)
     try:
-        _wait_until(consumer_is_waiting, 20, "the consumer to LISTEN and poll once")
+        wait_until(consumer_is_waiting, timeout=20, what="the consumer to LISTEN and poll once")
         assert not failures
         created: list[int] = []
         others: list[int] = []
@@ -407,7 +395,7 @@ def test_consumer_processes_every_event_once_end_to_end(db: Database, conn: Conn
                 return (len(handled["order.created"]) >= len(created)
                         and len(handled["*"]) >= len(others))
 
-        _wait_until(all_handled, 30, "the consumer to handle every event")
+        wait_until(all_handled, timeout=30, what="the consumer to handle every event")
         assert not failures
     finally:
         consumer.stop()

@@ -14,12 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from conftest import Database
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from engine_helpers import Conn
 
 QUEUE = "concurrency_q"
 CONSUMERS = ("consumer_a", "consumer_b")
@@ -73,7 +71,7 @@ def test_every_consumer_receives_every_event_exactly_once(db: Database, conn: Co
                         assert row is not None and row[0] is not None
                         ids[int(row[0])] = payload_id
 
-    def tick() -> None:
+    def ticker_loop() -> None:
         with psycopg.connect(db.dsn, autocommit=True) as tconn:
             start.wait(timeout=30)
             while not (ticker_stop.is_set() or abort.is_set()) and time.monotonic() < deadline:
@@ -119,7 +117,7 @@ def test_every_consumer_receives_every_event_exactly_once(db: Database, conn: Co
                                 name=f"producer-{p}") for p in range(PRODUCERS)]
     threads += [threading.Thread(target=guarded(lambda r=r: consume(r)),
                                  name=f"consumer-{r.name}") for r in received]
-    ticker = threading.Thread(target=guarded(tick), name="ticker")
+    ticker = threading.Thread(target=guarded(ticker_loop), name="ticker")
     for thread in (*threads, ticker):
         thread.daemon = True
         thread.start()

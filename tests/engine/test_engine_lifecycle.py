@@ -14,12 +14,21 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, ConnectAs, is_our_engine, make_queue, scalar, tick
+from engine_helpers import (
+    BATCH_ID,
+    MSG_ID,
+    Conn,
+    ConnectAs,
+    is_our_engine,
+    make_queue,
+    receive,
+    scalar,
+    send,
+    tick,
+)
 from sqlalchemy import create_engine
 
 from sqlalchemy_pgque import schema
-
-MSG_ID, BATCH_ID, TYPE, PAYLOAD = range(4)
 
 STATUS_COMPONENTS = ["postgresql", "pgque", "scheduler", "ticker", "maintenance", "pg_cron",
                      "pg_timetable", "queues", "consumers"]
@@ -29,14 +38,6 @@ def records(conn: Conn, query: str, *params: object) -> list[dict[str, Any]]:
     cur = conn.execute(query, params)
     names = [d.name for d in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
-def send(conn: Conn, queue: str, payload: str) -> int:
-    return int(scalar(conn, "select pgque.send(%s, %s::jsonb)", queue, payload))
-
-
-def receive(conn: Conn, queue: str, consumer: str) -> list[tuple[Any, ...]]:
-    return conn.execute("select * from pgque.receive(%s, %s, 1000)", (queue, consumer)).fetchall()
 
 
 def last_tick(conn: Conn, queue: str) -> int | None:
@@ -207,7 +208,7 @@ def test_get_consumer_info_follows_cursor_and_batch(conn: Conn) -> None:
     assert (info["last_tick"], info["current_batch"], info["next_tick"]) == (
         first_tick, None, None)
     if is_our_engine(conn):
-        # The forced tick's jump is not counted (see tests/test_engine_pending.py).
+        # The forced tick's jump is not counted (see tests/engine/test_engine_pending.py).
         assert info["pending_events"] == 3
     else:
         assert info["pending_events"] == seq_second - seq_first

@@ -16,12 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
 from conftest import Database
+from engine_helpers import Conn, make_queue, scalar, tick
 from psycopg import errors, sql
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 QUEUE = "roles_q"
 
@@ -115,37 +113,22 @@ def acting_as(conn: Conn, role: str) -> Iterator[Conn]:
         conn.execute("RESET ROLE")
 
 
-def scalar(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
 def denied(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> None:
     with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
         conn.execute(query, params)
 
 
-def setup_queue(conn: Conn) -> None:
-    conn.execute("select pgque.create_queue(%s)", (QUEUE,))
-
-
-def tick(conn: Conn) -> None:
-    conn.execute("select pgque.force_next_tick(%s)", (QUEUE,))
-    assert scalar(conn, "select pgque.ticker(%s)", (QUEUE,)) is not None
-
-
 def test_writer_can_send_but_not_consume(conn: Conn, roles: Roles) -> None:
-    setup_queue(conn)
+    make_queue(conn, QUEUE)
     conn.execute("select pgque.subscribe(%s, 'c')", (QUEUE,))
     with acting_as(conn, roles.writer):
         ids = [
-            scalar(conn, "select pgque.send(%s, %s::jsonb)", (QUEUE, '{"a": 1}')),
-            scalar(conn, "select pgque.send(%s, %s::text)", (QUEUE, '{"a": 2}')),
-            scalar(conn, "select pgque.send(%s, 'typed', %s::jsonb)", (QUEUE, '{"a": 3}')),
+            scalar(conn, "select pgque.send(%s, %s::jsonb)", QUEUE, '{"a": 1}'),
+            scalar(conn, "select pgque.send(%s, %s::text)", QUEUE, '{"a": 2}'),
+            scalar(conn, "select pgque.send(%s, 'typed', %s::jsonb)", QUEUE, '{"a": 3}'),
             *scalar(conn, "select pgque.send_batch(%s, 'bulk', %s::jsonb[])",
-                    (QUEUE, ['{"a": 4}', '{"a": 5}'])),
-            scalar(conn, "select pgque.insert_event(%s, 'raw', '{}')", (QUEUE,)),
+                    QUEUE, ['{"a": 4}', '{"a": 5}']),
+            scalar(conn, "select pgque.insert_event(%s, 'raw', '{}')", QUEUE),
         ]
         assert all(isinstance(i, int) for i in ids)
         denied(conn, "select * from pgque.receive(%s, 'c', 10)", (QUEUE,))
@@ -157,18 +140,18 @@ def test_writer_can_send_but_not_consume(conn: Conn, roles: Roles) -> None:
         denied(conn, "select pgque.create_queue('writer_q')")
         denied(conn, "select * from pgque.get_consumer_info()")
         denied(conn, "select pgque.insert_event_bulk(%s, 't', array['{}'])", (QUEUE,))
-    tick(conn)
+    tick(conn, QUEUE)
     received = [r[0] for r in conn.execute("select * from pgque.receive(%s, 'c', 100)",
                                            (QUEUE,))]
     assert received == ids, "what the writer sent is there for the consumer"
 
 
 def test_reader_can_consume_and_observe_but_not_send(conn: Conn, roles: Roles) -> None:
-    setup_queue(conn)
+    make_queue(conn, QUEUE)
     with acting_as(conn, roles.reader):
-        assert scalar(conn, "select pgque.subscribe(%s, 'r')", (QUEUE,)) == 1
-        assert scalar(conn, "select pgque.subscribe(%s, 'gone')", (QUEUE,)) == 1
-        assert scalar(conn, "select pgque.unsubscribe(%s, 'gone')", (QUEUE,)) == 1
+        assert scalar(conn, "select pgque.subscribe(%s, 'r')", QUEUE) == 1
+        assert scalar(conn, "select pgque.subscribe(%s, 'gone')", QUEUE) == 1
+        assert scalar(conn, "select pgque.unsubscribe(%s, 'gone')", QUEUE) == 1
         denied(conn, "select pgque.send(%s, %s::jsonb)", (QUEUE, '{}'))
         denied(conn, "select pgque.send(%s, 't', %s::jsonb)", (QUEUE, '{}'))
         denied(conn, "select pgque.send_batch(%s, 't', %s::jsonb[])", (QUEUE, ['{}']))
@@ -176,9 +159,9 @@ def test_reader_can_consume_and_observe_but_not_send(conn: Conn, roles: Roles) -
         denied(conn, "select pgque.ticker()")
         denied(conn, "select pgque.force_next_tick(%s)", (QUEUE,))
         denied(conn, "select pgque.create_queue('reader_q')")
-    ids = [scalar(conn, "select pgque.send(%s, %s::jsonb)", (QUEUE, json.dumps({"n": n})))
+    ids = [scalar(conn, "select pgque.send(%s, %s::jsonb)", QUEUE, json.dumps({"n": n}))
            for n in range(3)]
-    tick(conn)
+    tick(conn, QUEUE)
 
     with acting_as(conn, roles.reader):
         rows = conn.execute("select * from pgque.receive(%s, 'r', 100)", (QUEUE,)).fetchall()
@@ -202,16 +185,16 @@ def test_reader_can_consume_and_observe_but_not_send(conn: Conn, roles: Roles) -
                             (QUEUE,)).fetchall() == [(QUEUE,)]
         assert str(scalar(conn, "select pgque.version()")).startswith("0.2")
 
-        assert scalar(conn, NACK, (batch_id, ids[0], batch_id, "0 seconds", "r")) == 1
-        assert scalar(conn, "select pgque.ack(%s)", (batch_id,)) == 1
-        assert scalar(conn, "select pgque.ack(%s)", (batch_id,)) == 0
+        assert scalar(conn, NACK, batch_id, ids[0], batch_id, "0 seconds", "r") == 1
+        assert scalar(conn, "select pgque.ack(%s)", batch_id) == 1
+        assert scalar(conn, "select pgque.ack(%s)", batch_id) == 0
         # The invoker-rights R functions and the cooperative entry points work too.
-        assert scalar(conn, "select pgque.next_batch(%s, 'r')", (QUEUE,)) is None
+        assert scalar(conn, "select pgque.next_batch(%s, 'r')", QUEUE) is None
         assert conn.execute("select batch_id from pgque.next_batch_info(%s, 'r')",
                             (QUEUE,)).fetchall() == [(None,)]
         assert conn.execute("select * from pgque.receive_coop(%s, 'grp', 'w1', 10, null)",
                             (QUEUE,)).fetchall() == []
-        assert scalar(conn, "select pgque.touch_subconsumer(%s, 'grp', 'w1')", (QUEUE,)) == 1
+        assert scalar(conn, "select pgque.touch_subconsumer(%s, 'grp', 'w1')", QUEUE) == 1
         assert conn.execute("select * from pgque.dlq_inspect(%s)", (QUEUE,)).fetchall() == []
         assert scalar(conn, "select count(*) from pgque.dead_letter") == 0
         assert scalar(conn, "select count(*) from pgque.config") == 1
@@ -219,15 +202,15 @@ def test_reader_can_consume_and_observe_but_not_send(conn: Conn, roles: Roles) -
 
 
 def test_reader_sees_dead_letters_through_dlq_inspect(conn: Conn, roles: Roles) -> None:
-    setup_queue(conn)
+    make_queue(conn, QUEUE)
     conn.execute("update pgque.queue set queue_max_retries = 0 where queue_name = %s", (QUEUE,))
     conn.execute("select pgque.subscribe(%s, 'r')", (QUEUE,))
-    event_id = scalar(conn, "select pgque.send(%s, %s::jsonb)", (QUEUE, '{"bad": true}'))
-    tick(conn)
+    event_id = scalar(conn, "select pgque.send(%s, %s::jsonb)", QUEUE, '{"bad": true}')
+    tick(conn, QUEUE)
     with acting_as(conn, roles.reader):
         (row,) = conn.execute("select * from pgque.receive(%s, 'r', 10)", (QUEUE,)).fetchall()
-        assert scalar(conn, NACK, (row[1], row[0], row[1], "1 second", "boom")) == 1
-        assert scalar(conn, "select pgque.ack(%s)", (row[1],)) == 1
+        assert scalar(conn, NACK, row[1], row[0], row[1], "1 second", "boom") == 1
+        assert scalar(conn, "select pgque.ack(%s)", row[1]) == 1
         dead = conn.execute("select ev_id, dl_reason from pgque.dlq_inspect(%s, 10)",
                             (QUEUE,)).fetchall()
         assert dead == [(event_id, "boom")]
@@ -237,7 +220,7 @@ def test_reader_sees_dead_letters_through_dlq_inspect(conn: Conn, roles: Roles) 
 
 
 def test_role_without_pgque_membership_can_execute_nothing(conn: Conn, roles: Roles) -> None:
-    setup_queue(conn)
+    make_queue(conn, QUEUE)
     callable_by_nobody = conn.execute(
         "select p.oid::regprocedure::text from pg_proc p "
         "where p.pronamespace = 'pgque'::regnamespace "
@@ -266,16 +249,16 @@ def test_admin_manages_queues_but_cannot_uninstall_or_bulk_insert(
     conn: Conn, roles: Roles
 ) -> None:
     with acting_as(conn, roles.admin):
-        assert scalar(conn, "select pgque.create_queue(%s)", (QUEUE,)) == 1
+        assert scalar(conn, "select pgque.create_queue(%s)", QUEUE) == 1
         assert scalar(conn, "select pgque.set_queue_config(%s, 'ticker_max_lag', '1 hour')",
-                      (QUEUE,)) == 1
-        assert scalar(conn, "select pgque.force_next_tick(%s)", (QUEUE,)) == 1
-        assert scalar(conn, "select pgque.ticker(%s)", (QUEUE,)) == 2
+                      QUEUE) == 1
+        assert scalar(conn, "select pgque.force_next_tick(%s)", QUEUE) == 1
+        assert scalar(conn, "select pgque.ticker(%s)", QUEUE) == 2
         assert scalar(conn, "select pgque.ticker()") == 0
-        assert scalar(conn, "select pgque.force_tick(%s)", (QUEUE,)) == 2
+        assert scalar(conn, "select pgque.force_tick(%s)", QUEUE) == 2
         # Through membership of pgque_writer and pgque_reader.
-        assert scalar(conn, "select pgque.subscribe(%s, 'adm')", (QUEUE,)) == 1
-        event_id = scalar(conn, "select pgque.send(%s, %s::jsonb)", (QUEUE, '{}'))
+        assert scalar(conn, "select pgque.subscribe(%s, 'adm')", QUEUE) == 1
+        event_id = scalar(conn, "select pgque.send(%s, %s::jsonb)", QUEUE, '{}')
         conn.execute("select pgque.force_next_tick(%s)", (QUEUE,))
         conn.execute("select pgque.ticker(%s)", (QUEUE,))
         assert [r[0] for r in conn.execute("select * from pgque.receive(%s, 'adm', 10)",
@@ -318,7 +301,7 @@ def test_group_roles_are_nologin_and_reader_writer_are_siblings(conn: Conn) -> N
         (list(GROUP_ROLES),)).fetchall())
     assert rows == dict.fromkeys(GROUP_ROLES, False)
     def member(role: str, group: str) -> bool:
-        return bool(scalar(conn, "select pg_has_role(%s, %s, 'MEMBER')", (role, group)))
+        return bool(scalar(conn, "select pg_has_role(%s, %s, 'MEMBER')", role, group))
 
     assert member("pgque_admin", "pgque_reader") and member("pgque_admin", "pgque_writer")
     assert not member("pgque_writer", "pgque_reader")

@@ -9,16 +9,8 @@ from typing import Any
 
 import pytest
 from conftest import Database
-from consumer_support import (
-    HANDLED_TABLE,
-    Conn,
-    handled_counts,
-    open_batch,
-    send,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import HANDLED_TABLE, handled_counts, open_batch
+from engine_helpers import Conn, make_queue, send, tick, wait_until
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -33,7 +25,7 @@ from sqlalchemy_pgque.consumer import AsyncConsumer, Consumer
 
 @pytest.fixture
 def async_url(db: Database, conn: Conn) -> Iterator[Any]:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     yield db.url
 
@@ -69,9 +61,9 @@ def test_async_handlers_with_and_without_session(conn: Conn, async_url: Any) -> 
         finally:
             await engine.dispose()
 
-    noted = send(conn, "q", "{}", "note")
-    written = send(conn, "q", "{}", "write")
-    failed = send(conn, "q", '{"fail": true}', "write")
+    noted = send(conn, "q", "{}", type="note")
+    written = send(conn, "q", "{}", type="write")
+    failed = send(conn, "q", '{"fail": true}', type="write")
     tick(conn, "q")
 
     assert asyncio.run(scenario()) == 3

@@ -12,7 +12,8 @@ from unittest.mock import ANY
 
 import pytest
 from conftest import Database
-from consumer_support import Conn, open_batch, send, setup_queue, tick
+from consumer_support import open_batch
+from engine_helpers import Conn, make_queue, send, tick
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -43,7 +44,7 @@ def retries_parked(conn: Conn) -> int:
 
 @pytest.fixture
 def queue_q(conn: Conn) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
 
 
 # -- deliver ----------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_raise_errors_false_records_the_error(engine: Engine) -> None:
 def test_include_retries_delivers_retries_at_once_until_dead_lettered(
     engine: Engine, conn: Conn
 ) -> None:
-    setup_queue(conn, "q", "c", max_retries=2)
+    make_queue(conn, "q", "c", max_retries=2)
     # A retry an hour away: without the shortcut the test would wait that long.
     consumer = consumer_on(engine, retry_after="1 hour")
 
@@ -211,8 +212,8 @@ def test_a_retry_with_raise_errors_raises_on_its_redelivery(engine: Engine) -> N
 def test_events_handlers_send_are_delivered_in_later_rounds(
     engine: Engine, conn: Conn
 ) -> None:
-    setup_queue(conn, "orders", "billing")
-    setup_queue(conn, "invoices", "mailer")
+    make_queue(conn, "orders", "billing")
+    make_queue(conn, "invoices", "mailer")
     orders, invoices = Queue("orders"), Queue("invoices")
     billing = consumer_on(engine, "billing", orders)
     mailer = consumer_on(engine, "mailer", invoices)
@@ -453,12 +454,12 @@ def test_an_unknown_queue_is_an_error(engine: Engine) -> None:
 
 
 def test_a_recreated_queue_starts_unseen(engine: Engine, conn: Conn) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     send_committed(engine, {"old": True})
     assert len(sent(engine, q)) == 1
     conn.execute("SELECT pgque.unsubscribe('q', 'c')")
     conn.execute("SELECT pgque.drop_queue('q')")
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     send_committed(engine, {"new": True})
     assert [m.payload for m in sent(engine, q)] == [{"new": True}]
 

@@ -14,49 +14,26 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, ConnectAs, make_queue, scalar, tick
-
-Message = tuple[Any, ...]
-
-MSG_ID, BATCH_ID, TYPE, PAYLOAD, RETRY_COUNT, CREATED_AT = range(6)
-
-NACK_SQL = (
-    "select pgque.nack(%s, ROW(%s::bigint, %s::bigint, %s::text, %s::text, %s::int4,"
-    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text)::pgque.message,"
-    " %s::interval, %s)"
+from engine_helpers import (
+    BATCH_ID,
+    CREATED_AT,
+    MSG_ID,
+    PAYLOAD,
+    RETRY_COUNT,
+    TYPE,
+    Conn,
+    ConnectAs,
+    Row,
+    ack,
+    make_queue,
+    move_retries,
+    nack,
+    receive,
+    receive_and_ack,
+    scalar,
+    send,
+    tick,
 )
-
-
-def send(conn: Conn, queue: str, payload: str, ev_type: str = "t") -> int:
-    return int(scalar(conn, "select pgque.send(%s, %s, %s::jsonb)", queue, ev_type, payload))
-
-
-def receive(conn: Conn, queue: str, consumer: str) -> list[Message]:
-    return conn.execute("select * from pgque.receive(%s, %s, 1000)", (queue, consumer)).fetchall()
-
-
-def ack(conn: Conn, batch_id: int) -> None:
-    assert scalar(conn, "select pgque.ack(%s)", batch_id) == 1
-
-
-def nack(conn: Conn, msg: Message, retry_after: str = "0 seconds",
-         reason: str | None = None, batch_id: int | None = None) -> Any:
-    batch = msg[BATCH_ID] if batch_id is None else batch_id
-    return scalar(conn, NACK_SQL, batch, *msg, retry_after, reason)
-
-
-def drain_retries(conn: Conn) -> int:
-    moved = 0
-    while (step := scalar(conn, "select pgque.maint_retry_events()")) > 0:
-        moved += step
-    return moved
-
-
-def consume_and_ack(conn: Conn, queue: str, consumer: str) -> list[Message]:
-    rows = receive(conn, queue, consumer)
-    if rows:
-        ack(conn, rows[0][BATCH_ID])
-    return rows
 
 
 def count(conn: Conn, table: str) -> int:
@@ -88,7 +65,7 @@ def dead_letter_one(conn: Conn, queue: str, consumer: str, payload: str) -> int:
     rows = receive(conn, queue, consumer)
     assert [r[MSG_ID] for r in rows] == [ev_id]
     assert nack(conn, rows[0], reason="bad") == 1
-    ack(conn, rows[0][BATCH_ID])
+    assert ack(conn, rows[0][BATCH_ID]) == 1
     return ev_id
 
 
@@ -97,14 +74,14 @@ def dead_letter_one(conn: Conn, queue: str, consumer: str, payload: str) -> int:
 
 def test_nack_redelivers_only_to_owner_with_incremented_retry_count(conn: Conn) -> None:
     make_queue(conn, "q", "a", "b")
-    ev_id = send(conn, "q", '{"n": 1}', "order.created")
+    ev_id = send(conn, "q", '{"n": 1}', type="order.created")
     tick(conn, "q")
 
     first = receive(conn, "q", "a")
     assert [(m[MSG_ID], m[RETRY_COUNT]) for m in first] == [(ev_id, None)]
-    assert nack(conn, first[0], "0 seconds", "boom") == 1
-    ack(conn, first[0][BATCH_ID])
-    assert [m[MSG_ID] for m in consume_and_ack(conn, "q", "b")] == [ev_id]
+    assert nack(conn, first[0], retry_after="0 seconds", reason="boom") == 1
+    assert ack(conn, first[0][BATCH_ID]) == 1
+    assert [m[MSG_ID] for m in receive_and_ack(conn, "q", "b")] == [ev_id]
 
     parked = conn.execute(
         "select ev_id, ev_owner, ev_retry, ev_type, ev_data from pgque.retry_queue").fetchall()
@@ -119,13 +96,13 @@ def test_nack_redelivers_only_to_owner_with_incremented_retry_count(conn: Conn) 
     assert scalar(conn, ev_new_sql) == pending_before + 1
     tick(conn, "q")
 
-    again = consume_and_ack(conn, "q", "a")
+    again = receive_and_ack(conn, "q", "a")
     assert len(again) == 1
     msg = again[0]
     assert (msg[MSG_ID], msg[TYPE], msg[PAYLOAD], msg[RETRY_COUNT]) == (
         ev_id, "order.created", '{"n": 1}', 1)
     assert msg[CREATED_AT] == first[0][CREATED_AT]
-    assert consume_and_ack(conn, "q", "b") == []
+    assert receive_and_ack(conn, "q", "b") == []
 
 
 def test_retry_waits_for_its_due_time(conn: Conn) -> None:
@@ -135,10 +112,10 @@ def test_retry_waits_for_its_due_time(conn: Conn) -> None:
     rows = receive(conn, "q", "a")
     with conn.transaction():
         # Delays are rounded to whole seconds from the nacking transaction's start.
-        assert nack(conn, rows[0], "2.6 seconds") == 1
+        assert nack(conn, rows[0], retry_after="2.6 seconds") == 1
         assert scalar(conn, "select ev_retry_after - now() from pgque.retry_queue") \
             == scalar(conn, "select interval '3 seconds'")
-    ack(conn, rows[0][BATCH_ID])
+    assert ack(conn, rows[0][BATCH_ID]) == 1
 
     conn.execute("update pgque.retry_queue set ev_retry_after = now() + interval '1 hour'")
     assert scalar(conn, "select pgque.maint_retry_events()") == 0
@@ -158,7 +135,7 @@ def test_dead_letter_after_max_retries(conn: Conn, max_retries: int | None,
     if max_retries is not None:
         assert scalar(conn, "select pgque.set_queue_config('q', 'max_retries', %s)",
                       str(max_retries)) == 1
-    ev_id = send(conn, "q", '{"k": "v"}', "job")
+    ev_id = send(conn, "q", '{"k": "v"}', type="job")
     tick(conn, "q")
 
     seen: list[int | None] = []
@@ -167,7 +144,7 @@ def test_dead_letter_after_max_retries(conn: Conn, max_retries: int | None,
         if not rows:
             break
         seen.extend(m[RETRY_COUNT] for m in rows)
-        drain_retries(conn)
+        move_retries(conn)
         tick(conn, "q")
 
     assert seen == [None, *range(1, deliveries)]
@@ -181,12 +158,12 @@ def test_dead_letter_after_max_retries(conn: Conn, max_retries: int | None,
 
 
 def consume_and_ack_with_nack(conn: Conn, queue: str, consumer: str,
-                              reason: str | None) -> list[Message]:
+                              reason: str | None) -> list[Row]:
     rows = receive(conn, queue, consumer)
     for msg in rows:
-        assert nack(conn, msg, "0 seconds", reason) == 1
+        assert nack(conn, msg, reason=reason) == 1
     if rows:
-        ack(conn, rows[0][BATCH_ID])
+        assert ack(conn, rows[0][BATCH_ID]) == 1
     return rows
 
 
@@ -203,7 +180,7 @@ def test_dead_letter_default_reason(conn: Conn) -> None:
 
 def test_nack_uses_the_stored_event_not_the_callers_copy(conn: Conn) -> None:
     make_queue(conn, "q", "a")
-    ev_id = send(conn, "q", '{"real": true}', "real")
+    ev_id = send(conn, "q", '{"real": true}', type="real")
     tick(conn, "q")
     [msg] = receive(conn, "q", "a")
     forged = (msg[MSG_ID], 424242, "forged", '{"forged": true}', 99, msg[CREATED_AT],
@@ -236,7 +213,7 @@ def test_nack_of_unknown_batch_raises(conn: Conn) -> None:
     send(conn, "q", "1")
     tick(conn, "q")
     [msg] = receive(conn, "q", "a")
-    ack(conn, msg[BATCH_ID])
+    assert ack(conn, msg[BATCH_ID]) == 1
     with pytest.raises(psycopg.Error, match=f"batch not found: {msg[BATCH_ID]}"):
         nack(conn, msg)
     with pytest.raises(psycopg.Error, match="batch not found: 99999999"):
@@ -265,8 +242,8 @@ def test_maint_retry_events_moves_at_most_ten_due_rows_per_call(conn: Conn) -> N
     rows = receive(conn, "q", "a")
     assert [m[MSG_ID] for m in rows] == ids
     for msg in rows:
-        nack(conn, msg, "0 seconds")
-    ack(conn, rows[0][BATCH_ID])
+        nack(conn, msg)
+    assert ack(conn, rows[0][BATCH_ID]) == 1
     # Due times in reverse id order, and one row not due at all.
     conn.execute("update pgque.retry_queue"
                  " set ev_retry_after = now() - ev_id * interval '1 minute'")
@@ -303,7 +280,7 @@ def test_event_retry_forms_and_batch_retry(conn: Conn) -> None:
     assert sorted(r[0] for r in conn.execute("select ev_id from pgque.retry_queue")) == ids
     with pytest.raises(psycopg.Error, match="batch_retry: batch 99999999 not found"):
         conn.execute("select pgque.batch_retry(99999999, 30)")
-    ack(conn, batch)
+    assert ack(conn, batch) == 1
 
 
 def test_event_retry_raw(conn: Conn) -> None:
@@ -341,12 +318,12 @@ def test_dlq_inspect_newest_first_with_limit(conn: Conn) -> None:
 def test_dlq_replay_sends_to_every_subscriber_and_removes_entry(conn: Conn) -> None:
     make_queue(conn, "q", "a", "b")
     conn.execute("select pgque.set_queue_config('q', 'max_retries', '0')")
-    ev_id = send(conn, "q", '{"p": 1}', "kind")
+    ev_id = send(conn, "q", '{"p": 1}', type="kind")
     tick(conn, "q")
     [msg] = receive(conn, "q", "a")
     nack(conn, msg, reason="nope")
-    ack(conn, msg[BATCH_ID])
-    consume_and_ack(conn, "q", "b")
+    assert ack(conn, msg[BATCH_ID]) == 1
+    receive_and_ack(conn, "q", "b")
     [entry] = dlq(conn, "q")
 
     new_id = scalar(conn, "select pgque.dlq_replay(%s)", entry["dl_id"])
@@ -357,7 +334,7 @@ def test_dlq_replay_sends_to_every_subscriber_and_removes_entry(conn: Conn) -> N
 
     tick(conn, "q")
     for consumer in ("a", "b"):
-        rows = consume_and_ack(conn, "q", consumer)
+        rows = receive_and_ack(conn, "q", consumer)
         assert [(m[MSG_ID], m[TYPE], m[PAYLOAD], m[RETRY_COUNT]) for m in rows] == [
             (new_id, "kind", '{"p": 1}', None)]
 
@@ -372,7 +349,7 @@ def test_dlq_replay_all_counts(conn: Conn) -> None:
     assert conn.execute("select * from pgque.dlq_replay_all('q')").fetchone() == (0, 0, None)
     assert conn.execute("select * from pgque.dlq_replay_all('nope')").fetchone() == (0, 0, None)
     tick(conn, "q")
-    replayed = consume_and_ack(conn, "q", "a")
+    replayed = receive_and_ack(conn, "q", "a")
     assert [m[PAYLOAD] for m in replayed] == ["0", "1", "2"]
     assert not {m[MSG_ID] for m in replayed} & set(dead)
 
@@ -442,17 +419,17 @@ def test_cooperative_member_retries_and_dies_under_its_group(conn: Conn) -> None
     coop_sql = "select * from pgque.receive_coop('q', 'grp', %s, 100, NULL)"
 
     [msg] = conn.execute(coop_sql, ("w1",)).fetchall()
-    assert nack(conn, msg, "0 seconds") == 1
-    ack(conn, msg[BATCH_ID])
-    assert consume_and_ack(conn, "q", "plain") != []
+    assert nack(conn, msg) == 1
+    assert ack(conn, msg[BATCH_ID]) == 1
+    assert receive_and_ack(conn, "q", "plain") != []
     assert scalar(conn, "select pgque.maint_retry_events()") == 1
     tick(conn, "q")
-    assert consume_and_ack(conn, "q", "plain") == []
+    assert receive_and_ack(conn, "q", "plain") == []
 
     [again] = conn.execute(coop_sql, ("w2",)).fetchall()
     assert (again[MSG_ID], again[RETRY_COUNT]) == (ev_id, 1)
     assert nack(conn, again, reason="still failing") == 1
-    ack(conn, again[BATCH_ID])
+    assert ack(conn, again[BATCH_ID]) == 1
     [entry] = dlq(conn, "q")
     assert entry["dl_consumer_id"] == co_id(conn, "grp")
     assert entry["dl_reason"] == "still failing"
@@ -468,7 +445,7 @@ def test_reader_nacks_and_inspects_writer_replays(conn: Conn, role_conn: Connect
 
     [msg] = receive(reader, "q", "a")
     assert nack(reader, msg, reason="r") == 1
-    ack(reader, msg[BATCH_ID])
+    assert ack(reader, msg[BATCH_ID]) == 1
     [entry] = dlq(reader, "q")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         reader.execute("select pgque.dlq_replay(%s)", (entry["dl_id"],))
@@ -516,8 +493,8 @@ def test_concurrent_retry_movers_reinject_each_event_once(db: Database, conn: Co
     tick(conn, "q")
     rows = receive(conn, "q", "a")
     for msg in rows:
-        nack(conn, msg, "0 seconds")
-    ack(conn, rows[0][BATCH_ID])
+        nack(conn, msg)
+    assert ack(conn, rows[0][BATCH_ID]) == 1
 
     def mover(own: Conn) -> list[Any]:
         moved = []
@@ -541,7 +518,7 @@ def test_concurrent_dlq_replays_replay_each_entry_once(db: Database, conn: Conn)
     rows = receive(conn, "q", "a")
     for msg in rows:
         nack(conn, msg)
-    ack(conn, rows[0][BATCH_ID])
+    assert ack(conn, rows[0][BATCH_ID]) == 1
     dl_ids = sorted(e["dl_id"] for e in dlq(conn, "q"))
     assert len(dl_ids) == len(ids)
 
@@ -571,7 +548,7 @@ def test_concurrent_dlq_replays_replay_each_entry_once(db: Database, conn: Conn)
     # Dead-letter the copies again, then race two dlq_replay_all calls.
     for msg in replayed:
         nack(conn, msg)
-    ack(conn, replayed[0][BATCH_ID])
+    assert ack(conn, replayed[0][BATCH_ID]) == 1
     assert len(dlq(conn, "q")) == len(ids)
     counts = run_in_threads(db, 2, replay_all)
     assert counts[0][0] + counts[1][0] == len(ids)

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
+from engine_helpers import drain, ids, send, tick
 from sqlalchemy.engine import URL
 
 from alembic_ops import (
@@ -201,34 +202,17 @@ def pgque_state(dsn: str) -> dict[str, Any]:
 
 
 def send_and_tick(dsn: str, queue: str, payloads: list[str]) -> list[int]:
-    """Send events in one committed transaction, then make a tick that covers them."""
+    """Send events, each committed, then make a tick that covers them; their ids."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ids = []
-        for payload in payloads:
-            row = conn.execute("SELECT pgque.send(%s, %s::jsonb)", (queue, payload)).fetchone()
-            assert row is not None
-            ids.append(int(row[0]))
-        conn.execute("SELECT pgque.force_next_tick(%s)", (queue,))
-        conn.execute("SELECT pgque.ticker(%s)", (queue,))
-    return ids
+        sent = [send(conn, queue, payload) for payload in payloads]
+        tick(conn, queue)
+    return sent
 
 
 def receive_all(dsn: str, queue: str, consumer: str) -> list[int]:
-    """Every event id the consumer gets, acking each batch, until a receive is empty."""
-    received: list[int] = []
+    """Every event id the consumer gets up to the latest tick, acking each batch."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for _ in range(100):
-            with conn.transaction():
-                rows = conn.execute(
-                    "SELECT msg_id, batch_id FROM pgque.receive(%s, %s, 2147483647)",
-                    (queue, consumer),
-                ).fetchall()
-                if rows:
-                    conn.execute("SELECT pgque.ack(%s)", (rows[0][1],))
-            if not rows:
-                return received
-            received.extend(int(r[0]) for r in rows)
-    raise AssertionError("receive never ran dry")
+        return ids(drain(conn, queue, consumer))
 
 
 def _subscriptions(dsn: str) -> list[tuple[Any, ...]]:

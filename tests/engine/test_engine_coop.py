@@ -14,26 +14,25 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import NamedTuple
 
 import pgque
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import tick
+from engine_helpers import Conn, Row, ack, make_queue, nack, receive, scalar, tick, wait_until
 from psycopg import sql
 from sqlalchemy import create_engine
 
 from sqlalchemy_pgque import schema
 
-Conn = psycopg.Connection[tuple[Any, ...]]
-
 QUEUE = "coopq"
 GROUP = "grp"
 
 
-@dataclass(frozen=True)
-class Msg:
+class Msg(NamedTuple):
+    """A ``pgque.message`` row; a tuple still, as ``nack`` takes it."""
+
     msg_id: int
     batch_id: int
     type: str | None
@@ -56,19 +55,14 @@ class SubRow:
     active: datetime
 
 
-def create_queue(conn: Conn, queue: str = QUEUE) -> None:
-    assert conn.execute("select pgque.create_queue(%s)", (queue,)).fetchone() == (1,)
-
-
-def send(conn: Conn, payload: str, queue: str = QUEUE) -> int:
-    row = conn.execute("select pgque.send(%s, %s::text)", (queue, payload)).fetchone()
-    assert row is not None
-    return int(row[0])
+def as_msgs(rows: list[Row]) -> list[Msg]:
+    return [Msg(*r) for r in rows]
 
 
 def send_window(conn: Conn, count: int, tag: str, queue: str = QUEUE) -> list[int]:
     """Send ``count`` events, each committed, and close the window with a tick."""
-    ids = [send(conn, f"{tag}-{i}", queue) for i in range(count)]
+    ids = [int(scalar(conn, "select pgque.send(%s, %s::text)", queue, f"{tag}-{i}"))
+           for i in range(count)]
     tick(conn, queue)
     return ids
 
@@ -79,30 +73,7 @@ def receive_coop(conn: Conn, sub: str, *, consumer: str = GROUP, queue: str = QU
         "select * from pgque.receive_coop(%s, %s, %s, %s, %s::interval)",
         (queue, consumer, sub, max_return, dead_interval),
     ).fetchall()
-    return [Msg(*r) for r in rows]
-
-
-def receive(conn: Conn, consumer: str, queue: str = QUEUE) -> list[Msg]:
-    rows = conn.execute("select * from pgque.receive(%s, %s, 100)", (queue, consumer)).fetchall()
-    return [Msg(*r) for r in rows]
-
-
-def ack(conn: Conn, batch_id: int) -> int:
-    row = conn.execute("select pgque.ack(%s)", (batch_id,)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def nack(conn: Conn, msg: Msg, retry_after: str = "60 seconds",
-         reason: str | None = None) -> int:
-    row = conn.execute(
-        "select pgque.nack(%s, ROW(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)::pgque.message,"
-        " %s::interval, %s)",
-        (msg.batch_id, msg.msg_id, msg.batch_id, msg.type, msg.payload, msg.retry_count,
-         msg.created_at, msg.extra1, msg.extra2, msg.extra3, msg.extra4, retry_after, reason),
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return as_msgs(rows)
 
 
 def register(conn: Conn, sub: str, *, consumer: str = GROUP, queue: str = QUEUE,
@@ -150,7 +121,7 @@ def single_batch(msgs: list[Msg]) -> int:
 @pytest.fixture
 def queue(conn: Conn) -> Iterator[Conn]:
     """``conn`` with queue ``coopq`` created and members ``grp.a`` and ``grp.b``."""
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     assert register(conn, "a") == 1
     assert register(conn, "b") == 1
     yield conn
@@ -159,7 +130,7 @@ def queue(conn: Conn) -> Iterator[Conn]:
 # --- registration --------------------------------------------------------------------
 
 def test_register_creates_main_and_members_sharing_sub_id(conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     assert register(conn, "a") == 1
     assert register(conn, "b") == 1
     assert register(conn, "a") == 0
@@ -196,7 +167,7 @@ def test_register_requires_existing_queue(conn: Conn) -> None:
 )
 def test_names_are_validated(conn: Conn, queue_name: str | None, consumer: str | None,
                              sub: str | None, message: str) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     for call in ("select pgque.register_subconsumer(%s, %s, %s)",
                  "select * from pgque.receive_coop(%s, %s, %s)"):
         with pytest.raises(psycopg.Error, match=message.replace(".", r"\.")):
@@ -205,7 +176,7 @@ def test_names_are_validated(conn: Conn, queue_name: str | None, consumer: str |
 
 
 def test_converting_a_normal_consumer_needs_explicit_flag(conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, GROUP))
     normal = sub_row(conn, GROUP)
     assert normal is not None and normal.role == "normal"
@@ -220,7 +191,7 @@ def test_converting_a_normal_consumer_needs_explicit_flag(conn: Conn) -> None:
 
     # A normal consumer holding an open batch cannot be converted.
     send_window(conn, 1, "x")
-    batch = single_batch(receive(conn, GROUP))
+    batch = single_batch(as_msgs(receive(conn, QUEUE, GROUP)))
     with pytest.raises(psycopg.Error, match="cannot convert active normal consumer"):
         register(conn, "a", convert=True)
     assert ack(conn, batch) == 1
@@ -236,7 +207,7 @@ def test_converting_a_normal_consumer_needs_explicit_flag(conn: Conn) -> None:
 
 
 def test_member_name_taken_by_other_subscription_is_incompatible(conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, "grp.a"))
     with pytest.raises(psycopg.Error,
                        match=r"consumer name grp\.a on queue coopq is already registered "
@@ -394,7 +365,7 @@ def test_receive_coop_rejects_bad_max_return(queue: Conn) -> None:
 
 
 def test_receive_coop_auto_registers(conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     assert receive_coop(conn, "solo") == []
     member = sub_row(conn, "grp.solo")
     assert member is not None and member.role == "coop_member"
@@ -416,7 +387,7 @@ def test_normal_consumer_still_sees_every_event(queue: Conn) -> None:
 
     seen: list[int] = []
     for _ in range(3):
-        msgs = receive(conn, "audit")
+        msgs = as_msgs(receive(conn, QUEUE, "audit"))
         if msgs:
             seen += [m.msg_id for m in msgs]
             assert ack(conn, single_batch(msgs)) == 1
@@ -427,11 +398,11 @@ def test_legacy_calls_on_group_rows_are_refused(queue: Conn) -> None:
     conn = queue
     send_window(conn, 1, "legacy")
     with pytest.raises(psycopg.Error, match="is a cooperative main consumer"):
-        receive(conn, GROUP)
+        as_msgs(receive(conn, QUEUE, GROUP))
     with pytest.raises(psycopg.Error, match="is a cooperative main consumer"):
         conn.execute("select pgque.next_batch(%s, %s)", (QUEUE, GROUP))
     with pytest.raises(psycopg.Error, match="is a cooperative subconsumer"):
-        receive(conn, "grp.a")
+        as_msgs(receive(conn, QUEUE, "grp.a"))
     main = sub_row(conn, GROUP)
     assert main is not None and main.batch is None
 
@@ -474,7 +445,7 @@ def test_dead_interval_takeover_uses_fresh_batch_id(queue: Conn) -> None:
     # The victim's token is dead: ack finds nothing and nack raises.
     assert ack(conn, old_batch) == 0
     with pytest.raises(psycopg.Error, match=f"batch not found: {old_batch}"):
-        nack(conn, victim[0])
+        nack(conn, victim[0], retry_after="60 seconds")
     assert ack(conn, new_batch) == 1
     assert receive_coop(conn, "a") == []
 
@@ -518,7 +489,7 @@ def test_member_nack_goes_to_group_retry(queue: Conn) -> None:
     conn.execute("select pgque.subscribe(%s, %s)", (QUEUE, "audit"))
     ids = send_window(conn, 2, "n")
     msgs = receive_coop(conn, "a")
-    assert nack(conn, msgs[0], "0 seconds") == 1
+    assert nack(conn, msgs[0]) == 1
     assert ack(conn, single_batch(msgs)) == 1
 
     group = group_sub_id(conn)
@@ -538,7 +509,7 @@ def test_member_nack_goes_to_group_retry(queue: Conn) -> None:
     # The retry copy belongs to the group only; the normal consumer saw each event once.
     seen: list[int] = []
     for _ in range(3):
-        got = receive(conn, "audit")
+        got = as_msgs(receive(conn, QUEUE, "audit"))
         if got:
             seen += [m.msg_id for m in got]
             assert ack(conn, single_batch(got)) == 1
@@ -604,7 +575,7 @@ def test_last_member_leaving_demotes_main(queue: Conn) -> None:
 
     # Back to a plain consumer that continues from the group cursor.
     ids = send_window(conn, 2, "plain")
-    assert [m.msg_id for m in receive(conn, GROUP)] == ids
+    assert [m.msg_id for m in as_msgs(receive(conn, QUEUE, GROUP))] == ids
 
     assert unregister(conn, "b") == 0
     assert unregister(conn, "a", queue="noqueue") == 0
@@ -798,7 +769,7 @@ def test_concurrent_members_receive_every_event_once(db: Database, queue: Conn) 
 # --- the pgque-py client -------------------------------------------------------------
 
 def test_pgque_py_client_cooperative_api(db: Database, conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     with pgque.connect(db.dsn, autocommit=True) as client:
         assert client.subscribe_subconsumer(QUEUE, GROUP, "w1") == 1
         assert client.subscribe_subconsumer(QUEUE, GROUP, "w1") == 0
@@ -856,7 +827,7 @@ def test_allocation_holds_main_row_until_commit(db: Database, queue: Conn) -> No
 
 
 def test_reader_role_runs_the_cooperative_cycle(conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     role = sql.Identifier(f"pgque_t{os.getpid()}_{uuid.uuid4().hex[:8]}_coop")
     conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN IN ROLE pgque_reader").format(role))
     try:
@@ -870,7 +841,7 @@ def test_reader_role_runs_the_cooperative_cycle(conn: Conn) -> None:
         assert [m.msg_id for m in msgs] == ids
         assert conn.execute("select pgque.touch_subconsumer(%s, %s, %s)",
                             (QUEUE, GROUP, "a")).fetchone() == (1,)
-        assert nack(conn, msgs[0]) == 1
+        assert nack(conn, msgs[0], retry_after="60 seconds") == 1
         assert unregister(conn, "a", 1) == 1
         conn.execute("RESET ROLE")
         assert conn.execute("select ev_id from pgque.retry_queue order by ev_id"
@@ -899,7 +870,7 @@ def test_reinstall_keeps_groups(db: Database, queue: Conn) -> None:
 
 
 def test_pgque_py_consumers_in_cooperative_mode(db: Database, conn: Conn) -> None:
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     progress = threading.Condition()
     handled: list[tuple[str, int]] = []
     consumers: list[pgque.Consumer] = []
@@ -943,7 +914,7 @@ def test_unregistering_a_member_locks_the_main_row_first(conn: Conn, db: Databas
     the member row. The unregistering session must wait on the main row without having
     locked the member row first.
     """
-    create_queue(conn)
+    make_queue(conn, QUEUE)
     assert conn.execute("select pgque.subscribe_subconsumer(%s, %s, 's')",
                         (QUEUE, GROUP)).fetchone() == (1,)
     member = f"{GROUP}.s"
@@ -958,11 +929,9 @@ def test_unregistering_a_member_locks_the_main_row_first(conn: Conn, db: Databas
         worker = threading.Thread(target=lambda: result.append(other.execute(
             "select pgque.unregister_consumer(%s, %s)", (QUEUE, member)).fetchone()))
         worker.start()
-        deadline = time.monotonic() + 10
-        while conn.execute("select wait_event_type from pg_stat_activity where pid = %s",
-                           (pid,)).fetchone() != ("Lock",):
-            assert time.monotonic() < deadline, "unregister_consumer never waited on a lock"
-            time.sleep(0.01)
+        wait_until(lambda: scalar(conn, "select wait_event_type = 'Lock' from pg_stat_activity"
+                                        " where pid = %s", pid),
+                   timeout=10, what="unregister_consumer to wait on a lock")
         # The member row is free: the unregistering session waits on the main row only.
         holder.execute("set local lock_timeout = '2s'")
         holder.execute(lock_rows, (member,))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -18,15 +17,9 @@ from typing import Any
 
 import psycopg
 from conftest import Database
-from consumer_support import (
-    Conn,
-    move_retries,
-    one_error_line,
-    send_many,
-    setup_queue,
-    tick,
-    wait_until,
-)
+from consumer_support import one_error_line
+from engine_helpers import Conn, make_queue, move_retries, send_many, tick, wait_until
+from faultkit import worker_env
 from pgcluster import PgCluster
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
@@ -96,7 +89,7 @@ def _metrics_args(*extra: str) -> tuple[str, ...]:
 
 
 def test_worker_metrics_add_up_to_what_was_sent(conn: Conn, workers: Any) -> None:
-    setup_queue(conn, "q", "c", max_retries=MAX_RETRIES)
+    make_queue(conn, "q", "c", max_retries=MAX_RETRIES)
     worker = workers("metrics_app:consumer", extra_args=_metrics_args())
     base = _base_url(worker)
     wait_until(lambda: _status_is(f"{base}/readyz", 200), what="/readyz 200")
@@ -155,7 +148,7 @@ def test_health_and_readiness_fail_while_the_database_is_down(
     own_server: PgCluster, own_db: Database, workers: Any
 ) -> None:
     with psycopg.connect(own_db.dsn, autocommit=True) as own:
-        setup_queue(own, "q", "c")
+        make_queue(own, "q", "c")
     url = own_db.url.render_as_string(hide_password=False)
     worker = workers("metrics_app:consumer", with_url=False, APP_POLL_INTERVAL="0.5",
                      extra_args=_metrics_args("--url", url, "--health-timeout", "1"))
@@ -185,7 +178,7 @@ def test_health_and_readiness_fail_while_the_database_is_down(
 
 
 def test_metrics_port_in_use_is_a_configuration_error(conn: Conn, workers: Any) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -211,10 +204,7 @@ sys.exit(main(["metrics_app:consumer", "--metrics-port", "0"]))
 
 
 def test_metrics_without_the_extra_say_what_to_install() -> None:
-    tests = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_PROMETHEUS], env=env,
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_PROMETHEUS], env=worker_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip() == (
@@ -223,7 +213,7 @@ def test_metrics_without_the_extra_say_what_to_install() -> None:
 
 
 def test_metrics_in_process_with_a_cooperative_consumer(engine: Engine, conn: Conn) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute("SELECT pgque.subscribe_subconsumer('q', 'group', 'w1')")
     seen: list[int] = []
     consumer = Consumer(sessionmaker(engine), queue="q", name="group", subconsumer="w1")
@@ -269,7 +259,7 @@ def test_metrics_in_process_with_a_cooperative_consumer(engine: Engine, conn: Co
 def test_a_database_that_does_not_answer_does_not_hang_the_scrape(
     engine: Engine, db: Database, conn: Conn
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     metrics = Metrics(engine, figures_ttl=0, figures_wait=0.5)
     server = MetricsServer(metrics, "127.0.0.1", 0)
     server.start()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from consumer_support import Conn, send, setup_queue, tick
+from engine_helpers import Conn, make_queue, send, tick
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,7 +49,7 @@ class Broken(ConsumerObserver):
 @pytest.fixture
 def traffic(conn: Conn) -> dict[str, int]:
     """One batch: ok, fails (max_retries 0: dead-lettered at once), unknown type."""
-    setup_queue(conn, "q", "c", max_retries=0)
+    make_queue(conn, "q", "c", max_retries=0)
     ids = {"ok": send(conn, "q", type="ok"), "boom": send(conn, "q", type="boom"),
            "mystery": send(conn, "q", type="mystery")}
     tick(conn, "q")
@@ -120,7 +120,7 @@ def test_async_consumer_reports_the_same(conn: Conn, traffic: dict[str, int], db
 def test_a_retry_is_nacked_and_a_lost_connection_fails_the_whole_batch(
     conn: Conn, engine: Engine
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     first, second = send(conn, "q", type="boom"), send(conn, "q", type="die")
     tick(conn, "q")
     consumer = Consumer(sessionmaker(engine), queue="q", name="c")

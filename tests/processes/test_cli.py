@@ -11,15 +11,8 @@ import time
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, scalar
-from traffic_helpers import (
-    dead_letter,
-    drain,
-    make_queue,
-    rotation_blocked_by_a_stopped_consumer,
-    send,
-    tick,
-)
+from engine_helpers import Conn, drain, scalar, send_many, tick
+from traffic_helpers import dead_letter, make_ticking_queue, rotation_blocked_by_a_stopped_consumer
 
 from sqlalchemy_pgque import schema
 
@@ -38,14 +31,14 @@ def cli(db: Database, *args: str, url: str | None = None,
 def traffic(db: Database, conn: Conn) -> Conn:
     """orders: 'fast' drained 40 events, 'slow' has them all to do, 3 not ticked yet,
     2 dead letters; mail: idle."""
-    make_queue(conn, "orders", "fast", "slow")
-    make_queue(conn, "mail", "sender")
-    send(conn, "orders", 40)
-    tick(conn, "orders")
+    make_ticking_queue(conn, "orders", "fast", "slow")
+    make_ticking_queue(conn, "mail", "sender")
+    send_many(conn, "orders", 40)
+    tick(conn, "orders", force=False)
     assert len(drain(conn, "orders", "fast")) == 40
     dead_letter(conn, "orders", "fast", 2, "order.created", reason="boom")
     drain(conn, "mail", "sender")
-    send(conn, "orders", 3)
+    send_many(conn, "orders", 3)
     return conn
 
 
@@ -115,7 +108,7 @@ def test_dlq_list_show_replay_and_purge(db: Database, traffic: Conn) -> None:
     replayed = cli(db, "dlq", "replay", str(listed[0]["id"]), "--yes")
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == "replayed 1 dead letters"
-    tick(traffic, "orders")
+    tick(traffic, "orders", force=False)
     again = drain(traffic, "orders", "fast")
     assert [json.loads(row[3]) for row in again if row[2] == "order.created"] == [{"n": 0}]
     assert cli(db, "dlq", "replay", str(listed[0]["id"]), "--yes").returncode == 2
@@ -128,9 +121,9 @@ def test_dlq_list_show_replay_and_purge(db: Database, traffic: Conn) -> None:
 
 
 def test_tick_runs_one_ticker_pass(db: Database, conn: Conn) -> None:
-    make_queue(conn, "q", "c")
+    make_ticking_queue(conn, "q", "c")
     assert cli(db, "tick", "q").stdout.strip() == "q: no tick needed"
-    send(conn, "q", 1)
+    send_many(conn, "q", 1)
     assert cli(db, "tick", "q").stdout.strip().startswith("q: tick ")
     assert len(drain(conn, "q", "c")) == 1
     forced = cli(db, "tick", "q", "--force")

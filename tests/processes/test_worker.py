@@ -10,24 +10,19 @@ import pytest
 from conftest import Database
 from consumer_support import (
     HANDLED_TABLE,
-    Conn,
     handled_counts,
     listening,
     one_error_line,
     open_batch,
-    send,
-    send_batches,
-    send_many,
-    setup_queue,
-    tick,
-    wait_until,
+    ticker_sessions,
 )
+from engine_helpers import Conn, make_queue, send, send_batches, send_many, tick, wait_until
 from workers_app import BLOCK_KEY
 
 
 @pytest.fixture
 def queue_q(conn: Conn) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
 
 
@@ -117,12 +112,12 @@ def test_worker_reconnects_after_pg_terminate_backend(conn: Conn, workers: Any) 
 
 @pytest.mark.usefixtures("queue_q")
 def test_several_consumers_run_in_one_process(conn: Conn, workers: Any) -> None:
-    setup_queue(conn, "q2", "c")
+    make_queue(conn, "q2", "c")
     worker = workers("workers_app:both")
     wait_until(lambda: listening(conn, "pgque_q") and listening(conn, "pgque_q2"),
                what="both LISTENs")
-    a = send(conn, "q", "{}", "from_q")
-    b = send(conn, "q2", "{}", "from_q2")
+    a = send(conn, "q", "{}", type="from_q")
+    b = send(conn, "q2", "{}", type="from_q2")
     tick(conn, "q")
     tick(conn, "q2")
     wait_until(lambda: sorted(conn.execute("SELECT type, msg_id FROM handled").fetchall())
@@ -201,12 +196,12 @@ def _tick_ids(conn: Conn, queue: str) -> list[int]:
 
 
 def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers: Any) -> None:
-    setup_queue(conn, "q", "c", ticker_max_lag="50 milliseconds")
+    make_queue(conn, "q", "c", ticker_max_lag="50 milliseconds")
     conn.execute(HANDLED_TABLE)
     first = workers("workers_app:consumer", extra_args=("--ticker",))
     holder = wait_until(lambda: _ticker_holder(conn), what="a ticker to take the lock")
     second = workers("workers_app:consumer", extra_args=("--ticker",))
-    wait_until(lambda: _ticker_count(conn) == 2, what="both tickers to connect")
+    wait_until(lambda: ticker_sessions(conn) == 2, what="both tickers to connect")
     assert _ticker_holder(conn) == holder
     leader, follower = (first, second) if holder.endswith(f" {first.pid}") else (second, first)
     assert holder.endswith(f" {leader.pid}")
@@ -229,14 +224,6 @@ def test_one_ticker_among_workers_and_takeover_when_it_dies(conn: Conn, workers:
     assert "holding the ticker lock" in follower.output()
 
 
-def _ticker_count(conn: Conn) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def test_commit_wakes_the_ticker_and_a_rollback_does_not(
     conn: Conn, workers: Any, db: Database
 ) -> None:
@@ -246,8 +233,8 @@ def test_commit_wakes_the_ticker_and_a_rollback_does_not(
     from sqlalchemy_pgque import Queue
 
     quiet = {"ticker_max_lag": "1 hour", "ticker_idle_period": "1 hour"}
-    setup_queue(conn, "q", "c", **quiet)
-    setup_queue(conn, "q2", "c", **quiet)
+    make_queue(conn, "q", "c", **quiet)
+    make_queue(conn, "q2", "c", **quiet)
     conn.execute(HANDLED_TABLE)
     workers("workers_app:both", extra_args=("--ticker",))
     wait_until(lambda: listening(conn, "pgque_q") and listening(conn, "pgque_q2")
@@ -284,7 +271,7 @@ def test_commit_wakes_the_ticker_and_a_rollback_does_not(
 def test_worker_exits_one_when_a_consumer_fails_at_run_time(
     conn: Conn, workers: Any
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     worker = workers("workers_app:consumer")
     wait_until(lambda: listening(conn), what="the worker's LISTEN")
@@ -298,7 +285,7 @@ def test_worker_exits_one_when_a_consumer_fails_at_run_time(
 def test_missing_role_is_a_one_line_permission_error(
     conn: Conn, workers: Any, db: Database
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     role = f"nobody_{db.name}"[:63]
     conn.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
@@ -318,7 +305,7 @@ def test_missing_role_is_a_one_line_permission_error(
 def test_sigterm_during_a_start_up_check_stops_the_worker(
     conn: Conn, db: Database, workers: Any
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     # Holds up the start-up check: its read of pgque.queue waits for this lock.
     with psycopg.connect(db.dsn) as locker:
@@ -343,7 +330,7 @@ def _waiting_for(conn: Conn, table: str) -> bool:
 def test_a_server_refusing_the_login_is_a_configuration_error(
     conn: Conn, workers: Any, db: Database
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     role = f"nologin_{db.name}"[:63]
     conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
     try:
@@ -358,7 +345,7 @@ def test_a_server_refusing_the_login_is_a_configuration_error(
 def test_a_batch_committing_at_exit_is_reported_as_such(
     conn: Conn, workers: Any
 ) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     conn.execute(HANDLED_TABLE)
     # A deferred constraint trigger makes the batch's COMMIT itself slow, longer than
     # the shutdown timeout and the grace after it.

@@ -5,29 +5,21 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from engine_helpers import Conn
+from engine_helpers import BATCH_ID, Conn, drain, receive, send_many, tick
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from traffic_helpers import (
-    BATCH_ID,
-    dead_letter,
-    drain,
-    make_queue,
-    rotation_blocked_by_a_stopped_consumer,
-    send,
-    tick,
-)
+from traffic_helpers import dead_letter, make_ticking_queue, rotation_blocked_by_a_stopped_consumer
 
 from sqlalchemy_pgque import DeadLetterNotFound, QueueNotFound, admin
 
 
 def test_queue_and_consumer_figures_are_those_of_the_traffic(conn: Conn, engine: Engine) -> None:
-    make_queue(conn, "orders", "fast", "slow")
-    make_queue(conn, "idle")
-    send(conn, "orders", 30)
-    tick(conn, "orders")
+    make_ticking_queue(conn, "orders", "fast", "slow")
+    make_ticking_queue(conn, "idle")
+    send_many(conn, "orders", 30)
+    tick(conn, "orders", force=False)
     assert len(drain(conn, "orders", "fast")) == 30
-    send(conn, "orders", 4)  # not ticked yet
+    send_many(conn, "orders", 4)  # not ticked yet
 
     idle, orders = admin.queues(engine)
     assert (idle.queue, orders.queue) == ("idle", "orders")
@@ -46,7 +38,7 @@ def test_queue_and_consumer_figures_are_those_of_the_traffic(conn: Conn, engine:
 
     # slow takes a batch and keeps it open: it shows, with its age.
     with conn.transaction():
-        rows = conn.execute("select * from pgque.receive('orders', 'slow', 1000)").fetchall()
+        rows = receive(conn, "orders", "slow")
     batch = admin.consumers(engine, "orders")[1]
     assert batch.consumer == "slow" and batch.batch_id == rows[0][BATCH_ID]
     assert batch.batch_age_seconds is not None and batch.batch_age_seconds >= 0
@@ -58,14 +50,14 @@ def test_queue_and_consumer_figures_are_those_of_the_traffic(conn: Conn, engine:
 def test_stuck_consumers_are_those_behind_or_holding_a_batch_too_long(
     conn: Conn, engine: Engine
 ) -> None:
-    make_queue(conn, "q", "alive", "stopped", "holding")
-    send(conn, "q", 3)
-    tick(conn, "q")
+    make_ticking_queue(conn, "q", "alive", "stopped", "holding")
+    send_many(conn, "q", 3)
+    tick(conn, "q", force=False)
     for consumer in ("alive", "stopped"):
         drain(conn, "q", consumer)
     conn.execute("select pgque.receive('q', 'holding', 10)")
-    send(conn, "q", 1)
-    tick(conn, "q")
+    send_many(conn, "q", 1)
+    tick(conn, "q", force=False)
     drain(conn, "q", "alive")
     # An hour passes for the two others: every tick but the newest (alive's cursor) and
     # the activity of the one holding a batch move an hour back.
@@ -84,8 +76,8 @@ def test_a_consumer_that_stops_blocks_rotation_and_is_named(conn: Conn, engine: 
     (status,) = admin.queues(engine, "r")
     assert status.rotation_blocked_by == ("forgotten",)
     drain(conn, "r", "forgotten")
-    send(conn, "r", 1)
-    tick(conn, "r")
+    send_many(conn, "r", 1)
+    tick(conn, "r", force=False)
     drain(conn, "r", "forgotten")
     drain(conn, "r", "worker")
     assert admin.queues(engine, "r")[0].rotation_blocked_by == ()
@@ -94,8 +86,8 @@ def test_a_consumer_that_stops_blocks_rotation_and_is_named(conn: Conn, engine: 
 def test_dead_letters_are_listed_filtered_paged_shown_replayed_and_purged(
     conn: Conn, engine: Engine
 ) -> None:
-    make_queue(conn, "orders", "billing")
-    make_queue(conn, "mail", "sender")
+    make_ticking_queue(conn, "orders", "billing")
+    make_ticking_queue(conn, "mail", "sender")
     dead_letter(conn, "orders", "billing", 3, "order.created")
     dead_letter(conn, "orders", "billing", 2, "order.paid")
     dead_letter(conn, "mail", "sender", 1, "mail.send")
@@ -122,7 +114,7 @@ def test_dead_letters_are_listed_filtered_paged_shown_replayed_and_purged(
     assert sorted(replayed) == [e.id for e in created]
     with pytest.raises(DeadLetterNotFound):
         admin.dlq_replay(engine, [created[0].id])
-    tick(conn, "orders")
+    tick(conn, "orders", force=False)
     with conn.transaction():
         rows = conn.execute("select msg_id, type, payload::text"
                             " from pgque.receive('orders', 'billing', 100)").fetchall()
@@ -140,7 +132,7 @@ def test_dead_letters_are_listed_filtered_paged_shown_replayed_and_purged(
 
 
 def test_a_session_call_runs_in_the_callers_transaction(conn: Conn, engine: Engine) -> None:
-    make_queue(conn, "q", "c")
+    make_ticking_queue(conn, "q", "c")
     dead_letter(conn, "q", "c", 1, "t")
     entry_id = admin.dlq_list(engine)[0].id
     with Session(engine) as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -10,11 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from consumer_support import Conn, send, setup_queue, tick, wait_until
-from sqlalchemy import Engine, create_engine, event, text
+from consumer_support import ticker_sessions
+from engine_helpers import Conn, drain, make_queue, payloads, send, tick, wait_until
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
-from sqlalchemy_pgque import Message, Queue
+from sqlalchemy_pgque import Queue
 from sqlalchemy_pgque.ticker import Ticker
 
 QUIET = {"ticker_max_lag": "1 hour", "ticker_idle_period": "1 hour"}
@@ -44,7 +46,7 @@ def tickers() -> Iterator[Any]:
 
 
 def test_periodic_ticks_follow_queue_thresholds(conn: Conn, engine: Engine, tickers: Any) -> None:
-    setup_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
+    make_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
     ticker = tickers(Ticker(engine, tick_period=0.01, wake=False))
     assert ticker.leading.wait(10)
     before = tick_ids(conn)[-1]
@@ -53,7 +55,7 @@ def test_periodic_ticks_follow_queue_thresholds(conn: Conn, engine: Engine, tick
 
 
 def test_maintenance_moves_due_retries_back(conn: Conn, engine: Engine, tickers: Any) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     event_ids = [send(conn, "q") for _ in range(25)]
     tick(conn, "q")
     q = Queue("q")
@@ -85,8 +87,8 @@ def _count(conn: Conn, table: str) -> int:
 def test_commit_wakes_an_immediate_tick_of_that_queue(
     conn: Conn, engine: Engine, tickers: Any
 ) -> None:
-    setup_queue(conn, "q", "c", **QUIET)
-    setup_queue(conn, "other", "c", **QUIET)
+    make_queue(conn, "q", "c", **QUIET)
+    make_queue(conn, "other", "c", **QUIET)
     ticker = tickers(Ticker(engine, tick_period=0.05))
     assert ticker.leading.wait(10)
     wait_until(lambda: len(tick_ids(conn)) >= 2 and len(tick_ids(conn, "other")) >= 2,
@@ -96,28 +98,12 @@ def test_commit_wakes_an_immediate_tick_of_that_queue(
     with Session(engine) as session, session.begin():
         Queue("q").send(session, {"n": 1})
     wait_until(lambda: len(tick_ids(conn)) == len(before) + 1, timeout=5, what="the woken tick")
-    assert [m.payload for m in receive_all(engine)] == [{"n": 1}]
+    assert [json.loads(p) for p in payloads(drain(conn, "q", "c"))] == [{"n": 1}]
     assert tick_ids(conn, "other") == other_before
 
 
-def receive_all(engine: Engine) -> list[Message]:
-    """Every message in the ticked windows of consumer c on q (empty windows skipped)."""
-    received: list[Message] = []
-    with Session(engine) as session:
-        while True:
-            with session.begin():
-                pending = session.execute(text(
-                    "SELECT pending_events FROM pgque.get_consumer_info('q', 'c')")).scalar()
-                messages = Queue("q").receive(session, "c")
-                if messages:
-                    Queue("q").ack(session, messages[0].batch_id)
-                    received += messages
-                elif not pending:
-                    return received
-
-
 def test_wake_ups_close_together_share_ticks(conn: Conn, engine: Engine, tickers: Any) -> None:
-    setup_queue(conn, "q", "c", **QUIET)
+    make_queue(conn, "q", "c", **QUIET)
     window = 0.5
     ticker = tickers(Ticker(engine, tick_period=0.05, coalesce_window=window))
     assert ticker.leading.wait(10)
@@ -133,12 +119,12 @@ def test_wake_ups_close_together_share_ticks(conn: Conn, engine: Engine, tickers
     elapsed = time.monotonic() - started
     received: list[int] = []
 
-    def drain() -> bool:
-        received.extend(m.payload["n"] for m in receive_all(engine))
+    def all_received() -> bool:
+        received.extend(json.loads(p)["n"] for p in payloads(drain(conn, "q", "c")))
         return len(received) >= commits
 
     # The last commit is covered by a tick at most one window later.
-    wait_until(drain, timeout=10, what="every commit to be ticked")
+    wait_until(all_received, timeout=10, what="every commit to be ticked")
     assert sorted(received) == list(range(commits))
     wake_ticks = len(tick_ids(conn)) - before
     assert 1 <= wake_ticks <= elapsed / window + 2 < commits
@@ -146,11 +132,11 @@ def test_wake_ups_close_together_share_ticks(conn: Conn, engine: Engine, tickers
 
 def test_one_ticker_leads_and_another_takes_over(conn: Conn, engine: Engine,
                                                  tickers: Any) -> None:
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     first = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
     assert first.leading.wait(10)
     second = tickers(Ticker(engine, tick_period=0.05, lock_retry_interval=0.05))
-    wait_until(lambda: _ticker_sessions(conn) == 2, what="the second ticker to connect")
+    wait_until(lambda: ticker_sessions(conn) == 2, what="the second ticker to connect")
     assert not second.leading.is_set()
 
     first.stop()
@@ -158,18 +144,10 @@ def test_one_ticker_leads_and_another_takes_over(conn: Conn, engine: Engine,
     assert not first.leading.is_set()
 
 
-def _ticker_sessions(conn: Conn) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name LIKE 'sqlalchemy_pgque ticker %'"
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def test_ticker_reconnects_after_its_backend_is_terminated(
     conn: Conn, engine: Engine, tickers: Any
 ) -> None:
-    setup_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
+    make_queue(conn, "q", "c", ticker_max_lag="20 milliseconds")
     ticker = tickers(Ticker(engine, tick_period=0.02))
     assert ticker.leading.wait(10)
     conn.execute(
@@ -177,7 +155,7 @@ def test_ticker_reconnects_after_its_backend_is_terminated(
         "WHERE application_name LIKE 'sqlalchemy_pgque ticker %' "
         "AND datname = current_database()"
     )
-    wait_until(lambda: _ticker_sessions(conn) == 1 and ticker.leading.is_set(), timeout=10,
+    wait_until(lambda: ticker_sessions(conn) == 1 and ticker.leading.is_set(), timeout=10,
                what="the ticker to come back")
     before = tick_ids(conn)[-1]
     send(conn, "q")
@@ -222,7 +200,7 @@ def test_ticker_backs_off_while_ticking_fails_after_it_connects(
     """Connecting works but every tick fails (a server that takes no writes, as a
     standby reached before a failover completes): the delays must grow to the cap,
     not start over at each reconnection, and the outage is never declared over."""
-    setup_queue(conn, "q", "c")
+    make_queue(conn, "q", "c")
     engine = create_engine(db.url)
 
     @event.listens_for(engine, "connect")

@@ -9,10 +9,11 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from functools import partial
 
 import pytest
 from conftest import Database, Server
-from queue_helpers import create_queue, deliver
+from engine_helpers import Conn, make_queue, tick
 from sqlalchemy import Connection, Engine, create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -28,26 +29,30 @@ from sqlalchemy_pgque import (
     Message,
     MessageNotInBatch,
     PermissionDenied,
-    PgqueError,
     Queue,
     QueueNotFound,
 )
 from sqlalchemy_pgque._duration import as_seconds
 from sqlalchemy_pgque.errors import _translate
+from sqlalchemy_pgque.testing import sent
 
 jobs_q = Queue("jobs")
 
 
 @pytest.fixture
-def jobs(engine: Engine) -> Engine:
-    create_queue(engine, jobs_q, "worker")
+def jobs(engine: Engine, conn: Conn) -> Engine:
+    make_queue(conn, jobs_q.name, "worker")
     return engine
 
 
-def tick(engine: Engine, queue: Queue = jobs_q) -> None:
-    with engine.begin() as conn:
-        queue.force_next_tick(conn)
-        assert queue.ticker(conn) is not None
+Tick = Callable[[], int]
+
+
+@pytest.fixture
+def tick_jobs(conn: Conn) -> Tick:
+    """A forced tick of ``jobs`` on the psycopg ``conn`` fixture, which these tests cannot
+    name: ``conn`` is their SQLAlchemy connection."""
+    return partial(tick, conn, "jobs")
 
 
 def test_subscribe_and_unsubscribe_report_changes(jobs: Engine) -> None:
@@ -58,11 +63,13 @@ def test_subscribe_and_unsubscribe_report_changes(jobs: Engine) -> None:
         assert jobs_q.unsubscribe(conn, "reporting") is False
 
 
-def test_receive_returns_typed_messages_and_ack_finishes_the_batch(jobs: Engine) -> None:
+def test_receive_returns_typed_messages_and_ack_finishes_the_batch(
+    jobs: Engine, tick_jobs: Tick
+) -> None:
     with jobs.begin() as conn:
         first = jobs_q.send_now(conn, {"job": 1}, type="build", extra1="a", extra3="c")
         second = jobs_q.send_now(conn, [2])
-    tick(jobs)
+    tick_jobs()
     with Session(jobs) as session, session.begin():
         messages = jobs_q.receive(session, "worker")
         assert [m.msg_id for m in messages] == [first, second]
@@ -82,10 +89,10 @@ def test_receive_returns_typed_messages_and_ack_finishes_the_batch(jobs: Engine)
         assert jobs_q.receive(conn, "worker") == []
 
 
-def test_receive_limits_the_messages_returned(jobs: Engine) -> None:
+def test_receive_limits_the_messages_returned(jobs: Engine, tick_jobs: Tick) -> None:
     with jobs.begin() as conn:
         ids = [jobs_q.send_now(conn, i) for i in range(5)]
-    tick(jobs)
+    tick_jobs()
     with jobs.begin() as conn:
         assert [m.msg_id for m in jobs_q.receive(conn, "worker", 2)] == ids[:2]
 
@@ -93,17 +100,17 @@ def test_receive_limits_the_messages_returned(jobs: Engine) -> None:
 def test_payload_that_is_not_json_is_kept_as_text(jobs: Engine) -> None:
     with jobs.begin() as conn:
         conn.execute(text("SELECT pgque.send('jobs', 'raw', CAST('not json' AS text))"))
-    messages = deliver(jobs, jobs_q, "worker")
+    messages = sent(jobs, jobs_q)
     assert [(m.payload, m.raw_payload) for m in messages] == [("not json", "not json")]
 
 
-def test_received_message_behaves_like_a_constructed_one(jobs: Engine) -> None:
+def test_received_message_behaves_like_a_constructed_one(jobs: Engine, tick_jobs: Tick) -> None:
     # Received payloads are decoded on first access: each operation below gets a message
     # fresh from receive (the open batch is re-read) and must see the decoded value.
     with jobs.begin() as conn:
         event_id = jobs_q.send_now(conn, {"order": [1, 2]}, type="t", extra2="x")
         conn.execute(text("SELECT pgque.send('jobs', 'raw', CAST('not json' AS text))"))
-    tick(jobs)
+    tick_jobs()
     with jobs.begin() as conn:
         def fresh() -> list[Message]:
             return jobs_q.receive(conn, "worker")
@@ -127,11 +134,11 @@ def test_received_message_behaves_like_a_constructed_one(jobs: Engine) -> None:
         assert jobs_q.ack(conn, received.batch_id) == 1
 
 
-def test_nack_redelivers_then_dead_letters(jobs: Engine) -> None:
+def test_nack_redelivers_then_dead_letters(jobs: Engine, tick_jobs: Tick) -> None:
     with jobs.begin() as conn:
         conn.execute(text("SELECT pgque.set_queue_config('jobs', 'max_retries', '1')"))
         event_id = jobs_q.send_now(conn, {"flaky": True})
-    tick(jobs)
+    tick_jobs()
     for attempt in range(2):
         with jobs.begin() as conn:
             [msg] = jobs_q.receive(conn, "worker")
@@ -141,7 +148,7 @@ def test_nack_redelivers_then_dead_letters(jobs: Engine) -> None:
         with jobs.begin() as conn:
             moved = conn.execute(text("SELECT pgque.maint_retry_events()")).scalar_one()
             assert moved == (1 if attempt == 0 else 0)
-        tick(jobs)
+        tick_jobs()
     with jobs.begin() as conn:
         assert jobs_q.receive(conn, "worker") == []
         dead = conn.execute(text("SELECT ev_id, dl_reason FROM pgque.dlq_inspect('jobs')")).all()
@@ -163,7 +170,7 @@ def test_duration_text_reads_as_postgresql_reads_it(engine: Engine, text_value: 
     assert as_seconds(text_value) == pytest.approx(float(expected))
 
 
-def test_durations_as_text(jobs: Engine) -> None:
+def test_durations_as_text(jobs: Engine, tick_jobs: Tick) -> None:
     for bad in ["", " ", "soon", "5 months", "5 minutes ago", "nan", "inf", "infinity",
                 "1e3", "\u0663 s", "PT5M"]:
         with pytest.raises(ValueError, match="not a duration"):
@@ -173,7 +180,7 @@ def test_durations_as_text(jobs: Engine) -> None:
             as_seconds(not_finite)
     with jobs.begin() as conn:
         jobs_q.send_now(conn, {"later": True})
-    tick(jobs)
+    tick_jobs()
     with jobs.begin() as conn:
         [msg] = jobs_q.receive(conn, "worker")
         jobs_q.nack(conn, msg, retry_after="2 minutes")
@@ -183,10 +190,10 @@ def test_durations_as_text(jobs: Engine) -> None:
     assert float(delay) == pytest.approx(120, abs=1)
 
 
-def test_nack_errors(jobs: Engine) -> None:
+def test_nack_errors(jobs: Engine, tick_jobs: Tick) -> None:
     with jobs.begin() as conn:
         jobs_q.send_now(conn, {"x": 1})
-    tick(jobs)
+    tick_jobs()
     with jobs.begin() as conn:
         [msg] = jobs_q.receive(conn, "worker")
         with pytest.raises(MessageNotInBatch, match="not found in batch"), conn.begin_nested():
@@ -196,13 +203,13 @@ def test_nack_errors(jobs: Engine) -> None:
             jobs_q.nack(conn, msg, retry_after=5)
 
 
-def test_cooperative_consumer_calls(jobs: Engine) -> None:
+def test_cooperative_consumer_calls(jobs: Engine, tick_jobs: Tick) -> None:
     with jobs.begin() as conn:
         assert jobs_q.subscribe_subconsumer(conn, "pool", "w1") is True
         assert jobs_q.subscribe_subconsumer(conn, "pool", "w1") is False
     with jobs.begin() as conn:
         event_id = jobs_q.send_now(conn, {"coop": 1})
-    tick(jobs)
+    tick_jobs()
     with jobs.begin() as conn:
         [msg] = jobs_q.receive_coop(conn, "pool", "w1", dead_interval=30.0)
         assert msg.msg_id == event_id
@@ -214,11 +221,11 @@ def test_cooperative_consumer_calls(jobs: Engine) -> None:
         assert jobs_q.unsubscribe_subconsumer(conn, "pool", "w1") is False
 
 
-def test_cooperative_misuse_gets_named_errors(jobs: Engine) -> None:
+def test_cooperative_misuse_gets_named_errors(jobs: Engine, tick_jobs: Tick) -> None:
     with jobs.begin() as conn:
         jobs_q.subscribe_subconsumer(conn, "pool", "w1")
         msg_id = jobs_q.send_now(conn, {"coop": 1})
-    tick(jobs)
+    tick_jobs()
     with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="with a subconsumer"):
         jobs_q.receive(conn, "pool")
     with jobs.connect() as conn, pytest.raises(ConsumerModeConflict, match="conversion"):
@@ -331,15 +338,6 @@ def test_permission_denied_names_the_role_to_grant(
         assert isinstance(jobs_q.send_now(conn, {"granted": True}), int)
 
 
-def test_invalid_names() -> None:
-    for bad in ["", "q" * 58, 42]:
-        with pytest.raises(InvalidName):
-            Queue(bad)  # type: ignore[arg-type]
-    assert Queue("q" * 57).name == "q" * 57
-    with pytest.raises(InvalidName):
-        Queue("ok", consumers=[""])
-
-
 def test_invalid_names_from_the_engine(jobs: Engine) -> None:
     with jobs.connect() as conn, pytest.raises(InvalidName, match="dot"):
         jobs_q.subscribe_subconsumer(conn, "pool.main", "w1")
@@ -356,13 +354,6 @@ def test_unrelated_database_errors_are_not_translated(jobs: Engine) -> None:
     assert _translate(caught.value) is None
 
 
-def test_pgque_errors_share_a_base() -> None:
-    for error in (QueueNotFound, ConsumerNotSubscribed, BatchNotFound, EngineNotInstalled,
-                  PermissionDenied, InvalidName, MessageNotInBatch, ConsumerModeConflict,
-                  BatchInProgress):
-        assert issubclass(error, PgqueError)
-
-
 def test_async_session_is_refused_with_advice(db: Database) -> None:
     session = AsyncSession(create_async_engine(db.url))
     with pytest.raises(TypeError, match="run_sync"):
@@ -376,7 +367,7 @@ def test_func_pgque_functions_run_typed(jobs: Engine) -> None:
         assert conn.scalar(select(func.pgque.version())).startswith("0.2")
     assert isinstance(event_id, int)
     assert isinstance(batch_ids, list) and len(batch_ids) == 2
-    messages = deliver(jobs, jobs_q, "worker")
+    messages = sent(jobs, jobs_q)
     assert [(m.msg_id, m.payload) for m in messages] == [
         (event_id, {"a": [1, 2]}), (batch_ids[0], {"b": 1}), (batch_ids[1], None)
     ]

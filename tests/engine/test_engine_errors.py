@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, documented_error_codes, make_queue, scalar, tick
+from engine_helpers import (
+    Conn,
+    documented_error_codes,
+    drain,
+    make_queue,
+    payloads,
+    scalar,
+    tick,
+)
 from psycopg import errors, sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError
@@ -34,19 +42,6 @@ from sqlalchemy_pgque import (
     schema,
 )
 from sqlalchemy_pgque.errors import _sqlstate, _translate
-
-
-def received_payloads(conn: Conn, consumer: str = "c", queue: str = "q") -> list[object]:
-    """Everything delivered to ``consumer`` up to the latest tick, acked as it goes."""
-    got: list[object] = []
-    while True:
-        rows = conn.execute("select * from pgque.receive(%s, %s, 10000)",
-                            (queue, consumer)).fetchall()
-        if rows:
-            got.extend(r[3] for r in rows)
-            conn.execute("select pgque.ack(%s)", (rows[0][1],))
-        elif scalar(conn, "select pgque.next_batch(%s, %s)", queue, consumer) is None:
-            return got
 
 
 def fails(conn: Conn, query: str, message: str, *params: object) -> None:
@@ -99,7 +94,7 @@ def test_unknown_queue_writes_nothing(conn: Conn) -> None:
     fails(conn, "select pgque.send('other', 'x'::text)", "queue not found: other")
     conn.execute("select pgque.send('q', 'only'::text)")
     tick(conn)
-    assert received_payloads(conn) == ["only"]
+    assert payloads(drain(conn, "q", "c")) == ["only"]
 
 
 def test_unknown_consumer(conn: Conn) -> None:
@@ -162,7 +157,7 @@ def test_create_queue_name_at_limit_works(conn: Conn) -> None:
     make_queue(conn, name, "c")
     conn.execute("select pgque.send(%s, 'edge'::text)", (name,))
     tick(conn, name)
-    assert received_payloads(conn, "c", name) == ["edge"]
+    assert payloads(drain(conn, name, "c")) == ["edge"]
 
 
 def test_create_queue_empty_name_is_rejected_or_usable(conn: Conn) -> None:
@@ -177,7 +172,7 @@ def test_create_queue_empty_name_is_rejected_or_usable(conn: Conn) -> None:
     conn.execute("select pgque.subscribe('', 'c')")
     conn.execute("select pgque.send('', 'empty'::text)")
     tick(conn, "")
-    assert received_payloads(conn, "c", "") == ["empty"]
+    assert payloads(drain(conn, "", "c")) == ["empty"]
 
 
 # --- arguments -----------------------------------------------------------------------
@@ -194,7 +189,7 @@ def test_receive_max_return_below_one(conn: Conn, max_return: int) -> None:
                               " join pgque.consumer c on c.co_id = s.sub_consumer"
                               " where c.co_name = 'c'")
     assert open_batch is None
-    assert received_payloads(conn) == ["x"]
+    assert payloads(drain(conn, "q", "c")) == ["x"]
 
 
 def test_invalid_json_through_jsonb_overload(conn: Conn) -> None:
@@ -208,7 +203,7 @@ def test_invalid_json_through_jsonb_overload(conn: Conn) -> None:
     # The text overload stores the bytes as given.
     conn.execute("select pgque.send('q', 'not json'::text)")
     tick(conn)
-    assert received_payloads(conn) == ["not json"]
+    assert payloads(drain(conn, "q", "c")) == ["not json"]
 
 
 @pytest.mark.parametrize("query", [
@@ -222,7 +217,7 @@ def test_send_batch_null_payloads(conn: Conn, query: str) -> None:
     fails(conn, query, "payloads must not be null")
     conn.execute("select pgque.send('q', 'after'::text)")
     tick(conn)
-    assert received_payloads(conn) == ["after"]
+    assert payloads(drain(conn, "q", "c")) == ["after"]
 
 
 def test_failed_send_inside_a_transaction_rolls_back_earlier_sends(conn: Conn) -> None:
@@ -231,7 +226,7 @@ def test_failed_send_inside_a_transaction_rolls_back_earlier_sends(conn: Conn) -
         conn.execute("select pgque.send('q', %s::jsonb)", (json.dumps({"n": 1}),))
         conn.execute("select pgque.send('nosuch', 'x'::text)")
     tick(conn)
-    assert received_payloads(conn) == []
+    assert payloads(drain(conn, "q", "c")) == []
 
 
 @pytest.mark.parametrize(("param", "value", "message"), [
@@ -277,7 +272,7 @@ def test_insert_disabled_queue(conn: Conn) -> None:
         conn.execute("set local session_replication_role = 'replica'")
         conn.execute("select pgque.send('q', 'replica'::text)")
     tick(conn)
-    assert received_payloads(conn) == ["replica"]
+    assert payloads(drain(conn, "q", "c")) == ["replica"]
 
 
 # --- privileges ----------------------------------------------------------------------
@@ -370,7 +365,7 @@ def test_cooperative_batch_finish_and_unregister_rules(conn: Conn) -> None:
     assert scalar(conn, "select pgque.unsubscribe('q', 'g.s2')") == 1
     conn.execute("select pgque.send('q', 'y'::text)")
     tick(conn)
-    assert received_payloads(conn, "g") == ["y"]
+    assert payloads(drain(conn, "q", "g")) == ["y"]
     assert scalar(conn, "select pgque.unsubscribe('q', 'g')") == 1
     assert scalar(conn, "select pgque.drop_queue('q')") == 1
 

@@ -20,36 +20,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from engine_helpers import Conn, make_queue, scalar, tick, wait_until
+from engine_helpers import (
+    Conn,
+    drain,
+    ids,
+    make_queue,
+    payloads,
+    receive,
+    scalar,
+    tick,
+    wait_until,
+)
 from psycopg import sql
 
 from sqlalchemy_pgque import schema
-
-
-def receive(conn: Conn, consumer: str, queue: str = "q",
-            max_return: int = 1000) -> list[tuple[object, ...]]:
-    return conn.execute("select * from pgque.receive(%s, %s, %s)",
-                        (queue, consumer, max_return)).fetchall()
-
-
-def payloads(rows: list[tuple[object, ...]]) -> list[object]:
-    return [row[3] for row in rows]
-
-
-def ids(rows: list[tuple[object, ...]]) -> list[object]:
-    return [row[0] for row in rows]
-
-
-def drain(conn: Conn, consumer: str, queue: str = "q") -> list[int]:
-    """Receive and ack every window up to the latest tick; the ids received."""
-    got: list[int] = []
-    while True:
-        rows = receive(conn, consumer, queue)
-        if rows:
-            got.extend(int(str(r[0])) for r in rows)
-            conn.execute("select pgque.ack(%s)", (rows[0][1],))
-        elif scalar(conn, "select pgque.next_batch(%s, %s)", queue, consumer) is None:
-            return got
 
 
 def tick_times(conn: Conn, queue: str = "q") -> list[tuple[int, datetime]]:
@@ -77,9 +61,9 @@ def test_own_events_stay_out_of_a_tick_after_newer_transactions_finished(
         other.execute("select pg_current_xact_id()")  # a newer xid, committed at once
         conn.execute("select pgque.force_next_tick('q')")
         assert scalar(conn, "select pgque.ticker('q')") is not None
-        assert receive(conn, "c") == []
+        assert receive(conn, "q", "c") == []
     tick(conn)
-    assert ids(receive(conn, "c")) == [sent]
+    assert ids(receive(conn, "q", "c")) == [sent]
 
 
 def test_send_tick_receive_in_one_transaction_returns_nothing(conn: Conn) -> None:
@@ -88,10 +72,10 @@ def test_send_tick_receive_in_one_transaction_returns_nothing(conn: Conn) -> Non
         sent = scalar(conn, "select pgque.send('q', %s::jsonb)", json.dumps({"n": 1}))
         conn.execute("select pgque.force_next_tick('q')")
         assert scalar(conn, "select pgque.ticker('q')") is not None
-        assert receive(conn, "c") == []
+        assert receive(conn, "q", "c") == []
     # The event falls into the next window once its transaction has committed.
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert ids(rows) == [sent]
     assert json.loads(str(rows[0][3])) == {"n": 1}
 
@@ -99,9 +83,9 @@ def test_send_tick_receive_in_one_transaction_returns_nothing(conn: Conn) -> Non
 def test_committed_send_is_received_after_a_tick(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     sent = scalar(conn, "select pgque.send('q', 'order.created', %s::jsonb)", '{"id": 7}')
-    assert receive(conn, "c") == []  # no tick yet, no delivery
+    assert receive(conn, "q", "c") == []  # no tick yet, no delivery
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert len(rows) == 1
     msg_id, batch_id, ev_type, payload, retry, created, *extras = rows[0]
     assert msg_id == sent
@@ -121,12 +105,12 @@ def test_rolled_back_send_never_appears(conn: Conn) -> None:
     conn.execute("rollback")
     kept = scalar(conn, "select pgque.send('q', 'kept'::text)")
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert payloads(rows) == ["kept"]
     assert ids(rows) == [kept]
     conn.execute("select pgque.ack(%s)", (rows[0][1],))
     tick(conn)
-    assert receive(conn, "c") == []
+    assert receive(conn, "q", "c") == []
 
 
 def test_transaction_open_across_a_tick_lands_in_a_later_batch(conn: Conn, db: Any) -> None:
@@ -136,15 +120,15 @@ def test_transaction_open_across_a_tick_lands_in_a_later_batch(conn: Conn, db: A
         early = scalar(producer, "select pgque.send('q', 'in-flight'::text)")
         # Ticks taken while the producer is open must not include nor lose the event.
         tick(conn)
-        assert receive(conn, "c") == []
+        assert receive(conn, "q", "c") == []
         later = scalar(conn, "select pgque.send('q', 'after'::text)")
         tick(conn)
-        rows = receive(conn, "c")
+        rows = receive(conn, "q", "c")
         assert ids(rows) == [later]
         conn.execute("select pgque.ack(%s)", (rows[0][1],))
         producer.commit()
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert ids(rows) == [early]
     assert payloads(rows) == ["in-flight"]
 
@@ -159,7 +143,7 @@ def test_fan_out_every_subscriber_sees_every_event(conn: Conn) -> None:
     tick(conn)
     batches = set()
     for consumer in ("a", "b", "c"):
-        rows = receive(conn, consumer)
+        rows = receive(conn, "q", consumer)
         assert ids(rows) == sent
         batches.add(rows[0][1])
         assert scalar(conn, "select pgque.ack(%s)", rows[0][1]) == 1
@@ -174,15 +158,15 @@ def test_new_subscriber_starts_at_the_latest_tick(conn: Conn) -> None:
     assert scalar(conn, "select pgque.subscribe('q', 'late')") == 0
     conn.execute("select pgque.send('q', 'after'::text)")
     tick(conn)
-    assert payloads(receive(conn, "late")) == ["after"]
-    assert payloads(receive(conn, "early")) == ["before"]
+    assert payloads(receive(conn, "q", "late")) == ["after"]
+    assert payloads(receive(conn, "q", "early")) == ["before"]
 
 
 def test_ack_returns_one_then_zero_with_warning(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     conn.execute("select pgque.send('q', 'x'::text)")
     tick(conn)
-    batch_id = receive(conn, "c")[0][1]
+    batch_id = receive(conn, "q", "c")[0][1]
     notices: list[str] = []
     conn.add_notice_handler(lambda diag: notices.append(str(diag.message_primary)))
     assert scalar(conn, "select pgque.ack(%s)", batch_id) == 1
@@ -196,14 +180,14 @@ def test_receive_restreams_the_open_batch_until_ack(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     sent = scalar(conn, "select pgque.send_batch('q', %s::text[])", ["1", "2", "3"])
     tick(conn)
-    first = receive(conn, "c")
+    first = receive(conn, "q", "c")
     conn.execute("select pgque.send('q', '4'::text)")
     tick(conn)
-    second = receive(conn, "c")
+    second = receive(conn, "q", "c")
     assert first == second  # same batch, same rows, nothing from the newer tick
     assert ids(first) == sent
     assert scalar(conn, "select pgque.ack(%s)", first[0][1]) == 1
-    assert payloads(receive(conn, "c")) == ["4"]
+    assert payloads(receive(conn, "q", "c")) == ["4"]
 
 
 def test_max_return_limits_rows_and_ack_skips_the_unread_rest(conn: Conn) -> None:
@@ -212,21 +196,21 @@ def test_max_return_limits_rows_and_ack_skips_the_unread_rest(conn: Conn) -> Non
                   [str(i) for i in range(5)])
     assert isinstance(sent, list)
     tick(conn)
-    part = receive(conn, "c", max_return=2)
+    part = receive(conn, "q", "c", max_return=2)
     assert ids(part) == sent[:2]
     # A partial batch stays open: the next receive restarts at its first row.
-    again = receive(conn, "c", max_return=3)
+    again = receive(conn, "q", "c", max_return=3)
     assert ids(again) == sent[:3]
     assert {r[1] for r in part} == {r[1] for r in again}
     assert scalar(conn, "select pgque.ack(%s)", part[0][1]) == 1
     tick(conn)
-    assert receive(conn, "c") == []
+    assert receive(conn, "q", "c") == []
 
 
 def test_empty_window_is_finished_by_receive(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     tick(conn)
-    assert receive(conn, "c") == []
+    assert receive(conn, "q", "c") == []
     open_batch = scalar(
         conn,
         "select s.sub_batch from pgque.subscription s join pgque.consumer c"
@@ -234,7 +218,7 @@ def test_empty_window_is_finished_by_receive(conn: Conn) -> None:
     assert open_batch is None
     conn.execute("select pgque.send('q', 'next'::text)")
     tick(conn)
-    assert payloads(receive(conn, "c")) == ["next"]
+    assert payloads(receive(conn, "q", "c")) == ["next"]
 
 
 def test_next_batch_returns_same_id_until_finished(conn: Conn) -> None:
@@ -265,7 +249,7 @@ def test_batch_ids_are_unique_across_queues(conn: Conn) -> None:
         for q in ("q1", "q2"):
             conn.execute("select pgque.send(%s, 'x'::text)", (q,))
             tick(conn, q)
-            rows = receive(conn, "c", q)
+            rows = receive(conn, q, "c")
             seen.append(rows[0][1])
             conn.execute("select pgque.ack(%s)", (rows[0][1],))
     assert len(set(seen)) == len(seen)
@@ -278,11 +262,11 @@ def test_unsubscribe_and_resubscribe(conn: Conn) -> None:
     assert scalar(conn, "select pgque.unsubscribe('q', 'c')") == 1
     assert scalar(conn, "select pgque.unsubscribe('q', 'c')") == 0
     with pytest.raises(psycopg.ProgrammingError, match="Not subscriber to queue: q/c"):
-        receive(conn, "c")
+        receive(conn, "q", "c")
     assert scalar(conn, "select pgque.subscribe('q', 'c')") == 1
     conn.execute("select pgque.send('q', 'new'::text)")
     tick(conn)
-    assert payloads(receive(conn, "c")) == ["new"]
+    assert payloads(receive(conn, "q", "c")) == ["new"]
 
 
 def test_register_consumer_at_repositions_the_cursor(conn: Conn) -> None:
@@ -290,12 +274,12 @@ def test_register_consumer_at_repositions_the_cursor(conn: Conn) -> None:
     start = tick_times(conn)[-1][0]
     conn.execute("select pgque.send('q', 'one'::text)")
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert payloads(rows) == ["one"]
     conn.execute("select pgque.ack(%s)", (rows[0][1],))
     # Moving back to the earlier tick replays the window after it.
     assert scalar(conn, "select pgque.register_consumer_at('q', 'c', %s)", start) == 0
-    assert payloads(receive(conn, "c")) == ["one"]
+    assert payloads(receive(conn, "q", "c")) == ["one"]
     with pytest.raises(psycopg.ProgrammingError, match="tick not found: 999999"):
         conn.execute("select pgque.register_consumer_at('q', 'c', 999999)")
 
@@ -312,7 +296,7 @@ def test_send_batch_returns_ids_in_input_order(conn: Conn) -> None:
     single = scalar(conn, "select pgque.send('q', 'x'::text)")
     assert isinstance(single, int) and single > batch_ids[-1]
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     by_id = {r[0]: r for r in rows}
     for event_id, text in zip(batch_ids, data, strict=True):
         assert by_id[event_id][2] == "bulk"
@@ -328,7 +312,7 @@ def test_send_batch_overloads_and_null_elements(conn: Conn) -> None:
     assert scalar(conn, "select pgque.send_batch('nosuch', '{}'::jsonb[])") == []
     assert scalar(conn, "select pgque.send_batch('q', 't', '{}'::text[])") == []
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     got = [(r[0], r[2], r[3]) for r in rows]
     assert got == [
         (text_ids[0], "default", '{"a":1}'),
@@ -348,7 +332,7 @@ def test_jsonb_is_canonical_and_text_is_verbatim(conn: Conn) -> None:
     conn.execute("select pgque.send('q', 'untyped literal')")  # resolves to the text form
     conn.execute("select pgque.send('q', null::jsonb)")
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert [(r[2], r[3]) for r in rows] == [
         ("default", '{"a": [1, 2], "b": 1}'),
         ("default", messy),
@@ -364,7 +348,7 @@ def test_insert_event_extras_reach_the_message(conn: Conn) -> None:
     seven = scalar(conn, "select pgque.insert_event('q', 'ty', 'da', 'e1', 'e2', 'e3', 'e4')")
     three = scalar(conn, "select pgque.insert_event('q', 'ty3', 'da3')")
     tick(conn)
-    rows = receive(conn, "c")
+    rows = receive(conn, "q", "c")
     assert rows[0][0] == seven and rows[0][2:4] == ("ty", "da")
     assert list(rows[0][6:10]) == ["e1", "e2", "e3", "e4"]
     assert rows[1][0] == three and list(rows[1][6:10]) == [None, None, None, None]
@@ -381,7 +365,7 @@ def test_pending_events_tick_at_max_count(conn: Conn) -> None:
     assert scalar(conn, "select pgque.ticker('q')") is None
     conn.execute("select pgque.send('q', 'last'::text)")
     assert scalar(conn, "select pgque.ticker('q')") is not None
-    assert len(drain(conn, "c")) == 500
+    assert len(drain(conn, "q", "c")) == 500
 
     conn.execute("select pgque.set_queue_config('q', 'ticker_max_count', '5')")
     conn.execute("select pgque.send_batch('q', %s::text[])", (["a", "b", "c", "d"],))
@@ -403,7 +387,7 @@ def test_pending_events_tick_once_max_lag_passed(conn: Conn) -> None:
                what="a tick")
     (_, before), (_, after) = tick_times(conn)[-2:]
     assert after - before >= timedelta(seconds=1)
-    assert payloads(receive(conn, "c")) == ["x"]
+    assert payloads(receive(conn, "q", "c")) == ["x"]
 
 
 def test_idle_queue_backs_off(conn: Conn) -> None:
@@ -485,8 +469,8 @@ def test_external_ticker(conn: Conn) -> None:
     sent = scalar(conn, "select pgque.send('x', 'e'::text)")
     assert isinstance(sent, int) and sent > 100
     assert scalar(conn, "select pgque.ticker('x', 11, %s, %s)", stamp, sent) == 11
-    assert receive(conn, "c", "x") == []  # window 1..10 is empty and gets finished
-    assert payloads(receive(conn, "c", "x")) == ["e"]
+    assert receive(conn, "x", "c") == []  # window 1..10 is empty and gets finished
+    assert payloads(receive(conn, "x", "c")) == ["e"]
     with pytest.raises(psycopg.ProgrammingError, match="tick_id"):
         conn.execute("select pgque.ticker('x', 11, now(), %s)", (sent,))
     with pytest.raises(psycopg.ProgrammingError, match="event_seq"):
@@ -521,7 +505,7 @@ def test_create_and_drop_queue(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     conn.execute("select pgque.send('q', 'again'::text)")
     tick(conn)
-    assert payloads(receive(conn, "c")) == ["again"]
+    assert payloads(receive(conn, "q", "c")) == ["again"]
 
 
 def test_set_queue_config_updates_and_resets(conn: Conn) -> None:
@@ -608,7 +592,7 @@ def test_concurrent_producers_deliver_every_event_once(
         while any(t.is_alive() for t in producer_threads):
             if time.monotonic() > deadline:
                 pytest.fail("producers did not finish")
-            rows = receive(conn, "c")
+            rows = receive(conn, "q", "c")
             received.extend(int(str(r[0])) for r in rows)
             if rows:
                 conn.execute("select pgque.ack(%s)", (rows[0][1],))
@@ -618,7 +602,7 @@ def test_concurrent_producers_deliver_every_event_once(
             t.join()
     assert errors == []
     tick(conn)
-    received.extend(drain(conn, "c"))
+    received.extend(ids(drain(conn, "q", "c")))
     assert len(sent) == producers * per_producer * 4 // 3
     duplicates = [i for i, n in Counter(received).items() if n > 1]
     assert duplicates == []
@@ -657,14 +641,14 @@ def test_reinstall_keeps_queues_cursors_and_events(conn: Conn, engine: Any) -> N
     make_queue(conn, "q", "c")
     conn.execute("select pgque.send('q', 'before'::text)")
     tick(conn)
-    open_batch = receive(conn, "c")
+    open_batch = receive(conn, "q", "c")
     conn.execute("select pgque.send('q', 'pending'::text)")
     with engine.begin() as sa_conn:
         schema.install(sa_conn, os.environ.get("PGQUE_SCHEMA_SQL") or None)
-    assert receive(conn, "c") == open_batch
+    assert receive(conn, "q", "c") == open_batch
     conn.execute("select pgque.ack(%s)", (open_batch[0][1],))
     tick(conn)
-    assert payloads(receive(conn, "c")) == ["pending"]
+    assert payloads(receive(conn, "q", "c")) == ["pending"]
     conn.execute("set role pgque_writer")
     try:
         conn.execute("select pgque.send('q', 'as writer'::text)")
@@ -678,11 +662,11 @@ def test_concurrent_receives_of_one_consumer_serialise(conn: Conn, db: Any) -> N
     tick(conn)
     results: dict[str, list[tuple[Any, ...]]] = {}
     with psycopg.connect(db.dsn) as first, psycopg.connect(db.dsn, autocommit=True) as second:
-        first_rows = receive(first, "c")  # transaction stays open, holding the cursor row
+        first_rows = receive(first, "q", "c")  # transaction stays open, holding the cursor row
         second_pid = second.info.backend_pid
 
         def second_receive() -> None:
-            results["second"] = receive(second, "c")
+            results["second"] = receive(second, "q", "c")
 
         waiter = threading.Thread(target=second_receive)
         waiter.start()
@@ -734,7 +718,7 @@ def test_sessions_keep_sending_while_other_sessions_create_and_drop_queues(
     received: dict[str, list[tuple[object, ...]]] = {}
     for queue in sent:
         tick(conn, queue)
-        received[queue] = receive(conn, "c", queue)
+        received[queue] = receive(conn, queue, "c")
     assert {queue: ids(rows) for queue, rows in received.items()} == sent
     assert payloads(received["q1"]) == ["before", "extras", "after", "late q1"]
     assert list(received["q1"][1][6:10]) == ["a", "b", "c", "d"]

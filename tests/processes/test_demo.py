@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import Database
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 def test_demo_runs_end_to_end(empty_db: Database) -> None:
