@@ -8,10 +8,19 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
-import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import is_our_engine, scalar, tick, wait_until
+from engine_helpers import (
+    MSG_ID,
+    PAYLOAD,
+    TYPE,
+    Conn,
+    is_our_engine,
+    receive_and_ack,
+    scalar,
+    tick,
+    wait_until,
+)
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -19,8 +28,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy_pgque import Consumer, EngineFeatureMissing, Queue
 from sqlalchemy_pgque.errors import PgqueError
 from sqlalchemy_pgque.testing import deliver
-
-Conn = psycopg.Connection[tuple[object, ...]]
 
 orders_q = Queue("orders")
 
@@ -52,15 +59,11 @@ def held(conn: Conn, queue: str = "orders") -> int:
                             " where de_queue_name = %s", queue))
 
 
-def received(conn: Conn, queue: str = "orders") -> list[tuple[object, ...]]:
-    """Tick, then take and finish the consumer's batch: (id, type, payload, extras...)."""
-    tick(conn, queue)
-    rows = conn.execute(
-        "select msg_id, type, payload, extra1, extra2, extra3, extra4, batch_id"
-        " from pgque.receive(%s, 'c', 1000)", (queue,)).fetchall()
-    if rows:
-        conn.execute("select pgque.ack(%s)", (rows[0][-1],))
-    return [row[:-1] for row in rows]
+def received(conn: Conn) -> list[tuple[object, ...]]:
+    """Tick, then the consumer's next window, acked: (id, type, payload, extra1..4)."""
+    tick(conn, "orders")
+    return [(r[MSG_ID], r[TYPE], r[PAYLOAD], *r[6:10])
+            for r in receive_and_ack(conn, "orders", "c")]
 
 
 def move_due(conn: Conn) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from conftest import Database
-from consumer_support import HANDLED_TABLE, Conn, listening, setup_queue, wait_until
-from engine_helpers import is_our_engine, scalar
+from consumer_support import HANDLED_TABLE, listening
+from engine_helpers import Conn, is_our_engine, make_queue, scalar, wait_until
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,7 @@ def quiet_queue(conn: Conn) -> Conn:
         pytest.skip("delayed delivery is a PgQue 0.3 function")
     # No periodic tick would cover the event before an hour: only the ticker's
     # delayed-delivery path can deliver it in time.
-    setup_queue(conn, "q", "c", ticker_max_lag="1 hour", ticker_idle_period="1 hour")
+    make_queue(conn, "q", "c", ticker_max_lag="1 hour", ticker_idle_period="1 hour")
     conn.execute(HANDLED_TABLE)
     assert scalar(conn, "select tick_period_ms from pgque.config") == TICK_PERIOD * 1000
     return conn
