@@ -24,8 +24,8 @@ Creates a scratch database (dropped afterwards), installs the bundled engine, th
 * cost: the time per event of ``send`` and ``send_idem`` (distinct keys), as a producer
   pays it, one autocommit statement per event from Python (median of ``--rounds``
   rounds of ``--calls`` calls, the two interleaved), and server-side only, in one
-  statement over ``generate_series`` (the work of the function itself). Target:
-  ``send_idem`` at most 1.3x ``send``.
+  statement over ``generate_series`` (the work of the function itself); the same for
+  the DELETE-based claims table's send. Target: ``send_idem`` at most 1.3x ``send``.
 
 Statistics are read from a fresh connection after the working connections closed (a
 backend flushes its table statistics when it exits).
@@ -186,21 +186,23 @@ def run_idem(dsn: str, queue: str, send_sql: str, gc_sql: str, collected_sql: st
 
 
 def cost(dsn: str, calls: int, rounds: int) -> dict[str, Any]:
-    per_event: dict[str, list[float]] = {"send": [], "send_idem": []}
+    per_event: dict[str, list[float]] = {"send": [], "send_idem": [], "delete_based": []}
     statements = {
         "send": "SELECT pgque.send('cq', 't', '{\"n\": 1}'::jsonb)",
         "send_idem": "SELECT event_id FROM pgque.send_idem('cq', 't', '{\"n\": 1}'::jsonb, "
                      "%s, interval '1 hour')",
+        "delete_based": "SELECT bench_send_idem('cq', 't', '{\"n\": 1}'::jsonb, %s, "
+                        "interval '1 hour')",
     }
     key = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pgque.create_queue('cq')")
         for _ in range(rounds):
-            for name in ("send", "send_idem"):
+            for name in statements:
                 started = time.perf_counter()
                 for _ in range(calls):
                     key += 1
-                    params = (f"key-{key}",) if name == "send_idem" else None
+                    params = (f"key-{key}",) if name != "send" else None
                     conn.execute(statements[name], params)
                 per_event[name].append((time.perf_counter() - started) / calls)
         server: dict[str, float] = {}
@@ -210,6 +212,8 @@ def cost(dsn: str, calls: int, rounds: int) -> dict[str, Any]:
             ("send_idem", "SELECT count(r.event_id) FROM generate_series(1, %s) g, "
                           "pgque.send_idem('cq', 't', '{\"n\": 1}'::jsonb, 'srv-' || g, "
                           "interval '1 hour') r"),
+            ("delete_based", "SELECT count(bench_send_idem('cq', 't', '{\"n\": 1}'::jsonb, "
+                             "'srv-' || g, interval '1 hour')) FROM generate_series(1, %s) g"),
         ):
             samples = []
             for _ in range(rounds):
@@ -227,6 +231,8 @@ def cost(dsn: str, calls: int, rounds: int) -> dict[str, Any]:
         "client_ratio": round(client["send_idem"] / client["send"], 3),
         "server_us_per_event": {k: round(v * 1e6, 1) for k, v in server.items()},
         "server_ratio": round(server["send_idem"] / server["send"], 3),
+        "delete_based_client_ratio": round(client["delete_based"] / client["send"], 3),
+        "delete_based_server_ratio": round(server["delete_based"] / server["send"], 3),
     }
 
 
