@@ -219,12 +219,7 @@ SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
 BEGIN
-    IF i_deliver_at <= now() THEN
-        RETURN pgque._insert_event(i_queue, i_type, i_payload::text, NULL, NULL, NULL, NULL);
-    END IF;
-    -- Neither the queue nor its insert switch is checked here (spec): the mover does it.
-    RETURN pgque._delayed_hold(i_queue, i_deliver_at, i_type, i_payload::text,
-                               NULL, NULL, NULL, NULL);
+    RETURN pgque.send_at(i_queue, i_type, i_payload, i_deliver_at, NULL, NULL, NULL, NULL);
 END
 $$;
 
@@ -244,6 +239,7 @@ BEGIN
         RETURN pgque._insert_event(i_queue, i_type, i_payload::text,
                                    i_extra1, i_extra2, i_extra3, i_extra4);
     END IF;
+    -- Neither the queue nor its insert switch is checked here (spec): the mover does it.
     RETURN pgque._delayed_hold(i_queue, i_deliver_at, i_type, i_payload::text,
                                i_extra1, i_extra2, i_extra3, i_extra4);
 END
