@@ -18,6 +18,7 @@ from engine_helpers import (
     send_many,
     subscribe,
     tick,
+    wait_until,
 )
 
 
@@ -60,3 +61,33 @@ def rotation_blocked_by_a_stopped_consumer(conn: Conn) -> None:
         scalar(conn, "select pgque.maint_rotate_tables_step2()")
         tick(conn, "r", force=False)
         drain(conn, "r", "worker")
+    keep_up_past_rotation(conn, "r", "worker")
+
+
+def keep_up_past_rotation(conn: Conn, queue: str, *consumers: str) -> None:
+    """Tick and drain ``consumers`` until each one's cursor tick lies past the queue's
+    last rotation. A tick's snapshot carries the xmin of the whole server: a
+    transaction still open anywhere (another database on a shared test server) when
+    the tick was taken keeps that tick, and a consumer on it, behind the rotation."""
+
+    def past() -> bool:
+        return bool(scalar(
+            conn,
+            "select bool_and(pg_snapshot_xmin(t.tick_snapshot)::text::bigint"
+            "                > q.queue_switch_step2)"
+            "  from pgque.queue q"
+            "  join pgque.subscription s on s.sub_queue = q.queue_id"
+            "  join pgque.consumer c on c.co_id = s.sub_consumer"
+            "  join pgque.tick t on t.tick_queue = q.queue_id and t.tick_id = s.sub_last_tick"
+            " where q.queue_name = %s and c.co_name = any(%s)", queue, list(consumers)))
+
+    def another_round_unless_past() -> bool:
+        if past():
+            return True
+        send_many(conn, queue, 1)
+        tick(conn, queue, force=False)
+        for consumer in consumers:
+            drain(conn, queue, consumer)
+        return False
+
+    wait_until(another_round_unless_past, what=f"{consumers} past the rotation of {queue!r}")

@@ -8,7 +8,12 @@ import pytest
 from engine_helpers import BATCH_ID, Conn, drain, receive, send_many, tick
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from traffic_helpers import dead_letter, make_ticking_queue, rotation_blocked_by_a_stopped_consumer
+from traffic_helpers import (
+    dead_letter,
+    keep_up_past_rotation,
+    make_ticking_queue,
+    rotation_blocked_by_a_stopped_consumer,
+)
 
 from sqlalchemy_pgque import DeadLetterNotFound, QueueNotFound, admin
 
@@ -76,10 +81,7 @@ def test_a_consumer_that_stops_blocks_rotation_and_is_named(conn: Conn, engine: 
     (status,) = admin.queues(engine, "r")
     assert status.rotation_blocked_by == ("forgotten",)
     drain(conn, "r", "forgotten")
-    send_many(conn, "r", 1)
-    tick(conn, "r", force=False)
-    drain(conn, "r", "forgotten")
-    drain(conn, "r", "worker")
+    keep_up_past_rotation(conn, "r", "forgotten", "worker")
     assert admin.queues(engine, "r")[0].rotation_blocked_by == ()
 
 
