@@ -265,10 +265,10 @@ BEGIN
     BEGIN
         SELECT array_agg(q.queue_name ORDER BY q.queue_name) INTO due
           FROM pgque.queue q
-          -- No transaction id this pass could get is below the query's snapshot xmax.
-          CROSS JOIN (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS horizon) h
+          -- The latest tick and the time of the one before it, in one index descent.
           LEFT JOIN LATERAL (
-               SELECT t.tick_id, t.tick_time, t.tick_snapshot, t.tick_event_seq
+               SELECT t.tick_id, t.tick_time, t.tick_snapshot, t.tick_event_seq,
+                      lead(t.tick_time) OVER (ORDER BY t.tick_id DESC) AS prev_time
                  FROM pgque.tick t
                 WHERE t.tick_queue = q.queue_id
                 ORDER BY t.tick_id DESC
@@ -284,22 +284,19 @@ BEGIN
            AND (latest.tick_id IS NULL
                 OR d.pending IS NULL
                 OR d.pending < 0
-                OR pg_snapshot_xmin(latest.tick_snapshot) > h.horizon
-                OR pg_snapshot_xmax(latest.tick_snapshot) > h.horizon
+                -- No transaction id this pass could get is below its snapshot's xmax.
+                OR pg_snapshot_xmin(latest.tick_snapshot)
+                   > (SELECT pg_snapshot_xmax(pg_current_snapshot()))
+                OR pg_snapshot_xmax(latest.tick_snapshot)
+                   > (SELECT pg_snapshot_xmax(pg_current_snapshot()))
                 OR (d.pending > 0
                     AND (d.pending >= q.queue_ticker_max_count
                          OR d.lag >= q.queue_ticker_max_lag))
                 OR (d.pending = 0
-                    AND coalesce(
-                        (SELECT d.lag >= q.queue_ticker_max_lag / 2
-                                AND (d.lag >= 2 * (latest.tick_time - prev.tick_time)
-                                     OR d.lag >= q.queue_ticker_idle_period)
-                           FROM pgque.tick prev
-                          WHERE prev.tick_queue = q.queue_id
-                            AND prev.tick_id < latest.tick_id
-                          ORDER BY prev.tick_id DESC
-                          LIMIT 1),
-                        true)));
+                    AND (latest.prev_time IS NULL
+                         OR (d.lag >= q.queue_ticker_max_lag / 2
+                             AND (d.lag >= 2 * (latest.tick_time - latest.prev_time)
+                                  OR d.lag >= q.queue_ticker_idle_period)))));
     EXCEPTION WHEN internal_error THEN
         SELECT array_agg(queue_name ORDER BY queue_name) INTO due
           FROM pgque.queue
