@@ -236,14 +236,19 @@ $$;
 
 -- One pass over every queue that is neither paused nor external, in name order; how
 -- many ticked. The decision for all queues is made by one query that reads each queue's
--- latest tick (and, when idle, the one before) and its event sequence, locking and
--- writing nothing: a queue with nothing due costs a couple of index probes and a
--- sequence read instead of a locked row, a plpgsql call and a transaction id. Only the
--- queues the query picks go through _tick_queue, which decides again under the queue-row
--- lock, so the query may pick too many but must never leave out a queue _tick_queue
--- would tick; its conditions mirror _tick_queue's, plus the ones that make
--- _tick_queue raise or warn (a latest tick ahead of every transaction id we could get, an
--- event sequence below the latest tick), so those still do.
+-- two latest ticks and its event sequence and writes nothing: a queue with nothing due
+-- costs an index descent and a sequence read instead of a locked row, a plpgsql call and
+-- a transaction id. Only the queues the query picks go through _tick_queue, which
+-- decides again under the queue-row lock, so the query may pick too many but must never
+-- leave out a queue _tick_queue would tick; its conditions mirror _tick_queue's, plus
+-- the ones that make _tick_queue raise or warn (a latest tick ahead of every transaction
+-- id we could get, an event sequence below the latest tick), so those still do.
+--
+-- A sequence read holds a lock on the sequence until the pass commits, as the
+-- per-queue reads did before: a pass takes one lock-table entry per queue, and one more
+-- per queue it ticks (its tick sequence). With the default max_locks_per_transaction a
+-- pass over 10,000 idle queues fits, using most of the shared lock table while it runs;
+-- a pass that ticks thousands of queues at once needs the setting raised.
 --
 -- pg_sequence_last_value reads NULL for a sequence that has handed out no value; it then
 -- still holds its start value (nothing in the engine moves it without calling it). A
