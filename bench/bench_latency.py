@@ -145,9 +145,9 @@ def _send_paced(engine: sqlalchemy.Engine, events: int, delay: float = 0.0
     start = time.monotonic()
     with Session(engine) as session:
         for n in range(events):
-            delay = start + n / RATE - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            wait = start + n / RATE - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             with session.begin():
                 due = time.time() + delay
                 pending = latency_q.send(
@@ -182,13 +182,15 @@ def main() -> None:
     parser.add_argument("--dsn", help="libpq string of a running server (default: embedded)")
     parser.add_argument("--events", type=int, default=500)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with scratch_database(args.dsn, "latency", setup="create table latency "
                           "(msg_id bigint, sent_at float8, handled_at float8)") as dsn:
         with psycopg.connect(dsn) as conn:
             server = conn.info.server_version
-        for name, (worker_args, config, delay) in CASES.items():
+        for name in args.cases:
+            worker_args, config, delay = CASES[name]
             log_path = args.output.with_suffix(f".{name}.log")
             log_path.parent.mkdir(parents=True, exist_ok=True)
             from_send, from_commit = run_case(dsn, args.events, worker_args, config, log_path,

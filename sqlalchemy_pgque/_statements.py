@@ -223,6 +223,12 @@ TICKER_ALL: Final = text("SELECT pgque.ticker()")
 
 FORCE_TICK_QUEUE: Final = "SELECT pgque.force_next_tick(%s)"
 TICK_QUEUE: Final = "SELECT pgque.ticker(%s)"
+# Ours, not PgQue's: force_next_tick and ticker(queue) in one call and one transaction.
+TICK_NOW: Final = "SELECT pgque.tick_now(%s)"
+HAS_TICK_NOW: Final = (
+    "SELECT coalesce(has_function_privilege(to_regprocedure('pgque.tick_now(text)'), "
+    "'EXECUTE'), false)"
+)
 TICK_ALL: Final = "SELECT pgque.ticker()"
 MAINT: Final = "SELECT pgque.maint()"
 MAINT_RETRY_EVENTS: Final = "SELECT pgque.maint_retry_events()"

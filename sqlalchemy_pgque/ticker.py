@@ -8,6 +8,10 @@ queues at their due time (engines with PgQue 0.3's delayed delivery), and, when 
 producer's transaction), ticks that queue at once so its consumers get the event
 within milliseconds. Any number of processes may run one: a PostgreSQL advisory lock
 elects the single process that ticks, and another takes over when it dies.
+
+A woken tick is one call, ``pgque.tick_now(queue)``, where the engine is ours; on
+another PgQue install it is PgQue 0.2's ``force_next_tick(queue)`` and then
+``ticker(queue)``, each in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -79,14 +83,16 @@ class Ticker:
     :param rotate_step2_interval: seconds between extra ``maint_rotate_tables_step2()``
         calls, so a rotation completes without waiting a full maintenance round.
     :param wake: listen for commit wake-ups and tick the committed-to queue at once
-        (``force_next_tick`` in one transaction, ``ticker(queue)`` in the next).
+        (``tick_now(queue)``; on an engine without it ``force_next_tick`` in one
+        transaction, ``ticker(queue)`` in the next).
     :param coalesce_window: at most one wake-up tick per queue in this many seconds;
         commits arriving closer together share the next tick, so a busy queue still
         ticks in batches. The first commit after a quiet spell ticks immediately.
     :param lock_retry_interval: how often a process that does not hold the ticker
         lock tries to take it.
 
-    Ticks are plain PgQue 0.2 calls, so any PgQue install works. The periodic
+    Apart from ``tick_now``, used only where it exists, ticks are plain PgQue 0.2 calls,
+    so any PgQue install works. The periodic
     ``ticker()`` remains the floor for producers that do not go through ``Queue.send``.
     """
 
@@ -119,6 +125,7 @@ class Ticker:
         or in a slow statement stops moving it."""
         self._stopping = threading.Event()
         self._waker: Waker | None = None
+        self._tick_in_one_call = False
 
     def __repr__(self) -> str:
         return f"Ticker({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -218,6 +225,7 @@ class Ticker:
         connection = listener.connection
         period = self.tick_period or _configured_tick_period(connection)
         delayed = _DelayedDelivery.open(connection)
+        self._tick_in_one_call = _has_tick_now(connection)
         if self.wake:
             listener.listen(statements.WAKE_CHANNEL)
             if delayed is not None:
@@ -304,8 +312,11 @@ class Ticker:
     def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
         """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""
         try:
-            connection.execute(statements.FORCE_TICK_QUEUE, (queue_name,))
-            connection.execute(statements.TICK_QUEUE, (queue_name,))
+            if self._tick_in_one_call:
+                connection.execute(statements.TICK_NOW, (queue_name,))
+            else:
+                connection.execute(statements.FORCE_TICK_QUEUE, (queue_name,))
+                connection.execute(statements.TICK_QUEUE, (queue_name,))
         except psycopg.Error as exc:
             if _is_connection_lost(exc) or _configuration_error(exc) is not None:
                 raise
@@ -362,6 +373,12 @@ class _DelayedDelivery:
         """Move the due events into their queues; how many."""
         row = connection.execute(statements.MAINT_DELIVER_DELAYED).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+
+def _has_tick_now(connection: psycopg.Connection[Any]) -> bool:
+    """Whether this user may call our engine's one-step ``pgque.tick_now(queue)``."""
+    row = connection.execute(statements.HAS_TICK_NOW).fetchone()
+    return bool(row and row[0])
 
 
 def _configured_tick_period(connection: psycopg.Connection[Any]) -> float:

@@ -94,10 +94,16 @@ BEGIN
 END
 $$;
 
--- Tick one queue if its thresholds say so. With i_skip_ineligible a queue that vanished,
--- was paused or switched to an external ticker since the caller listed it is skipped
--- (NULL) rather than raising, so ticker() survives concurrent DDL.
-CREATE OR REPLACE FUNCTION pgque._tick_queue(i_queue_name text, i_skip_ineligible boolean)
+-- Tick one queue: if its thresholds say so, or with i_force whatever they say.
+-- i_skip_ineligible is ticker()'s mode: a queue that vanished, was paused or switched to
+-- an external ticker since the caller listed it is skipped (NULL) rather than raising,
+-- so a pass survives concurrent DDL; so is one whose row another transaction holds (a
+-- force_next_tick, set_queue_config, rotation or drop_queue not yet committed, or another
+-- ticker): the next pass takes it up. Waiting there could deadlock: the pass already
+-- holds a lock on every queue's event sequence it read (see ticker()), and drop_queue
+-- needs those after taking the queue row.
+CREATE OR REPLACE FUNCTION pgque._tick_queue(
+    i_queue_name text, i_skip_ineligible boolean, i_force boolean)
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pgque, pg_catalog
@@ -113,9 +119,12 @@ DECLARE
     cur_txid bigint;
     new_tick bigint;
 BEGIN
-    PERFORM 1 FROM pgque.queue WHERE queue_name = i_queue_name FOR NO KEY UPDATE;
-
-    SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name;
+    IF i_skip_ineligible THEN
+        SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name
+           FOR NO KEY UPDATE SKIP LOCKED;
+    ELSE
+        SELECT * INTO q FROM pgque.queue WHERE queue_name = i_queue_name FOR NO KEY UPDATE;
+    END IF;
     IF NOT FOUND THEN
         IF i_skip_ineligible THEN
             RETURN NULL;
@@ -135,8 +144,14 @@ BEGIN
         RAISE EXCEPTION 'Ticker has been paused for this queue' USING ERRCODE = 'PQ105';
     END IF;
 
-    SELECT s.last_value, s.is_called INTO event_seq, seq_called
-      FROM pgque._seq_state(q.queue_event_seq) s;
+    -- pg_sequence_last_value is NULL until the first nextval; only then is the slower
+    -- dynamic read of both fields needed.
+    event_seq := pg_sequence_last_value(pgque.quote_fqname(q.queue_event_seq)::regclass);
+    seq_called := event_seq IS NOT NULL;
+    IF NOT seq_called THEN
+        SELECT s.last_value, s.is_called INTO event_seq, seq_called
+          FROM pgque._seq_state(q.queue_event_seq) s;
+    END IF;
 
     SELECT * INTO last_tick FROM pgque.tick
      WHERE tick_queue = q.queue_id ORDER BY tick_id DESC LIMIT 1;
@@ -161,7 +176,9 @@ BEGIN
                 event_seq, last_tick.tick_event_seq;
         END IF;
 
-        IF pending > 0 THEN
+        IF i_force THEN
+            NULL;
+        ELSIF pending > 0 THEN
             IF pending < q.queue_ticker_max_count AND lag < q.queue_ticker_max_lag THEN
                 RETURN NULL;
             END IF;
@@ -190,15 +207,55 @@ BEGIN
 END
 $$;
 
+-- The two-argument form of earlier installs; nothing calls it any more.
+DROP FUNCTION IF EXISTS pgque._tick_queue(text, boolean);
+
 CREATE OR REPLACE FUNCTION pgque.ticker(i_queue_name text)
 RETURNS bigint
 LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
-    SELECT pgque._tick_queue(i_queue_name, false);
+    SELECT pgque._tick_queue(i_queue_name, false, false);
 $$;
 
+-- Tick one queue now, whatever its thresholds: what force_next_tick followed by
+-- ticker(queue) does, in one call and one transaction. Ours, not PgQue's; the worker's
+-- commit-woken ticker calls it where it exists. A tick made here needs no forced jump of
+-- the event sequence (that jump exists only to make the next ticker() call tick), so the
+-- tick records the true sequence value and queue_seq_skipped is left alone. Errors as
+-- ticker(queue): unknown, paused and external queues raise.
+CREATE OR REPLACE FUNCTION pgque.tick_now(i_queue_name text)
+RETURNS bigint
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT pgque._tick_queue(i_queue_name, false, true);
+$$;
+
+-- One pass over every queue that is neither paused nor external, in name order; how
+-- many ticked. The decision for all queues is made by one query that reads each queue's
+-- two latest ticks and its event sequence and writes nothing: a queue with nothing due
+-- costs an index descent and a sequence read instead of a locked row, a plpgsql call and
+-- a transaction id. Only the queues the query picks go through _tick_queue, which
+-- decides again under the queue-row lock, so the query may pick too many but must never
+-- leave out a queue _tick_queue would tick; its conditions mirror _tick_queue's, plus
+-- the ones that make _tick_queue raise or warn (a latest tick ahead of every transaction
+-- id we could get, an event sequence below the latest tick), so those still do.
+--
+-- A sequence read holds a lock on the sequence until the pass commits, as the
+-- per-queue reads did before: a pass takes one lock-table entry per queue, and one more
+-- per queue it ticks (its tick sequence). With the default max_locks_per_transaction a
+-- pass over 10,000 idle queues fits, using most of the shared lock table while it runs;
+-- a pass that ticks thousands of queues at once needs the setting raised.
+--
+-- pg_sequence_last_value reads NULL for a sequence that has handed out no value; it then
+-- still holds its start value (nothing in the engine moves it without calling it). A
+-- sequence missing from the catalog leaves pending NULL, and _tick_queue decides.
+-- A drop_queue that committed while this pass waited for the sequence it dropped makes
+-- pg_sequence_last_value fail with internal_error ("could not open relation"): that pass
+-- falls back to asking _tick_queue about every queue, as before this query existed.
 CREATE OR REPLACE FUNCTION pgque.ticker()
 RETURNS bigint
 LANGUAGE plpgsql
@@ -206,15 +263,52 @@ SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
 DECLARE
+    due text[];
     name text;
     ticked bigint := 0;
 BEGIN
-    FOR name IN
-        SELECT queue_name FROM pgque.queue
-         WHERE NOT queue_ticker_paused AND NOT queue_external_ticker
-         ORDER BY queue_name
-    LOOP
-        IF pgque._tick_queue(name, true) IS NOT NULL THEN
+    BEGIN
+        SELECT array_agg(q.queue_name ORDER BY q.queue_name) INTO due
+          FROM pgque.queue q
+          -- The latest tick and the time of the one before it, in one index descent.
+          LEFT JOIN LATERAL (
+               SELECT t.tick_id, t.tick_time, t.tick_snapshot, t.tick_event_seq,
+                      lead(t.tick_time) OVER (ORDER BY t.tick_id DESC) AS prev_time
+                 FROM pgque.tick t
+                WHERE t.tick_queue = q.queue_id
+                ORDER BY t.tick_id DESC
+                LIMIT 1) latest ON true
+          CROSS JOIN LATERAL (
+               SELECT coalesce(pg_sequence_last_value(s.seq),
+                               (SELECT p.seqstart FROM pg_sequence p WHERE p.seqrelid = s.seq))
+                      - latest.tick_event_seq AS pending,
+                      now() - latest.tick_time AS lag
+                 FROM (SELECT to_regclass(q.queue_event_seq) AS seq) s) d
+         WHERE NOT q.queue_ticker_paused
+           AND NOT q.queue_external_ticker
+           AND (latest.tick_id IS NULL
+                OR d.pending IS NULL
+                OR d.pending < 0
+                -- No transaction id this pass could get is below its snapshot's xmax.
+                OR pg_snapshot_xmin(latest.tick_snapshot)
+                   > (SELECT pg_snapshot_xmax(pg_current_snapshot()))
+                OR pg_snapshot_xmax(latest.tick_snapshot)
+                   > (SELECT pg_snapshot_xmax(pg_current_snapshot()))
+                OR (d.pending > 0
+                    AND (d.pending >= q.queue_ticker_max_count
+                         OR d.lag >= q.queue_ticker_max_lag))
+                OR (d.pending = 0
+                    AND (latest.prev_time IS NULL
+                         OR (d.lag >= q.queue_ticker_max_lag / 2
+                             AND (d.lag >= 2 * (latest.tick_time - latest.prev_time)
+                                  OR d.lag >= q.queue_ticker_idle_period)))));
+    EXCEPTION WHEN internal_error THEN
+        SELECT array_agg(queue_name ORDER BY queue_name) INTO due
+          FROM pgque.queue
+         WHERE NOT queue_ticker_paused AND NOT queue_external_ticker;
+    END;
+    FOREACH name IN ARRAY coalesce(due, '{}') LOOP
+        IF pgque._tick_queue(name, true, false) IS NOT NULL THEN
             ticked := ticked + 1;
         END IF;
     END LOOP;

@@ -124,6 +124,32 @@ def test_pending_events_count_events_not_forced_ticks(conn: Conn, forced_first: 
     assert pending(conn, "late") == 300 - late_joiner_from
 
 
+def test_tick_now_keeps_the_figures_true_beside_forced_ticks(conn: Conn) -> None:
+    """tick_now, the worker's one-call woken tick, ticks without a forced jump: mixed
+    with force_next_tick + ticker, pending_events and ev_new still count events, and
+    its ticks add nothing to the skipped count."""
+    make_queue(conn, "q", "c")
+    tick(conn)  # the sequence's first value goes to a forced tick: every event counts
+    sent: list[int] = []
+    for commit in range(60):
+        sent.extend(send_many(conn, "q", 3))
+        if commit % 2:
+            tick(conn)
+        else:
+            conn.execute("select pgque.tick_now('q')")
+    assert pending(conn, "c") == 180
+    assert ev_new(conn) == 0
+    skipped = scalar(conn, "select queue_seq_skipped from pgque.queue")
+    sent.extend(send_many(conn, "q", 5))
+    assert ev_new(conn) == 5
+    assert scalar(conn, "select pgque.tick_now('q')") is not None
+    assert ev_new(conn) == 0
+    assert pending(conn, "c") == 185
+    assert scalar(conn, "select queue_seq_skipped from pgque.queue") == skipped
+    assert ids(drain(conn, "q", "c")) == sent
+    assert pending(conn, "c") == 0
+
+
 def test_ev_new_counts_events_since_the_latest_tick(conn: Conn) -> None:
     make_queue(conn, "q", "c")
     tick(conn)

@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 from consumer_support import ticker_sessions
-from engine_helpers import Conn, drain, make_queue, payloads, send, tick, wait_until
+from engine_helpers import (
+    Conn,
+    drain,
+    is_our_engine,
+    make_queue,
+    payloads,
+    send,
+    tick,
+    wait_until,
+)
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
@@ -100,6 +109,33 @@ def test_commit_wakes_an_immediate_tick_of_that_queue(
     wait_until(lambda: len(tick_ids(conn)) == len(before) + 1, timeout=5, what="the woken tick")
     assert [json.loads(p) for p in payloads(drain(conn, "q", "c"))] == [{"n": 1}]
     assert tick_ids(conn, "other") == other_before
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["tick_now", "two_calls"])
+def test_a_woken_tick_is_one_call_where_the_engine_has_tick_now(
+    conn: Conn, engine: Engine, tickers: Any, one_call: bool
+) -> None:
+    """On our engine the woken tick is ``tick_now``, which moves no sequence; where it
+    is missing (another PgQue install, simulated by dropping it) the ticker falls back
+    to ``force_next_tick`` and ``ticker``, whose forced jump queue_seq_skipped counts."""
+    if not is_our_engine(conn):
+        pytest.skip("tick_now is our engine's")
+    if not one_call:
+        conn.execute("DROP FUNCTION pgque.tick_now(text)")
+    make_queue(conn, "q", "c", **QUIET)
+    ticker = tickers(Ticker(engine, tick_period=0.05))
+    assert ticker.leading.wait(10)
+    wait_until(lambda: len(tick_ids(conn)) >= 2, what="the first periodic round")
+    before = len(tick_ids(conn))
+    for n in range(3):
+        with Session(engine) as session, session.begin():
+            Queue("q").send(session, {"n": n})
+        wait_until(lambda n=n: len(tick_ids(conn)) == before + n + 1, timeout=5,
+                   what="the woken tick")
+    assert [json.loads(p)["n"] for p in payloads(drain(conn, "q", "c"))] == [0, 1, 2]
+    skipped = conn.execute("SELECT queue_seq_skipped FROM pgque.queue").fetchone()
+    assert skipped is not None
+    assert (skipped[0] == 0) is one_call
 
 
 def test_wake_ups_close_together_share_ticks(conn: Conn, engine: Engine, tickers: Any) -> None:
