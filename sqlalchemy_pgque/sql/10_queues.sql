@@ -124,15 +124,41 @@ END
 $$;
 
 -- send and insert_event reach the current event table of a queue through
--- pgque._insert_static, which create_queue, drop_queue and every install regenerate from
--- pgque.queue: one static INSERT per event table, so each keeps a cached plan per
--- session, where a dynamic EXECUTE is parsed and planned on every event. The branches
--- test queue_id as a binary search, so the cost grows with log(queues). The generated
--- function answers false for any (queue, table) it does not know and the caller then
--- falls back to EXECUTE: a queue beyond the cap below, or one committed concurrently
--- with a REPEATABLE READ create_queue that regenerated without seeing it, stays correct,
--- only slower. A dropped queue's branch is never reached: its lookup fails first.
-CREATE OR REPLACE FUNCTION pgque._insert_static_branches(queue_ids integer[], lo integer, hi integer)
+-- pgque._insert_static: one static INSERT per event table, so each keeps a cached plan
+-- per session, where a dynamic EXECUTE is parsed and planned on every event (about
+-- 20 us more server time per send, bench/bench_scale.py). The code is generated from
+-- pgque.queue in two levels so that neither its size nor the work of create_queue grows
+-- with the number of queues:
+--   * an insert group holds the queues whose ids share queue_id / 64; its function
+--     pgque._insert_static_g<group> has the INSERTs of those queues. create_queue and
+--     drop_queue regenerate only their group.
+--   * pgque._insert_static dispatches to the group functions by a binary search on
+--     queue_id; it is regenerated only when a group appears or empties.
+-- A session compiles a function on its first call after a change, so a session sending
+-- to a few queues compiles a few groups, not every queue. Any (queue, table) the code
+-- does not know answers false and the caller falls back to EXECUTE: a queue committed
+-- concurrently with a REPEATABLE READ create_queue that regenerated its group without
+-- seeing it stays correct, only slower. A dropped queue's branch is never reached: its
+-- lookup fails first.
+--
+-- Memory: every expression PL/pgSQL evaluates keeps a cached plan of a few kB in the
+-- session, so the generated code is laid out for few expressions per queue. A group
+-- function branches on the table number first, then on queue_id (a binary search down
+-- to runs of at most 8 equality tests), and every INSERT falls through to one shared
+-- RETURN true: a session that sends to a queue keeps one test of its own besides the
+-- INSERT's plan.
+CREATE OR REPLACE FUNCTION pgque._insert_group_size()
+RETURNS integer
+LANGUAGE sql
+IMMUTABLE
+AS $$
+    SELECT 64;
+$$;
+
+-- The code of one table number in a group function: queue_ids[lo .. hi] ascending,
+-- pfxs[i] the queue_data_pfx of queue_ids[i].
+CREATE OR REPLACE FUNCTION pgque._insert_group_branches(
+    queue_ids integer[], pfxs text[], table_no integer, lo integer, hi integer)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pgque, pg_catalog
@@ -140,59 +166,141 @@ AS $$
 DECLARE
     mid integer;
     code text := '';
-    tbl record;
 BEGIN
     IF hi - lo >= 8 THEN
         mid := (lo + hi + 1) / 2;
         RETURN format($tmpl$IF $1 < %s THEN
 %sELSE
 %sEND IF;
-$tmpl$, queue_ids[mid], pgque._insert_static_branches(queue_ids, lo, mid - 1),
-            pgque._insert_static_branches(queue_ids, mid, hi));
+$tmpl$, queue_ids[mid], pgque._insert_group_branches(queue_ids, pfxs, table_no, lo, mid - 1),
+            pgque._insert_group_branches(queue_ids, pfxs, table_no, mid, hi));
     END IF;
     FOR i IN lo .. hi LOOP
         code := code || format($tmpl$%s $1 = %s THEN
-$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END, queue_ids[i]);
-        FOR tbl IN
-            SELECT n AS table_no,
-                   format('%I.%I', split_part(q.queue_data_pfx, '.', 1),
-                          split_part(q.queue_data_pfx, '.', 2) || '_' || n) AS table_sql
-              FROM pgque.queue q CROSS JOIN generate_series(0, q.queue_ntables - 1) AS n
-             WHERE q.queue_id = queue_ids[i]
-             ORDER BY n
-        LOOP
-            code := code || format($tmpl$    %s $2 = %s THEN
-        INSERT INTO %s (ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
-        VALUES ($3, pg_catalog.now(), $4, $5, $6, $7, $8, $9);
-        RETURN true;
-$tmpl$, CASE WHEN tbl.table_no = 0 THEN 'IF' ELSE 'ELSIF' END, tbl.table_no, tbl.table_sql);
-        END LOOP;
-        code := code || $tmpl$    END IF;
+    INSERT INTO %I.%I (ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+    VALUES ($3, pg_catalog.now(), $4, $5, $6, $7, $8, $9);
+$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END, queue_ids[i],
+            split_part(pfxs[i], '.', 1), split_part(pfxs[i], '.', 2) || '_' || table_no);
+    END LOOP;
+    RETURN code || $tmpl$ELSE
+    RETURN false;
+END IF;
 $tmpl$;
+END
+$$;
+
+-- The code of the dispatcher: groups[lo .. hi], ascending. A leaf tests only the upper
+-- bound of each group: an id in a group without a function lands in the next group's
+-- function, which does not know it and answers false.
+CREATE OR REPLACE FUNCTION pgque._insert_dispatch_branches(groups integer[], lo integer, hi integer)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $$
+DECLARE
+    mid integer;
+    code text := '';
+BEGIN
+    IF hi - lo >= 8 THEN
+        mid := (lo + hi + 1) / 2;
+        RETURN format($tmpl$IF $1 < %s THEN
+%sELSE
+%sEND IF;
+$tmpl$, groups[mid] * pgque._insert_group_size(),
+            pgque._insert_dispatch_branches(groups, lo, mid - 1),
+            pgque._insert_dispatch_branches(groups, mid, hi));
+    END IF;
+    FOR i IN lo .. hi LOOP
+        code := code || format($tmpl$%s $1 < %s THEN
+    RETURN pgque._insert_static_g%s($1, $2, $3, $4, $5, $6, $7, $8, $9);
+$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END,
+                               (groups[i] + 1) * pgque._insert_group_size(), groups[i]);
     END LOOP;
     RETURN code || $tmpl$END IF;
 $tmpl$;
 END
 $$;
 
--- Only the first 256 queues (by id) get a branch: every session compiles the whole
--- function on its first send after a change, which costs about 0.1 ms and 8 kB per queue.
--- The body is generated, so validating it at CREATE time only repeats that parse.
-CREATE OR REPLACE FUNCTION pgque._rebuild_insert_static()
+-- Write the function of one insert group, or drop it when the group has no queue left.
+-- True when the function appeared or went, i.e. when the dispatcher must follow.
+-- The generated bodies are only compiled by their first call; validating them at
+-- CREATE time would repeat that parse. Invoker rights and no SET clause (each one costs
+-- microseconds per call): they run inside the SECURITY DEFINER send functions, under
+-- their search_path.
+CREATE OR REPLACE FUNCTION pgque._write_insert_group(i_group integer)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+SET check_function_bodies = off
+AS $fn$
+DECLARE
+    fn constant text := format('pgque._insert_static_g%s', i_group);
+    sig constant text := '(integer, integer, bigint, text, text, text, text, text, text)';
+    existed constant boolean := to_regprocedure(fn || sig) IS NOT NULL;
+    table_count integer;
+    queue_ids integer[];
+    pfxs text[];
+    code text := '';
+BEGIN
+    SELECT max(q.queue_ntables) INTO table_count FROM pgque.queue q
+     WHERE q.queue_id >= i_group * pgque._insert_group_size()
+       AND q.queue_id < (i_group + 1) * pgque._insert_group_size();
+    IF table_count IS NULL THEN
+        IF existed THEN
+            EXECUTE 'DROP FUNCTION ' || fn || sig;
+        END IF;
+        RETURN existed;
+    END IF;
+    FOR n IN 0 .. table_count - 1 LOOP
+        SELECT array_agg(q.queue_id ORDER BY q.queue_id),
+               array_agg(q.queue_data_pfx ORDER BY q.queue_id)
+          INTO queue_ids, pfxs
+          FROM pgque.queue q
+         WHERE q.queue_id >= i_group * pgque._insert_group_size()
+           AND q.queue_id < (i_group + 1) * pgque._insert_group_size()
+           AND q.queue_ntables > n;
+        code := code || format($tmpl$%s $2 = %s THEN
+%s$tmpl$, CASE WHEN n = 0 THEN 'IF' ELSE 'ELSIF' END, n,
+            pgque._insert_group_branches(queue_ids, pfxs, n, 1, cardinality(queue_ids)));
+    END LOOP;
+    EXECUTE format($tmpl$CREATE OR REPLACE FUNCTION %s(
+    queue_id integer, cur_table integer, ev_id bigint, ev_type text, ev_data text,
+    ev_extra1 text, ev_extra2 text, ev_extra3 text, ev_extra4 text)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $body$
+BEGIN
+%sELSE
+    RETURN false;
+END IF;
+RETURN true;
+END
+$body$
+$tmpl$, fn, code);
+    IF existed THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s%s FROM PUBLIC', fn, sig);
+    RETURN true;
+END
+$fn$;
+
+-- Write the dispatcher over the group functions that exist.
+CREATE OR REPLACE FUNCTION pgque._write_insert_dispatch()
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pgque, pg_catalog
 SET check_function_bodies = off
 AS $fn$
 DECLARE
-    queue_ids integer[];
+    groups integer[];
 BEGIN
-    -- Two sessions replacing the function at once would fail with "tuple concurrently
-    -- updated"; the later one waits here and then reads the queues the first committed.
-    PERFORM pg_advisory_xact_lock(hashtext('sqlalchemy_pgque.insert_static'));
-    queue_ids := ARRAY(SELECT queue_id FROM pgque.queue ORDER BY queue_id LIMIT 256);
-    -- Invoker rights and no SET clause (each one costs microseconds per call): it runs
-    -- inside the SECURITY DEFINER send functions, under their search_path.
+    groups := ARRAY(
+        SELECT g FROM (SELECT DISTINCT queue_id / pgque._insert_group_size() AS g
+                         FROM pgque.queue) AS present
+         WHERE to_regprocedure(format('pgque._insert_static_g%s(integer, integer, bigint, '
+                                      'text, text, text, text, text, text)', g)) IS NOT NULL
+         ORDER BY g);
     EXECUTE format($tmpl$CREATE OR REPLACE FUNCTION pgque._insert_static(
     queue_id integer, cur_table integer, ev_id bigint, ev_type text, ev_data text,
     ev_extra1 text, ev_extra2 text, ev_extra3 text, ev_extra4 text)
@@ -204,8 +312,51 @@ BEGIN
 END
 $body$
 $tmpl$,
-        CASE WHEN cardinality(queue_ids) = 0 THEN ''
-             ELSE pgque._insert_static_branches(queue_ids, 1, cardinality(queue_ids)) END);
+        CASE WHEN cardinality(groups) = 0 THEN ''
+             ELSE pgque._insert_dispatch_branches(groups, 1, cardinality(groups)) END);
+END
+$fn$;
+
+-- The group of one queue, after create_queue or drop_queue. Two sessions replacing one
+-- function at once would fail with "tuple concurrently updated"; the later one waits on
+-- this lock and then reads what the first committed.
+CREATE OR REPLACE FUNCTION pgque._rebuild_insert_group(i_queue_id integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $fn$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('sqlalchemy_pgque.insert_static'));
+    IF pgque._write_insert_group(i_queue_id / pgque._insert_group_size()) THEN
+        PERFORM pgque._write_insert_dispatch();
+    END IF;
+END
+$fn$;
+
+-- Earlier versions generated one function for the first 256 queues with this helper.
+DROP FUNCTION IF EXISTS pgque._insert_static_branches(integer[], integer, integer);
+
+-- Everything, on install: every group with queues, no function for a group without,
+-- and the dispatcher.
+CREATE OR REPLACE FUNCTION pgque._rebuild_insert_static()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pgque, pg_catalog
+AS $fn$
+DECLARE
+    g integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('sqlalchemy_pgque.insert_static'));
+    FOR g IN
+        SELECT queue_id / pgque._insert_group_size() FROM pgque.queue
+        UNION
+        SELECT substr(proname, length('_insert_static_g') + 1)::integer
+          FROM pg_proc
+         WHERE pronamespace = 'pgque'::regnamespace AND proname ~ '^_insert_static_g[0-9]+$'
+    LOOP
+        PERFORM pgque._write_insert_group(g);
+    END LOOP;
+    PERFORM pgque._write_insert_dispatch();
 END
 $fn$;
 
@@ -263,7 +414,7 @@ BEGIN
     END LOOP;
     PERFORM pgque.grant_perms(i_queue_name);
     PERFORM pgque.ticker(i_queue_name);
-    PERFORM pgque._rebuild_insert_static();
+    PERFORM pgque._rebuild_insert_group(qid);
     RETURN 1;
 END
 $$;
@@ -489,7 +640,7 @@ BEGIN
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_event_seq);
     EXECUTE 'DROP SEQUENCE ' || pgque.quote_fqname(q.queue_tick_seq);
     DELETE FROM pgque.queue WHERE queue_id = q.queue_id;
-    PERFORM pgque._rebuild_insert_static();
+    PERFORM pgque._rebuild_insert_group(q.queue_id);
     RETURN 1;
 END
 $$;
