@@ -87,16 +87,22 @@ def test_rotation_recycles_tables_without_dead_tuples(conn: Conn) -> None:
 
     flush_stats(conn)
 
+    left = [int(scalar(conn, f"select count(*) from pgque.event_{queue_id}_{n}"))
+            for n in range(3)]
+
     def flushed() -> list[tuple[str, int, int, int]] | None:
+        # The inserting and the truncating backends report their counts separately,
+        # each when it flushes its statistics: wait for both.
         stats = event_table_stats(conn, queue_id)
-        return stats if sum(ins for _, ins, _, _ in stats) == len(sent) else None
+        complete = (sum(ins for _, ins, _, _ in stats) == len(sent)
+                    and [live for _, _, live, _ in stats] == left)
+        return stats if complete else None
 
     stats = wait_until(flushed, timeout=30, what="the event tables' statistics")
     assert len(stats) == 3
+    # Truncation is what emptied the recycled tables (live counts match what is left,
+    # above), and nothing was deleted or updated.
     assert [dead for _, _, _, dead in stats] == [0, 0, 0]
-    # Truncation is what emptied the recycled tables: live counts match what is left.
-    assert [live for _, _, live, _ in stats] == [
-        int(scalar(conn, f"select count(*) from pgque.event_{queue_id}_{n}")) for n in range(3)]
 
 
 def test_step1_needs_step2_and_a_cursor_past_it(conn: Conn) -> None:
