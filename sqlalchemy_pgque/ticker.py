@@ -91,9 +91,9 @@ class Ticker:
     :param lock_retry_interval: how often a process that does not hold the ticker
         lock tries to take it.
 
-    Apart from ``tick_now``, used only where it exists, ticks are plain PgQue 0.2 calls,
-    so any PgQue install works. The periodic
-    ``ticker()`` remains the floor for producers that do not go through ``Queue.send``.
+    Apart from ``tick_now``, used only where it exists, ticks are plain PgQue 0.2
+    calls, so any PgQue install works. The periodic ``ticker()`` remains the floor for
+    producers that do not go through ``Queue.send``.
     """
 
     def __init__(
