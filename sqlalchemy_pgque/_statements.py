@@ -147,6 +147,8 @@ _EXTRAS_ARGS = (
     ", CAST(:extra1 AS text), CAST(:extra2 AS text), CAST(:extra3 AS text), "
     "CAST(:extra4 AS text)"
 )
+# Without extras, PgQue 0.3's own send_at, which another 0.3 install has too; with
+# them, our 8-argument form.
 SEND_AT: Final = text(_SEND_AT_SQL.format(extras="", wake=""))
 SEND_AT_EXTRAS: Final = text(_SEND_AT_SQL.format(extras=_EXTRAS_ARGS, wake=""))
 _DELAYED_WAKE = (
@@ -225,10 +227,6 @@ FORCE_TICK_QUEUE: Final = "SELECT pgque.force_next_tick(%s)"
 TICK_QUEUE: Final = "SELECT pgque.ticker(%s)"
 # Ours, not PgQue's: force_next_tick and ticker(queue) in one call and one transaction.
 TICK_NOW: Final = "SELECT pgque.tick_now(%s)"
-HAS_TICK_NOW: Final = (
-    "SELECT coalesce(has_function_privilege(to_regprocedure('pgque.tick_now(text)'), "
-    "'EXECUTE'), false)"
-)
 TICK_ALL: Final = "SELECT pgque.ticker()"
 MAINT: Final = "SELECT pgque.maint()"
 MAINT_RETRY_EVENTS: Final = "SELECT pgque.maint_retry_events()"
@@ -239,10 +237,11 @@ MAINT_DELIVER_DELAYED: Final = "SELECT pgque.maint_deliver_delayed()"
 SECONDS_TO_NEXT_DELAYED: Final = (
     "SELECT extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"
 )
-HAS_DELAYED_DELIVERY: Final = (
-    "SELECT coalesce(has_function_privilege(to_regprocedure('pgque.maint_deliver_delayed()'), "
-    "'EXECUTE') AND has_function_privilege(to_regprocedure('pgque.next_delayed_due()'), "
-    "'EXECUTE'), false)"
+# Whether this user may call every function of a list of regprocedure signatures (our
+# engine's, which another PgQue install lacks: false then).
+MAY_EXECUTE_ALL: Final = (
+    "SELECT coalesce(bool_and(coalesce(has_function_privilege(to_regprocedure(f), "
+    "'EXECUTE'), false)), false) FROM unnest(CAST(%s AS text[])) AS f"
 )
 TRY_ADVISORY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
 SET_APPLICATION_NAME: Final = "SELECT set_config('application_name', %s, false)"

@@ -225,7 +225,7 @@ class Ticker:
         connection = listener.connection
         period = self.tick_period or _configured_tick_period(connection)
         delayed = _DelayedDelivery.open(connection)
-        self._tick_in_one_call = _has_tick_now(connection)
+        self._tick_in_one_call = _may_execute(connection, "pgque.tick_now(text)")
         if self.wake:
             listener.listen(statements.WAKE_CHANNEL)
             if delayed is not None:
@@ -350,14 +350,8 @@ class _DelayedDelivery:
     def open(cls, connection: psycopg.Connection[Any]) -> _DelayedDelivery | None:
         """The schedule, or ``None`` when the engine has no delayed delivery (a PgQue
         0.2 install) or this user may not run its mover."""
-        try:
-            row = connection.execute(statements.HAS_DELAYED_DELIVERY).fetchone()
-        except psycopg.Error as exc:
-            if _is_connection_lost(exc):
-                raise
-            log.debug("ticker: no delayed delivery: %s", _first_line(exc))
-            return None
-        if not (row and row[0]):
+        if not _may_execute(connection, "pgque.maint_deliver_delayed()",
+                            "pgque.next_delayed_due()"):
             return None
         delivery = cls()
         delivery.look_again(connection)
@@ -375,9 +369,16 @@ class _DelayedDelivery:
         return int(row[0]) if row and row[0] is not None else 0
 
 
-def _has_tick_now(connection: psycopg.Connection[Any]) -> bool:
-    """Whether this user may call our engine's one-step ``pgque.tick_now(queue)``."""
-    row = connection.execute(statements.HAS_TICK_NOW).fetchone()
+def _may_execute(connection: psycopg.Connection[Any], *functions: str) -> bool:
+    """Whether this user may call each of our engine's ``functions`` (regprocedure
+    signatures); ``False`` on another PgQue install, which lacks them."""
+    try:
+        row = connection.execute(statements.MAY_EXECUTE_ALL, (list(functions),)).fetchone()
+    except psycopg.Error as exc:
+        if _is_connection_lost(exc):
+            raise
+        log.debug("ticker: not using %s: %s", ", ".join(functions), _first_line(exc))
+        return False
     return bool(row and row[0])
 
 

@@ -155,10 +155,12 @@ AS $$
     SELECT 64;
 $$;
 
--- The code of one table number in a group function: queue_ids[lo .. hi] ascending,
--- pfxs[i] the queue_data_pfx of queue_ids[i].
-CREATE OR REPLACE FUNCTION pgque._insert_group_branches(
-    queue_ids integer[], pfxs text[], table_no integer, lo integer, hi integer)
+-- PL/pgSQL code choosing among arms[lo .. hi] by $1 in a binary search: ranges of more
+-- than 8 arms are split at split_at[mid] ($1 < it goes left), and a leaf tests
+-- conditions[i] in turn, then runs otherwise. split_at and conditions ascend with i.
+CREATE OR REPLACE FUNCTION pgque._search_branches(
+    split_at integer[], conditions text[], arms text[], otherwise text,
+    lo integer, hi integer)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pgque, pg_catalog
@@ -172,54 +174,22 @@ BEGIN
         RETURN format($tmpl$IF $1 < %s THEN
 %sELSE
 %sEND IF;
-$tmpl$, queue_ids[mid], pgque._insert_group_branches(queue_ids, pfxs, table_no, lo, mid - 1),
-            pgque._insert_group_branches(queue_ids, pfxs, table_no, mid, hi));
+$tmpl$, split_at[mid],
+            pgque._search_branches(split_at, conditions, arms, otherwise, lo, mid - 1),
+            pgque._search_branches(split_at, conditions, arms, otherwise, mid, hi));
     END IF;
     FOR i IN lo .. hi LOOP
-        code := code || format($tmpl$%s $1 = %s THEN
-    INSERT INTO %I.%I (ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
-    VALUES ($3, pg_catalog.now(), $4, $5, $6, $7, $8, $9);
-$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END, queue_ids[i],
-            split_part(pfxs[i], '.', 1), split_part(pfxs[i], '.', 2) || '_' || table_no);
+        code := code || format($tmpl$%s %s THEN
+%s$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END, conditions[i], arms[i]);
     END LOOP;
-    RETURN code || $tmpl$ELSE
-    RETURN false;
-END IF;
+    RETURN code || otherwise || $tmpl$END IF;
 $tmpl$;
 END
 $$;
 
--- The code of the dispatcher: groups[lo .. hi], ascending. A leaf tests only the upper
--- bound of each group: an id in a group without a function lands in the next group's
--- function, which does not know it and answers false.
-CREATE OR REPLACE FUNCTION pgque._insert_dispatch_branches(groups integer[], lo integer, hi integer)
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pgque, pg_catalog
-AS $$
-DECLARE
-    mid integer;
-    code text := '';
-BEGIN
-    IF hi - lo >= 8 THEN
-        mid := (lo + hi + 1) / 2;
-        RETURN format($tmpl$IF $1 < %s THEN
-%sELSE
-%sEND IF;
-$tmpl$, groups[mid] * pgque._insert_group_size(),
-            pgque._insert_dispatch_branches(groups, lo, mid - 1),
-            pgque._insert_dispatch_branches(groups, mid, hi));
-    END IF;
-    FOR i IN lo .. hi LOOP
-        code := code || format($tmpl$%s $1 < %s THEN
-    RETURN pgque._insert_static_g%s($1, $2, $3, $4, $5, $6, $7, $8, $9);
-$tmpl$, CASE WHEN i = lo THEN 'IF' ELSE 'ELSIF' END,
-                               (groups[i] + 1) * pgque._insert_group_size(), groups[i]);
-    END LOOP;
-    RETURN code || $tmpl$END IF;
-$tmpl$;
-END
-$$;
+-- Superseded by _search_branches.
+DROP FUNCTION IF EXISTS pgque._insert_group_branches(integer[], text[], integer, integer, integer);
+DROP FUNCTION IF EXISTS pgque._insert_dispatch_branches(integer[], integer, integer);
 
 -- Write the function of one insert group, or drop it when the group has no queue left.
 -- True when the function appeared or went, i.e. when the dispatcher must follow.
@@ -259,9 +229,21 @@ BEGIN
          WHERE q.queue_id >= i_group * pgque._insert_group_size()
            AND q.queue_id < (i_group + 1) * pgque._insert_group_size()
            AND q.queue_ntables > n;
+        -- One INSERT per queue into its table number n, found by queue_id.
         code := code || format($tmpl$%s $2 = %s THEN
 %s$tmpl$, CASE WHEN n = 0 THEN 'IF' ELSE 'ELSIF' END, n,
-            pgque._insert_group_branches(queue_ids, pfxs, n, 1, cardinality(queue_ids)));
+            pgque._search_branches(
+                queue_ids,
+                ARRAY(SELECT '$1 = ' || id FROM unnest(queue_ids) WITH ORDINALITY AS u(id, k)
+                       ORDER BY k),
+                ARRAY(SELECT format($ins$    INSERT INTO %I.%I (ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+    VALUES ($3, pg_catalog.now(), $4, $5, $6, $7, $8, $9);
+$ins$, split_part(pfx, '.', 1), split_part(pfx, '.', 2) || '_' || n)
+                        FROM unnest(pfxs) WITH ORDINALITY AS u(pfx, k) ORDER BY k),
+                $else$ELSE
+    RETURN false;
+$else$,
+                1, cardinality(queue_ids)));
     END LOOP;
     EXECUTE format($tmpl$CREATE OR REPLACE FUNCTION %s(
     queue_id integer, cur_table integer, ev_id bigint, ev_type text, ev_data text,
@@ -312,8 +294,18 @@ BEGIN
 END
 $body$
 $tmpl$,
+        -- A leaf tests only the upper bound of each group: an id in a group without a
+        -- function lands in the next group's function, which does not know it and
+        -- answers false.
         CASE WHEN cardinality(groups) = 0 THEN ''
-             ELSE pgque._insert_dispatch_branches(groups, 1, cardinality(groups)) END);
+             ELSE pgque._search_branches(
+                 ARRAY(SELECT g * pgque._insert_group_size() FROM unnest(groups) WITH
+                       ORDINALITY AS u(g, k) ORDER BY k),
+                 ARRAY(SELECT '$1 < ' || (g + 1) * pgque._insert_group_size()
+                         FROM unnest(groups) WITH ORDINALITY AS u(g, k) ORDER BY k),
+                 ARRAY(SELECT format($ret$    RETURN pgque._insert_static_g%s($1, $2, $3, $4, $5, $6, $7, $8, $9);
+$ret$, g) FROM unnest(groups) WITH ORDINALITY AS u(g, k) ORDER BY k),
+                 '', 1, cardinality(groups)) END);
 END
 $fn$;
 
