@@ -234,9 +234,9 @@ MAINT_ROTATE_STEP2: Final = "SELECT pgque.maint_rotate_tables_step2()"
 QUEUES_WITH_NEW_EVENTS: Final = "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
 TICK_PERIOD_MS: Final = "SELECT tick_period_ms FROM pgque.config"
 MAINT_DELIVER_DELAYED: Final = "SELECT pgque.maint_deliver_delayed()"
-SECONDS_TO_NEXT_DELAYED: Final = (
-    "SELECT extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"
-)
+_SECONDS_TO_NEXT_DELAYED = "extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"
+SECONDS_TO_NEXT_DELAYED: Final = f"SELECT {_SECONDS_TO_NEXT_DELAYED}"
+TICK_ALL_AND_NEXT_DELAYED: Final = f"SELECT pgque.ticker(), {_SECONDS_TO_NEXT_DELAYED}"
 # Whether this user may call every function of a list of regprocedure signatures (our
 # engine's, which another PgQue install lacks: false then).
 MAY_EXECUTE_ALL: Final = (

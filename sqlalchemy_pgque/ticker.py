@@ -242,15 +242,17 @@ class Ticker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                connection.execute(statements.TICK_ALL)
+                if delayed is None:
+                    connection.execute(statements.TICK_ALL)
+                else:
+                    # With the tick, in the same round trip, the next due time: the
+                    # floor for delayed events sent by other clients, which notify nobody.
+                    row = connection.execute(statements.TICK_ALL_AND_NEXT_DELAYED).fetchone()
+                    delayed.due_in(row[1] if row else None)
                 outage.succeeded()
                 next_tick += period
                 if next_tick <= now:
                     next_tick = now + period
-                if delayed is not None:
-                    # Also the floor for delayed events sent by other clients, which
-                    # notify nobody.
-                    delayed.look_again(connection)
             if delayed is not None and delayed.due_at <= now:
                 # The mover notifies WAKE_CHANNEL with each queue it delivered to; a
                 # ticker not listening there looks for new events instead.
@@ -359,7 +361,10 @@ class _DelayedDelivery:
 
     def look_again(self, connection: psycopg.Connection[Any]) -> None:
         row = connection.execute(statements.SECONDS_TO_NEXT_DELAYED).fetchone()
-        seconds = row[0] if row else None
+        self.due_in(row[0] if row else None)
+
+    def due_in(self, seconds: float | None) -> None:
+        """The next event is due in ``seconds`` (``None``: none is held)."""
         # The server's clock decides when an event is due; only the wait is local.
         self.due_at = math.inf if seconds is None else time.monotonic() + max(0.0, float(seconds))
 
