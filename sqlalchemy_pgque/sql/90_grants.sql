@@ -11,9 +11,25 @@ GRANT ALL ON SCHEMA pgque TO pgque_admin;
 GRANT SELECT ON pgque.consumer, pgque.queue, pgque.tick, pgque.subscription,
                 pgque.event_template, pgque.retry_queue
     TO PUBLIC;
-GRANT SELECT ON ALL TABLES IN SCHEMA pgque TO pgque_reader;
-GRANT ALL ON ALL TABLES IN SCHEMA pgque TO pgque_admin;
-GRANT ALL ON ALL SEQUENCES IN SCHEMA pgque TO pgque_admin;
+-- What GRANT ... ON ALL TABLES / SEQUENCES IN SCHEMA pgque would give, granted only
+-- where missing: a reinstall over thousands of queues then locks none of their tables
+-- (see pgque._grant_if_missing).
+DO $tables$
+DECLARE
+    rel record;
+BEGIN
+    FOR rel IN
+        SELECT c.oid::regclass AS oid, c.relkind
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'pgque' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+    LOOP
+        IF rel.relkind <> 'S' THEN
+            PERFORM pgque._grant_if_missing(rel.oid, 'SELECT', 'pgque_reader'::regrole);
+        END IF;
+        PERFORM pgque._grant_if_missing(rel.oid, 'ALL', 'pgque_admin'::regrole);
+    END LOOP;
+END
+$tables$;
 
 -- PostgreSQL grants EXECUTE to PUBLIC on every new function; nothing here is public.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgque FROM PUBLIC;

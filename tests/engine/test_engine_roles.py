@@ -28,9 +28,10 @@ QUEUE = "roles_q"
 PGQUE_03_READER = ["queue_stats", "consumer_stats", "queue_health", "otel_metrics",
                    "stuck_consumers", "in_flight", "throughput", "error_rate"]
 PGQUE_03_WRITER = ["send_idem", "send_at"]
-# next_delayed_due and tick_now are ours (the worker's ticker calls them), not PgQue's.
+# next_delayed_due, tick_now and ticker_step are ours (the worker's ticker calls them),
+# not PgQue's.
 PGQUE_03_ADMIN = ["pause_queue", "resume_queue", "maint_idem", "maint_deliver_delayed",
-                  "next_delayed_due", "tick_now"]
+                  "next_delayed_due", "tick_now", "ticker_step"]
 # Grant class per public function name (spec §3, and ENGINE-0.3 §3 for the 0.3
 # additions): R reader, W writer, A admin only, O owner only. Names not listed are
 # internal helpers: never reader/writer-callable.

@@ -9,6 +9,7 @@ queue id, so that is what crosses its internal boundaries, at a fraction of the 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from engine_helpers import (
@@ -175,6 +176,38 @@ def test_reinstall_regenerates_the_insert_functions(ours: Conn, engine: Engine) 
     assert group_functions(conn) == 3
     for qid in (1, 100, 5000):
         assert statically_inserted(conn, qid, 0)
+
+
+def queue_relation_locks(sa_conn: Any) -> int:
+    """Locks this session holds on the queues' own tables and sequences."""
+    return int(sa_conn.exec_driver_sql(
+        "select count(*) from pg_locks l join pg_class c on c.oid = l.relation"
+        " join pg_namespace n on n.oid = c.relnamespace"
+        " where l.pid = pg_backend_pid() and n.nspname = 'pgque'"
+        " and c.relname ~ '^(event_[0-9]+|event_[0-9]+_[0-9]+|event_[0-9]+_(id|tick)_seq)$'"
+    ).scalar_one())
+
+
+def test_reinstall_grants_only_what_is_missing(ours: Conn, engine: Engine) -> None:
+    """A reinstall re-grants nothing already granted, so it locks none of the queues'
+    tables (on PostgreSQL 18 a GRANT locks its relation until commit: thousands of queues
+    exhausted the lock table), and gives back what was taken away."""
+    conn = ours
+    for n in range(20):
+        make_queue(conn, f"g{n:02d}", "c")
+    table = scalar(conn, "select pgque.current_event_table('g07')")
+    conn.execute(f"revoke select on {table} from pgque_reader")
+    conn.execute(f"revoke all on {table} from pgque_admin")
+    with engine.connect() as sa_conn, sa_conn.begin():
+        schema.install(sa_conn)
+        # The revoked table is granted again (one lock where GRANT locks); nothing else
+        # of the queues is.
+        assert queue_relation_locks(sa_conn) <= 1
+    assert scalar(conn, "select has_table_privilege('pgque_reader', %s, 'SELECT')", table)
+    assert scalar(conn, "select has_table_privilege('pgque_admin', %s, 'TRUNCATE')", table)
+    with engine.connect() as sa_conn, sa_conn.begin():
+        schema.install(sa_conn)
+        assert queue_relation_locks(sa_conn) == 0
 
 
 def test_fan_out_to_a_hundred_consumers_delivers_every_event_to_each(conn: Conn) -> None:
