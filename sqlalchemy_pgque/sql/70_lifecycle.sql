@@ -356,17 +356,26 @@ $$;
 -- name '<consumer>.<subconsumer>'. NULL arguments match everything. pending_events is the
 -- sequence distance from the cursor tick to the latest tick less the values forced ticks
 -- skipped in between (30_ticker.sql).
+--
+-- PL/pgSQL rather than SQL: a consumer asks after each empty receive, and before
+-- PostgreSQL 18 a SQL function that cannot be inlined (SECURITY DEFINER, SET) plans its
+-- query on every call, most of the call's time; PL/pgSQL keeps the plan for the
+-- session. Ticks named by a subscription are read in LATERAL subqueries with LIMIT 1,
+-- not joined (see 86_observability.sql).
 CREATE OR REPLACE FUNCTION pgque.get_consumer_info(
     i_queue_name text, i_consumer_name text,
     OUT queue_name text, OUT consumer_name text, OUT lag interval, OUT last_seen interval,
     OUT last_tick bigint, OUT current_batch bigint, OUT next_tick bigint,
     OUT pending_events bigint)
 RETURNS SETOF record
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT q.queue_name, c.co_name,
            now() - cursor_tick.tick_time,
            now() - s.sub_active,
@@ -376,15 +385,17 @@ AS $$
       FROM pgque.subscription s
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
-      LEFT JOIN pgque.tick cursor_tick
-             ON cursor_tick.tick_queue = s.sub_queue AND cursor_tick.tick_id = s.sub_last_tick
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+                         LIMIT 1) cursor_tick ON true
       LEFT JOIN LATERAL (
             SELECT t.tick_event_seq, t.tick_seq_skipped FROM pgque.tick t
              WHERE t.tick_queue = s.sub_queue ORDER BY t.tick_id DESC LIMIT 1
       ) latest ON true
-     WHERE ($1 IS NULL OR q.queue_name = $1)
-       AND ($2 IS NULL OR c.co_name = $2)
+     WHERE (i_queue_name IS NULL OR q.queue_name = i_queue_name)
+       AND (i_consumer_name IS NULL OR c.co_name = i_consumer_name)
      ORDER BY q.queue_name, c.co_name;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pgque.get_consumer_info(
@@ -414,33 +425,36 @@ AS $$
     SELECT * FROM pgque.get_consumer_info(NULL::text, NULL::text);
 $$;
 
--- An unknown batch id yields one row of NULLs rather than no row.
+-- An unknown batch id yields one row of NULLs rather than no row. PL/pgSQL for its plan
+-- cache, as get_consumer_info.
 CREATE OR REPLACE FUNCTION pgque.get_batch_info(
     x_batch_id bigint,
     OUT queue_name text, OUT consumer_name text, OUT batch_start timestamptz,
     OUT batch_end timestamptz, OUT prev_tick_id bigint, OUT tick_id bigint,
     OUT lag interval, OUT seq_start bigint, OUT seq_end bigint)
 RETURNS record
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
-    SELECT b.* FROM (SELECT 1) AS one
-      LEFT JOIN (
-        SELECT q.queue_name, c.co_name AS consumer_name, prev.tick_time AS batch_start,
-               cur.tick_time AS batch_end, s.sub_last_tick AS prev_tick_id,
-               s.sub_next_tick AS tick_id, now() - cur.tick_time AS lag,
-               prev.tick_event_seq AS seq_start, cur.tick_event_seq AS seq_end
-          FROM pgque.subscription s
-          JOIN pgque.queue q ON q.queue_id = s.sub_queue
-          JOIN pgque.consumer c ON c.co_id = s.sub_consumer
-          LEFT JOIN pgque.tick prev
-                 ON prev.tick_queue = s.sub_queue AND prev.tick_id = s.sub_last_tick
-          LEFT JOIN pgque.tick cur
-                 ON cur.tick_queue = s.sub_queue AND cur.tick_id = s.sub_next_tick
-         WHERE s.sub_batch = $1
-      ) AS b ON true;
+#variable_conflict use_column
+BEGIN
+    SELECT q.queue_name, c.co_name, prev.tick_time, cur.tick_time, s.sub_last_tick,
+           s.sub_next_tick, now() - cur.tick_time, prev.tick_event_seq, cur.tick_event_seq
+      INTO queue_name, consumer_name, batch_start, batch_end, prev_tick_id, tick_id, lag,
+           seq_start, seq_end
+      FROM pgque.subscription s
+      JOIN pgque.queue q ON q.queue_id = s.sub_queue
+      JOIN pgque.consumer c ON c.co_id = s.sub_consumer
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+                         LIMIT 1) prev ON true
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_next_tick
+                         LIMIT 1) cur ON true
+     WHERE s.sub_batch = x_batch_id;
+END
 $$;
 
 GRANT EXECUTE ON FUNCTION

@@ -14,6 +14,11 @@
 -- queue's highest tick_id. Cooperative members are ordinary subscription rows named
 -- '<consumer>.<sub>' whose cursor is NULL while idle: their cursor figures are NULL or
 -- 0, never an error.
+--
+-- A tick named by a subscription is read in a LATERAL subquery with LIMIT 1, which the
+-- planner cannot flatten into a join: joined, the tick lookup shares tick_queue with
+-- the other tables, and on a tick table whose statistics lag behind its growth the
+-- planner probed it by tick_queue alone and filtered every tick of the queue.
 
 -- One row per queue, by name.
 CREATE OR REPLACE FUNCTION pgque.queue_stats()
@@ -42,16 +47,19 @@ AS $$
             SELECT max(t.tick_time) AS max_time, max(t.tick_id) AS max_id
               FROM pgque.tick t WHERE t.tick_queue = q.queue_id
      ) ticks
-      LEFT JOIN pgque.tick newest
-             ON newest.tick_queue = q.queue_id AND newest.tick_id = ticks.max_id
-      LEFT JOIN pgque.tick prev
-             ON prev.tick_queue = q.queue_id AND prev.tick_id = ticks.max_id - 1
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = q.queue_id AND t.tick_id = ticks.max_id
+                         LIMIT 1) newest ON true
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = q.queue_id AND t.tick_id = ticks.max_id - 1
+                         LIMIT 1) prev ON true
      CROSS JOIN LATERAL (
             SELECT count(*) AS n, min(ct.tick_event_seq) AS min_seq,
                    min(ct.tick_time) AS min_time
               FROM pgque.subscription s
-              LEFT JOIN pgque.tick ct
-                     ON ct.tick_queue = s.sub_queue AND ct.tick_id = s.sub_last_tick
+              LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                                 WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+                                 LIMIT 1) ct ON true
              WHERE s.sub_queue = q.queue_id
      ) subs
      CROSS JOIN LATERAL (
@@ -78,7 +86,9 @@ AS $$
       FROM pgque.subscription s
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
-      LEFT JOIN pgque.tick ct ON ct.tick_queue = s.sub_queue AND ct.tick_id = s.sub_last_tick
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+                         LIMIT 1) ct ON true
       LEFT JOIN LATERAL (
             SELECT t.tick_event_seq FROM pgque.tick t
              WHERE t.tick_queue = s.sub_queue ORDER BY t.tick_id DESC LIMIT 1
@@ -228,10 +238,12 @@ AS $$
       FROM pgque.subscription s
       JOIN pgque.queue q ON q.queue_id = s.sub_queue
       JOIN pgque.consumer c ON c.co_id = s.sub_consumer
-      LEFT JOIN pgque.tick last_tick
-             ON last_tick.tick_queue = s.sub_queue AND last_tick.tick_id = s.sub_last_tick
-      LEFT JOIN pgque.tick next_tick
-             ON next_tick.tick_queue = s.sub_queue AND next_tick.tick_id = s.sub_next_tick
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_last_tick
+                         LIMIT 1) last_tick ON true
+      LEFT JOIN LATERAL (SELECT * FROM pgque.tick t
+                         WHERE t.tick_queue = s.sub_queue AND t.tick_id = s.sub_next_tick
+                         LIMIT 1) next_tick ON true
      WHERE q.queue_name = i_queue_name AND s.sub_batch IS NOT NULL
      ORDER BY c.co_name;
 $$;
