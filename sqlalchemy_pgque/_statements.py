@@ -231,7 +231,20 @@ TICK_ALL: Final = "SELECT pgque.ticker()"
 MAINT: Final = "SELECT pgque.maint()"
 MAINT_RETRY_EVENTS: Final = "SELECT pgque.maint_retry_events()"
 MAINT_ROTATE_STEP2: Final = "SELECT pgque.maint_rotate_tables_step2()"
-QUEUES_WITH_NEW_EVENTS: Final = "SELECT queue_name FROM pgque.get_queue_info() WHERE ev_new > 0"
+# A page of queues (by id, after the given one) that tick themselves, each with whether
+# its event sequence moved past its latest tick. Read straight from the PgQue 0.2 tables
+# and sequences (all readable by PUBLIC): get_queue_info() computes a dozen figures per
+# queue and holds a lock on every sequence at once (1.5 s over 10,000 queues, where a
+# page of this costs about what a ticker step does).
+QUEUES_WITH_NEW_EVENTS: Final = (
+    "SELECT q.queue_id, q.queue_name,"
+    " NOT q.queue_ticker_paused AND NOT q.queue_external_ticker AND coalesce("
+    "  pg_sequence_last_value(to_regclass(q.queue_event_seq)) > latest.tick_event_seq, false)"
+    " FROM (SELECT * FROM pgque.queue WHERE queue_id > %s ORDER BY queue_id LIMIT %s) q"
+    " LEFT JOIN LATERAL (SELECT t.tick_event_seq FROM pgque.tick t"
+    "  WHERE t.tick_queue = q.queue_id ORDER BY t.tick_id DESC LIMIT 1) latest ON true"
+    " ORDER BY q.queue_id"
+)
 TICK_PERIOD_MS: Final = "SELECT tick_period_ms FROM pgque.config"
 MAINT_DELIVER_DELAYED: Final = "SELECT pgque.maint_deliver_delayed()"
 _SECONDS_TO_NEXT_DELAYED = "extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"

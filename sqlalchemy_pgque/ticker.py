@@ -324,15 +324,22 @@ class Ticker:
         their events would wait for the periodic ticker's thresholds (``ticker_max_lag``,
         3 s by default) instead of being delivered at once.
         """
-        try:
-            rows = connection.execute(statements.QUEUES_WITH_NEW_EVENTS).fetchall()
-        except psycopg.Error as exc:
-            if _is_connection_lost(exc):
-                raise
-            log.debug("ticker: no catch-up tick: %s", _first_line(exc))
-            return
-        for (queue_name,) in rows:
-            self._tick_now(connection, queue_name)
+        after = 0
+        while True:
+            try:
+                rows = connection.execute(statements.QUEUES_WITH_NEW_EVENTS,
+                                          (after, _QUEUES_PER_STEP)).fetchall()
+            except psycopg.Error as exc:
+                if _is_connection_lost(exc):
+                    raise
+                log.debug("ticker: no catch-up tick: %s", _first_line(exc))
+                return
+            for _, queue_name, has_new_events in rows:
+                if has_new_events:
+                    self._tick_now(connection, queue_name)
+            if len(rows) < _QUEUES_PER_STEP:
+                return
+            after = rows[-1][0]
 
     def _tick_now(self, connection: psycopg.Connection[Any], queue_name: str) -> None:
         """Tick ``queue_name`` whatever its thresholds, each call its own transaction."""

@@ -89,6 +89,33 @@ def test_a_periodic_pass_reaches_every_queue(
                timeout=5, what="a periodic tick of every queue")
 
 
+def test_a_starting_ticker_ticks_what_committed_while_none_listened(
+    conn: Conn, engine: Engine, tickers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits made before the ticker listens woke nobody: it ticks their queues when it
+    starts (read a page of queues at a time, here 4), whatever their thresholds, and
+    leaves alone the queues without new events and the paused ones."""
+    monkeypatch.setattr(ticker_module, "_QUEUES_PER_STEP", 4)
+    names = [f"q{n:02d}" for n in range(10)]
+    for name in names:
+        make_queue(conn, name, "c", **QUIET)
+        tick(conn, name)
+    with_events = {"q01", "q04", "q05", "q09", "q07"}
+    conn.execute("SELECT pgque.set_queue_config('q07', 'ticker_paused', 'true')")
+    for name in sorted(with_events):
+        send(conn, name)
+    before = {name: tick_ids(conn, name)[-1] for name in names}
+    ticker = tickers(Ticker(engine, tick_period=3600))
+    assert ticker.leading.wait(10)
+    wait_until(lambda: all(tick_ids(conn, name)[-1] > before[name]
+                           for name in with_events - {"q07"}),
+               timeout=5, what="catch-up ticks")
+    # The first periodic pass ran before the catch-up, with these queues' thresholds an
+    # hour away; nothing else ticks them.
+    assert {name for name in names if tick_ids(conn, name)[-1] > before[name]} == \
+        with_events - {"q07"}
+
+
 def test_maintenance_moves_due_retries_back(conn: Conn, engine: Engine, tickers: Any) -> None:
     make_queue(conn, "q", "c")
     event_ids = [send(conn, "q") for _ in range(25)]
