@@ -237,6 +237,13 @@ MAINT_DELIVER_DELAYED: Final = "SELECT pgque.maint_deliver_delayed()"
 _SECONDS_TO_NEXT_DELAYED = "extract(epoch FROM pgque.next_delayed_due() - clock_timestamp())"
 SECONDS_TO_NEXT_DELAYED: Final = f"SELECT {_SECONDS_TO_NEXT_DELAYED}"
 TICK_ALL_AND_NEXT_DELAYED: Final = f"SELECT pgque.ticker(), {_SECONDS_TO_NEXT_DELAYED}"
+# Ours: one step of a pass (queues after an id, a bounded number), each step its own
+# transaction, so a pass over thousands of queues holds a bounded number of locks.
+TICK_STEP: Final = "SELECT ticked, next_queue_id FROM pgque.ticker_step(%s, %s)"
+TICK_STEP_AND_NEXT_DELAYED: Final = (
+    f"SELECT s.ticked, s.next_queue_id, {_SECONDS_TO_NEXT_DELAYED} "
+    "FROM pgque.ticker_step(%s, %s) s"
+)
 # Whether this user may call every function of a list of regprocedure signatures (our
 # engine's, which another PgQue install lacks: false then).
 MAY_EXECUTE_ALL: Final = (

@@ -11,7 +11,9 @@ elects the single process that ticks, and another takes over when it dies.
 
 A woken tick is one call, ``pgque.tick_now(queue)``, where the engine is ours; on
 another PgQue install it is PgQue 0.2's ``force_next_tick(queue)`` and then
-``ticker(queue)``, each in a transaction of its own.
+``ticker(queue)``, each in a transaction of its own. Likewise the periodic pass goes in
+steps of ``pgque.ticker_step`` on our engine, so its locks stay bounded with thousands of
+queues, and is one ``ticker()`` elsewhere.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ TICKER_LOCK_KEY = (0x70677175, 0x7469636B)
 """``pg_try_advisory_lock(classid, objid)`` key held by the ticking process."""
 
 _DEFAULT_TICK_PERIOD = 0.1
+# Queues per step of a stepped pass: a step holds about two lock-table entries per queue
+# it covers (see pgque._tick_due), a small share of the default shared lock table.
+_QUEUES_PER_STEP = 500
 _RETRY_MOVER_BATCH = 10
 # What the ticker calls, all granted to pgque_admin.
 _TICKER_FUNCTIONS = (
@@ -126,6 +131,7 @@ class Ticker:
         self._stopping = threading.Event()
         self._waker: Waker | None = None
         self._tick_in_one_call = False
+        self._tick_in_steps = False
 
     def __repr__(self) -> str:
         return f"Ticker({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -226,6 +232,7 @@ class Ticker:
         period = self.tick_period or _configured_tick_period(connection)
         delayed = _DelayedDelivery.open(connection)
         self._tick_in_one_call = _may_execute(connection, "pgque.tick_now(text)")
+        self._tick_in_steps = _may_execute(connection, "pgque.ticker_step(integer,integer)")
         if self.wake:
             listener.listen(statements.WAKE_CHANNEL)
             if delayed is not None:
@@ -242,13 +249,7 @@ class Ticker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                if delayed is None:
-                    connection.execute(statements.TICK_ALL)
-                else:
-                    # With the tick, in the same round trip, the next due time: the
-                    # floor for delayed events sent by other clients, which notify nobody.
-                    row = connection.execute(statements.TICK_ALL_AND_NEXT_DELAYED).fetchone()
-                    delayed.due_in(row[1] if row else None)
+                self._tick_all(connection, delayed)
                 outage.succeeded()
                 next_tick += period
                 if next_tick <= now:
@@ -292,6 +293,28 @@ class Ticker:
                 else:
                     deferred[queue_name] = ready_at
             self.progress_at = time.monotonic()
+
+    def _tick_all(self, connection: psycopg.Connection[Any],
+                  delayed: _DelayedDelivery | None) -> None:
+        """One periodic pass over every queue: ``ticker()``, or on our engine steps of
+        ``ticker_step``, each its own transaction. With a delayed-delivery schedule, the
+        pass also reads, in the same round trip, the next due time: the floor for delayed
+        events sent by other clients, which notify nobody."""
+        if not self._tick_in_steps:
+            if delayed is None:
+                connection.execute(statements.TICK_ALL)
+            else:
+                row = connection.execute(statements.TICK_ALL_AND_NEXT_DELAYED).fetchone()
+                delayed.due_in(row[1] if row else None)
+            return
+        statement = statements.TICK_STEP if delayed is None else \
+            statements.TICK_STEP_AND_NEXT_DELAYED
+        after: int | None = 0
+        while after is not None:
+            row = connection.execute(statement, (after, _QUEUES_PER_STEP)).fetchone()
+            after = row[1] if row else None
+        if delayed is not None:
+            delayed.due_in(row[2] if row else None)
 
     def _catch_up(self, connection: psycopg.Connection[Any]) -> None:
         """Tick the queues that have events since their last tick.

@@ -234,39 +234,55 @@ AS $$
     SELECT pgque._tick_queue(i_queue_name, false, true);
 $$;
 
--- One pass over every queue that is neither paused nor external, in name order; how
--- many ticked. The decision for all queues is made by one query that reads each queue's
--- two latest ticks and its event sequence and writes nothing: a queue with nothing due
--- costs an index descent and a sequence read instead of a locked row, a plpgsql call and
--- a transaction id. Only the queues the query picks go through _tick_queue, which
--- decides again under the queue-row lock, so the query may pick too many but must never
--- leave out a queue _tick_queue would tick; its conditions mirror _tick_queue's, plus
--- the ones that make _tick_queue raise or warn (a latest tick ahead of every transaction
--- id we could get, an event sequence below the latest tick), so those still do.
+-- Tick the queues, neither paused nor external, among the i_queues queues (all when NULL)
+-- that follow queue id i_after_queue_id, in name order (ENGINE.md's order for ticker());
+-- ticked: how many ticked; next_queue_id: the id
+-- to pass as i_after_queue_id for the rest of the pass, NULL when no queue is left.
+-- The decision for the queues is made by one query that reads each queue's two latest
+-- ticks and its event sequence and writes nothing: a queue with nothing due costs an
+-- index descent and a sequence read instead of a locked row, a plpgsql call and a
+-- transaction id. Only the queues the query picks go through _tick_queue, which decides
+-- again under the queue-row lock, so the query may pick too many but must never leave
+-- out a queue _tick_queue would tick; its conditions mirror _tick_queue's, plus the ones
+-- that make _tick_queue raise or warn (a latest tick ahead of every transaction id we
+-- could get, an event sequence below the latest tick), so those still do.
 --
--- A sequence read holds a lock on the sequence until the pass commits, as the
--- per-queue reads did before: a pass takes one lock-table entry per queue, and one more
--- per queue it ticks (its tick sequence). With the default max_locks_per_transaction a
--- pass over 10,000 idle queues fits, using most of the shared lock table while it runs;
--- a pass that ticks thousands of queues at once needs the setting raised.
+-- Why steps: a sequence read holds a lock on the sequence until the transaction ends,
+-- and a tick takes one more (its tick sequence). One transaction over all queues takes
+-- a lock-table entry per queue plus one per queue it ticks: 10,000 idle queues fit in
+-- the default shared lock table (max_locks_per_transaction 64 times the connections),
+-- using most of it while the pass runs, but a pass that ticks thousands of queues at once
+-- runs out of shared memory. ticker_step in a transaction each bounds that by i_queues.
 --
 -- pg_sequence_last_value reads NULL for a sequence that has handed out no value; it then
 -- still holds its start value (nothing in the engine moves it without calling it). A
 -- sequence missing from the catalog leaves pending NULL, and _tick_queue decides.
--- A drop_queue that committed while this pass waited for the sequence it dropped makes
--- pg_sequence_last_value fail with internal_error ("could not open relation"): that pass
--- falls back to asking _tick_queue about every queue, as before this query existed.
-CREATE OR REPLACE FUNCTION pgque.ticker()
-RETURNS bigint
+-- A drop_queue that committed while this step waited for the sequence it dropped makes
+-- pg_sequence_last_value fail with internal_error ("could not open relation"): that step
+-- falls back to asking _tick_queue about every queue it covers.
+CREATE OR REPLACE FUNCTION pgque._tick_due(
+    i_after_queue_id integer, i_queues integer,
+    OUT ticked bigint, OUT next_queue_id integer)
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pgque, pg_catalog
 AS $$
 DECLARE
+    covered integer;
+    last_id integer;
     due text[];
     name text;
-    ticked bigint := 0;
 BEGIN
+    ticked := 0;
+    SELECT count(*), max(c.queue_id) INTO covered, last_id
+      FROM (SELECT queue_id FROM pgque.queue
+             WHERE queue_id > coalesce(i_after_queue_id, 0)
+             ORDER BY queue_id LIMIT i_queues) c;
+    IF i_queues IS NOT NULL AND covered >= i_queues THEN
+        next_queue_id := last_id;
+    END IF;
+    IF covered = 0 THEN
+        RETURN;
+    END IF;
     BEGIN
         SELECT array_agg(q.queue_name ORDER BY q.queue_name) INTO due
           FROM pgque.queue q
@@ -284,7 +300,9 @@ BEGIN
                       - latest.tick_event_seq AS pending,
                       now() - latest.tick_time AS lag
                  FROM (SELECT to_regclass(q.queue_event_seq) AS seq) s) d
-         WHERE NOT q.queue_ticker_paused
+         WHERE q.queue_id > coalesce(i_after_queue_id, 0)
+           AND q.queue_id <= last_id
+           AND NOT q.queue_ticker_paused
            AND NOT q.queue_external_ticker
            AND (latest.tick_id IS NULL
                 OR d.pending IS NULL
@@ -305,14 +323,45 @@ BEGIN
     EXCEPTION WHEN internal_error THEN
         SELECT array_agg(queue_name ORDER BY queue_name) INTO due
           FROM pgque.queue
-         WHERE NOT queue_ticker_paused AND NOT queue_external_ticker;
+         WHERE queue_id > coalesce(i_after_queue_id, 0) AND queue_id <= last_id
+           AND NOT queue_ticker_paused AND NOT queue_external_ticker;
     END;
     FOREACH name IN ARRAY coalesce(due, '{}') LOOP
         IF pgque._tick_queue(name, true, false) IS NOT NULL THEN
             ticked := ticked + 1;
         END IF;
     END LOOP;
-    RETURN ticked;
+END
+$$;
+
+-- One pass over every queue in one transaction (PgQue's ticker()); how many ticked.
+CREATE OR REPLACE FUNCTION pgque.ticker()
+RETURNS bigint
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+    SELECT ticked FROM pgque._tick_due(0, NULL);
+$$;
+
+-- Ours, not PgQue's: one step of a pass, the queues after i_after_queue_id, i_queues at
+-- most (see _tick_due). A pass calls it from 0 until next_queue_id is NULL, each step in
+-- a transaction of its own, so the locks it holds stay bounded whatever the number of
+-- queues; the worker's ticker does so where the function exists.
+CREATE OR REPLACE FUNCTION pgque.ticker_step(
+    i_after_queue_id integer DEFAULT 0, i_queues integer DEFAULT 500,
+    OUT ticked bigint, OUT next_queue_id integer)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pgque, pg_catalog
+AS $$
+BEGIN
+    IF i_queues IS NULL OR i_queues < 1 THEN
+        RAISE EXCEPTION 'ticker_step: i_queues must be >= 1, got %', i_queues
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT d.ticked, d.next_queue_id INTO ticked, next_queue_id
+      FROM pgque._tick_due(i_after_queue_id, i_queues) d;
 END
 $$;
 

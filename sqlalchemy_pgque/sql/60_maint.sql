@@ -225,6 +225,7 @@ DECLARE
     iterations integer;
     started timestamptz := pg_catalog.clock_timestamp();
     i integer;
+    after_id integer;
 BEGIN
     SELECT c.tick_period_ms INTO period_ms FROM pgque.config c;
     IF period_ms IS NULL OR period_ms < 1 THEN
@@ -234,8 +235,14 @@ BEGIN
     END IF;
     iterations := GREATEST(1, 1000 / period_ms);
     FOR i IN 1 .. iterations LOOP
-        PERFORM pgque.ticker();
-        COMMIT;
+        -- A pass in steps, each committed: the locks held stay bounded however many
+        -- queues there are (see pgque._tick_due).
+        after_id := 0;
+        LOOP
+            SELECT s.next_queue_id INTO after_id FROM pgque.ticker_step(after_id) s;
+            COMMIT;
+            EXIT WHEN after_id IS NULL;
+        END LOOP;
         EXIT WHEN i = iterations
                OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started) * 1000
                   + period_ms >= 1000;

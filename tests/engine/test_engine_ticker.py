@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -153,21 +153,23 @@ def arrange(conn: Conn, queue: str, state: str) -> None:
         conn.execute("select pgque.set_queue_config(%s, %s, 'true')", (queue, param))
 
 
-def test_a_pass_over_a_thousand_queues_ticks_exactly_the_due_ones(conn: Conn) -> None:
-    names = [f"q{n:04d}" for n in range(1000)]
+def check_a_pass_ticks_exactly_the_due_ones(
+        conn: Conn, queues: int, one_pass: Callable[[Conn], int]) -> None:
+    names = [f"q{n:04d}" for n in range(queues)]
     create_queues(conn, names, **CONFIG)
     settle(conn)
     # A few queues in each state, spread over the names; the rest stay quiet.
     state_of = {name: "quiet" for name in names}
+    spread = queues // 10 - 3
     for n, state in enumerate(STATES):
-        for name in names[n::97][:5]:
+        for name in names[n::spread][:5]:
             state_of[name] = state
     with conn.transaction():
         for name, state in state_of.items():
             arrange(conn, name, state)
     before = ticks_by_queue(conn)
 
-    ticked = scalar(conn, "select pgque.ticker()")
+    ticked = one_pass(conn)
 
     after = ticks_by_queue(conn)
     got = {name for name in names if after[name] > before[name]}
@@ -176,7 +178,71 @@ def test_a_pass_over_a_thousand_queues_ticks_exactly_the_due_ones(conn: Conn) ->
     assert all(after[name] == before[name] + 1 for name in got)
     assert ticked == len(expected)
     # What was due is done; the backing-off queues stay within their spacing.
-    assert scalar(conn, "select pgque.ticker()") == 0
+    assert one_pass(conn) == 0
+
+
+def test_a_pass_over_a_thousand_queues_ticks_exactly_the_due_ones(conn: Conn) -> None:
+    check_a_pass_ticks_exactly_the_due_ones(
+        conn, 1000, lambda c: int(scalar(c, "select pgque.ticker()")))
+
+
+def stepped_pass(conn: Conn, queues_per_step: int) -> int:
+    """A pass in steps of ``ticker_step``, each its own transaction; how many ticked.
+    Checks that each step hands on the last queue id it covered."""
+    ticked, after, covered = 0, 0, 0
+    ids_in_order = [int(r[0]) for r in conn.execute(
+        "select queue_id from pgque.queue order by queue_id")]
+    while True:
+        row = conn.execute("select ticked, next_queue_id from pgque.ticker_step(%s, %s)",
+                           (after, queues_per_step)).fetchone()
+        assert row is not None
+        ticked += int(row[0])
+        if row[1] is None:
+            assert len(ids_in_order) - covered <= queues_per_step
+            return ticked
+        covered += queues_per_step
+        assert row[1] == ids_in_order[covered - 1]
+        after = row[1]
+
+
+@pytest.mark.usefixtures("ours")
+def test_a_stepped_pass_ticks_exactly_the_due_ones(conn: Conn) -> None:
+    check_a_pass_ticks_exactly_the_due_ones(conn, 200, lambda c: stepped_pass(c, 30))
+
+
+def sequence_locks(conn: Conn) -> int:
+    return int(scalar(
+        conn, "select count(*) from pg_locks l join pg_class c on c.oid = l.relation"
+              " where l.pid = pg_backend_pid() and c.relkind = 'S'"))
+
+
+@pytest.mark.usefixtures("ours")
+def test_a_step_holds_locks_for_its_own_queues_only(conn: Conn) -> None:
+    names = [f"q{n:03d}" for n in range(120)]
+    create_queues(conn, names, **CONFIG)
+    settle(conn)
+    with conn.transaction():
+        for name in names:
+            send_many(conn, name, MAX_COUNT)
+    with conn.transaction():
+        first = conn.execute("select ticked, next_queue_id from pgque.ticker_step(0, 20)"
+                             ).fetchone()
+        step_locks = sequence_locks(conn)
+    assert first is not None and first[0] == 20
+    with conn.transaction():
+        rest = scalar(conn, "select pgque.ticker()")
+        pass_locks = sequence_locks(conn)
+    assert rest == 100
+    # Two sequences per queue ticked (its events and its ticks): a step's 20 queues,
+    # against the 100 a whole pass ticks in its one transaction.
+    assert step_locks <= 2 * 20 + 5 < 2 * 100 <= pass_locks
+
+
+@pytest.mark.usefixtures("ours")
+def test_ticker_step_refuses_a_step_of_no_queues(conn: Conn) -> None:
+    for size in (0, -1, None):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="i_queues"):
+            conn.execute("select pgque.ticker_step(0, %s)", (size,))
 
 
 # --- single queues through the pass, in real time ----------------------------------------

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
 from sqlalchemy_pgque import Queue
+from sqlalchemy_pgque import ticker as ticker_module
 from sqlalchemy_pgque.ticker import Ticker
 
 QUIET = {"ticker_max_lag": "1 hour", "ticker_idle_period": "1 hour"}
@@ -61,6 +62,31 @@ def test_periodic_ticks_follow_queue_thresholds(conn: Conn, engine: Engine, tick
     before = tick_ids(conn)[-1]
     send(conn, "q")
     wait_until(lambda: tick_ids(conn)[-1] > before, timeout=5, what="a periodic tick")
+
+
+@pytest.mark.parametrize("in_steps", [True, False], ids=["ticker_step", "ticker"])
+def test_a_periodic_pass_reaches_every_queue(
+    conn: Conn, engine: Engine, tickers: Any, monkeypatch: pytest.MonkeyPatch, in_steps: bool
+) -> None:
+    """On our engine the pass goes in steps of a few queues (here 4, so 11 queues take
+    three steps); where ``ticker_step`` is missing (another PgQue install, simulated by
+    dropping it) it is one ``ticker()``. Either way every queue with events ticks."""
+    if in_steps and not is_our_engine(conn):
+        pytest.skip("ticker_step is our engine's")
+    if not in_steps and is_our_engine(conn):
+        conn.execute("DROP FUNCTION pgque.ticker_step(integer, integer)")
+    monkeypatch.setattr(ticker_module, "_QUEUES_PER_STEP", 4)
+    names = [f"q{n:02d}" for n in range(11)]
+    for name in names:
+        make_queue(conn, name, "c", ticker_max_count=1, **QUIET)
+        tick(conn, name)
+    ticker = tickers(Ticker(engine, tick_period=0.01, wake=False))
+    assert ticker.leading.wait(10)
+    before = {name: tick_ids(conn, name)[-1] for name in names}
+    for name in names:
+        send(conn, name)
+    wait_until(lambda: all(tick_ids(conn, name)[-1] > before[name] for name in names),
+               timeout=5, what="a periodic tick of every queue")
 
 
 def test_maintenance_moves_due_retries_back(conn: Conn, engine: Engine, tickers: Any) -> None:
