@@ -404,25 +404,28 @@ def server_settings(conn: Conn) -> dict[str, str]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"PostgreSQL {result['server_version']}, load average {result['load_average']}")
+    load = ", ".join(f"{x:.2f}" for x in result["load_average"])
+    print(f"PostgreSQL {result['server_version']}, load average {load}")
+    header = ("queues", "send ev/s", "x size1", "x 1q", "plain", "x size1", "x 1t", "send/pl",
+              "srv us", "idle ms", "busy ms", "step ms", "step all", "all busy", "p50", "p95")
+    widths = (6, 9, 7, 6, 6, 7, 6, 7, 6, 8, 8, 8, 8, 8, 6, 6)
     if result.get("queues"):
-        print(f"{'queues':>7} {'send ev/s':>10} {'x1':>6} {'in-run':>7} {'plain':>7} {'x1':>6} "
-              f"{'in-run':>7} {'eng/pl':>7} {'srv us':>7} {'idle ms':>8} {'busy ms':>8} "
-              f"{'step ms':>8} {'all busy':>10} {'p50':>6} {'p95':>6}")
+        print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for size, row in result.get("queues", {}).items():
         send, tick = row["send"], row["ticker"]
-        busy = next(v for k, v in tick.items() if k.startswith("busy_"))
         single = tick["single_all_busy"]
         lat = row.get("latency", {}).get("from_before_commit", {})
-        print(f"{size:>7} {send['engine_ev_s']:>10} {send.get('engine_vs_size_1', ''):>6} "
-              f"{send.get('engine_vs_one_queue', ''):>7} {send['plain_ev_s']:>7} "
-              f"{send.get('plain_vs_size_1', ''):>6} {send.get('plain_vs_one_table', ''):>7} "
-              f"{send['engine_vs_plain']:>7} {send['server_us_per_send']['round_robin']:>7} "
-              f"{tick['idle_ms']:>8} {busy:>8} {tick.get('stepped_idle_ms', ''):>8} "
-              f"{single if isinstance(single, float) else 'error':>10} "
-              f"{lat.get('p50_ms', ''):>6} {lat.get('p95_ms', ''):>6}")
+        cells = (size, send["engine_ev_s"], send.get("engine_vs_size_1", ""),
+                 send.get("engine_vs_one_queue", ""), send["plain_ev_s"],
+                 send.get("plain_vs_size_1", ""), send.get("plain_vs_one_table", ""),
+                 send["engine_vs_plain"], send["server_us_per_send"]["round_robin"],
+                 tick["idle_ms"], next(v for k, v in tick.items() if k.startswith("busy_")),
+                 tick.get("stepped_idle_ms", ""), tick.get("stepped_all_busy_ms", ""),
+                 single if isinstance(single, float) else "error",
+                 lat.get("p50_ms", ""), lat.get("p95_ms", ""))
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         if not isinstance(single, float):
-            print(f"{'':>7} single pass, all busy: {single}")
+            print(f"{'':>6} one pgque.ticker() with every queue busy: {single}")
     for axis, key, ratio in (("consumers", "receive_ack_per_consumer_ms", "per_consumer_vs_base"),
                              ("members", "receive_coop_ack_per_member_ms", "per_member_vs_base")):
         for count, row in result.get(axis, {}).items():
