@@ -8,8 +8,8 @@
 Three axes, each in a scratch database of its own (dropped afterwards):
 
 * queues: one database grown to 1, 100, 1,000 and 10,000 queues (``--sizes``) as
-  ``bench_ticker.py`` grows it (one consumer each, ``ticker_max_count`` 1, one hour of
-  ``ticker_max_lag`` / ``ticker_idle_period``), with one plain table of the event
+  ``bench_ticker.py`` grows it (one consumer each, ``ticker_max_count`` 1, but one day
+  of ``ticker_max_lag`` / ``ticker_idle_period``), with one plain table of the event
   row shape per queue beside them. At each size:
 
   - send rate: ``pgque.send`` one event per autocommit transaction, prepared,
@@ -20,8 +20,9 @@ Three axes, each in a scratch database of its own (dropped afterwards):
     timed by ``clock_timestamp()``, no round trips or commits);
   - ticker pass: ``select pgque.ticker()`` idle and after one event to each of 100
     queues; with every queue given an event, one ``pgque.ticker()`` (its error, if it
-    fails) and, where the engine has ``pgque.ticker_step``, a full stepped pass of
-    500 queues per transaction, idle and with every queue busy;
+    fails; skipped on a ``--dsn`` server where it would take most of the lock table,
+    which other sessions share) and, where the engine has ``pgque.ticker_step``, a
+    full stepped pass of 500 queues per transaction, idle and with every queue busy;
   - send -> handler latency: ``bench_latency.py``'s commit-woken case (worker
     subprocess with ``--ticker``, one queue sent to at 50 events/s) in that database.
 
@@ -50,7 +51,7 @@ from _common import SHARED_MACHINE_NOTE, payload, run_facts, scratch_database
 from bench_engine import PLAIN_TABLE, alternate, checkpoint
 from bench_latency import QUEUE as LATENCY_QUEUE
 from bench_latency import run_case, summary
-from bench_ticker import CONFIG, CREATE_CHUNK, grow, measure_busy, measure_idle, queue_name
+from bench_ticker import CREATE_CHUNK, measure_busy, measure_idle, queue_name
 from bench_ticker import settle as settle_passes
 from psycopg import sql
 
@@ -75,6 +76,12 @@ RECEIVE = "select * from pgque.receive(%s, %s, %s)"
 RECEIVE_COOP = "select * from pgque.receive_coop(%s, %s, %s, %s)"
 ACK = "select pgque.ack(%s)"
 BATCH_ID_COLUMN = 1
+# As bench_ticker.py's, so that a pass ticks exactly the queues given new events, but with
+# a day where it has an hour: growing to 10,000 queues took over half an hour on a busy
+# machine, after which every early queue fell due for an idle tick in the same pass, and
+# that pass ran out of shared memory.
+CONFIG = (("ticker_max_count", "1"), ("ticker_max_lag", "1 day"),
+          ("ticker_idle_period", "1 day"))
 
 SETUP = """
 create table latency (msg_id bigint, sent_at float8, handled_at float8);
@@ -96,12 +103,19 @@ def plain_table(n: int) -> str:
     return f"plain{n:05d}"
 
 
-def grow_plain(conn: Conn, have: int, want: int) -> None:
-    """The plain tables ``have`` .. ``want - 1``, a few per transaction like the queues."""
+def grow(conn: Conn, have: int, want: int) -> None:
+    """Queues and plain tables ``have`` .. ``want - 1``; each queue configured, subscribed,
+    sent two events (a sequence's first value does not count as pending) and ticked until
+    nothing is due, as in bench_ticker.py."""
     for start in range(have, want, CREATE_CHUNK):
+        numbers = range(start, min(want, start + CREATE_CHUNK))
         with conn.transaction():
-            for n in range(start, min(want, start + CREATE_CHUNK)):
+            for n in numbers:
+                new_queue(conn, queue_name(n))
+                conn.execute("select pgque.subscribe(%s, 'c')", (queue_name(n),))
+                conn.execute("select pgque.send_batch(%s, array['x', 'y'])", (queue_name(n),))
                 conn.execute(PLAIN_TABLE.replace("bench_plain_event", plain_table(n)).encode())
+        tick_each(conn, [queue_name(n) for n in numbers])
 
 
 def tick_each(conn: Conn, names: Sequence[str]) -> None:
@@ -213,7 +227,16 @@ def stepped_pass(conn: Conn) -> tuple[float, int, int]:
     return (time.perf_counter() - started) * 1000.0, ticked, steps
 
 
-def measure_ticker(conn: Conn, size: int) -> dict[str, Any]:
+def lock_table_entries(conn: Conn) -> int:
+    """Roughly how many locks the server's shared lock table holds, for all sessions."""
+    row = conn.execute(
+        "select current_setting('max_locks_per_transaction')::int * "
+        "(current_setting('max_connections')::int "
+        "+ current_setting('max_prepared_transactions')::int)").fetchone()
+    return int(row[0]) if row else 0
+
+
+def measure_ticker(conn: Conn, size: int, single_all_busy: bool) -> dict[str, Any]:
     names = [queue_name(n) for n in range(size)]
     idle = measure_idle(conn)
     busy = min(100, size)
@@ -232,6 +255,15 @@ def measure_ticker(conn: Conn, size: int) -> dict[str, Any]:
         if ticked != size:
             raise RuntimeError(f"a stepped pass with {size} busy queues ticked {ticked}")
         result["stepped_all_busy_ms"] = round(ms, 3)
+    # Two lock-table entries per ticked queue (its event and tick sequences), held to
+    # the end of the one transaction.
+    needed, room = 2 * size, lock_table_entries(conn)
+    if not single_all_busy and needed > room // 2:
+        # The lock table is shared: running it out would fail other sessions' work too.
+        result["single_all_busy"] = (f"skipped: needs about {needed} of the {room} entries "
+                                     "of a shared lock table (--exhaust-lock-table runs it)")
+        settle_passes(conn)
+        return result
     send_to_each(conn, names)
     started = time.perf_counter()
     try:
@@ -271,14 +303,14 @@ def queue_axis(args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any
         for size in sorted(args.sizes):
             started = time.monotonic()
             grow(conn, have, size)
-            grow_plain(conn, have, size)
             have = size
             row: dict[str, Any] = {"grow_s": round(time.monotonic() - started, 1)}
             print(f"{size} queues and plain tables ready in {row['grow_s']} s", flush=True)
             row["send"] = measure_send(dsn, size, args.rounds, args.per_round)
             tick_each(conn, [queue_name(n) for n in range(size)])
             settle_passes(conn)
-            row["ticker"] = measure_ticker(conn, size)
+            row["ticker"] = measure_ticker(
+                conn, size, single_all_busy=args.dsn is None or args.exhaust_lock_table)
             if args.latency_events:
                 log_path = args.output.with_suffix(f".latency-{size}.log")
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,11 +453,11 @@ def print_table(result: dict[str, Any]) -> None:
                  send["engine_vs_plain"], send["server_us_per_send"]["round_robin"],
                  tick["idle_ms"], next(v for k, v in tick.items() if k.startswith("busy_")),
                  tick.get("stepped_idle_ms", ""), tick.get("stepped_all_busy_ms", ""),
-                 single if isinstance(single, float) else "error",
+                 single if isinstance(single, float) else single.split(":")[0][:8],
                  lat.get("p50_ms", ""), lat.get("p95_ms", ""))
         print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         if not isinstance(single, float):
-            print(f"{'':>6} one pgque.ticker() with every queue busy: {single}")
+            print(f"{'':>6} one pgque.ticker(), every queue busy: {single}")
     for axis, key, ratio in (("consumers", "receive_ack_per_consumer_ms", "per_consumer_vs_base"),
                              ("members", "receive_coop_ack_per_member_ms", "per_member_vs_base")):
         for count, row in result.get(axis, {}).items():
@@ -448,6 +480,9 @@ def main() -> None:
     parser.add_argument("--latency-events", type=int, default=300, help="0 skips latency")
     parser.add_argument("--axis-rounds", type=int, default=15,
                         help="rounds of the consumer and member axes")
+    parser.add_argument("--exhaust-lock-table", action="store_true",
+                        help="with --dsn, also run the single ticker() pass over every queue "
+                        "busy where it would take most of the server's lock table")
     parser.add_argument("--quick", action="store_true",
                         help="up to 1,000 queues, fewer rounds and latency events")
     args = parser.parse_args()
