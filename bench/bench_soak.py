@@ -146,16 +146,19 @@ INSERT INTO jobs (consumer, payload)
 SELECT c, p::jsonb FROM generate_series(1, 3) AS c, unnest(%s::text[]) AS p
 """
 
-# The rows are picked once, in a MATERIALIZED CTE. The shorter form, DELETE ... WHERE
-# id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n), was tried first: once its prepared
-# statement's plan became a nested loop with the locking subquery on the inner side, the
-# subquery ran again for every outer row, and three DELETEs of the group were still
-# running after 800 s, holding back VACUUM's horizon themselves.
+# The rows are picked once, by an InitPlan, and the DELETE finds them by the primary key
+# from that array, so no join order can make it scan the table. Two other forms were
+# tried first, and in both a prepared statement's plan ran away (shared 2-core machine,
+# PostgreSQL 18): DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) ran
+# as a nested loop that executed the locking subquery again for each outer row (three
+# DELETEs of the group still running after 800 s); a MATERIALIZED CTE joined with USING,
+# once an autovacuum had found the table nearly empty, as a nested loop over the whole
+# primary key with the CTE on the inner side (auto_explain: over 1 s per DELETE with
+# 4,000 rows in the table, and growing with the backlog that made).
 JOBS_TAKE = """
-WITH picked AS MATERIALIZED (
+DELETE FROM jobs WHERE id = ANY(ARRAY(
     SELECT id FROM jobs WHERE consumer = %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
-)
-DELETE FROM jobs USING picked WHERE jobs.id = picked.id RETURNING jobs.id, jobs.payload
+)) RETURNING id, payload
 """
 
 
@@ -166,6 +169,14 @@ def skiplocked_worker(dsn: str, counts_file: str, group_members: int, batch: int
 
     def work(consumer_id: int, name: str) -> None:
         with psycopg.connect(dsn, autocommit=True, application_name=WORKER_NAME) as conn:
+            if os.environ.get("SOAK_EXPLAIN_SLOW"):
+                # Diagnosis: the plan of every take slower than a second, in the log.
+                conn.add_notice_handler(lambda d: print(d.message_primary, flush=True))
+                conn.execute("LOAD 'auto_explain'")
+                conn.execute("SET auto_explain.log_min_duration = '1s'")
+                conn.execute("SET auto_explain.log_analyze = on")
+                conn.execute("SET auto_explain.log_buffers = on")
+                conn.execute("SET client_min_messages = log")
             while not stop.is_set():
                 rows = conn.execute(JOBS_TAKE, (consumer_id, batch), prepare=True).fetchall()
                 if rows:
@@ -789,6 +800,8 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--output-prefix", type=Path, default=RESULTS_PREFIX)
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the workers' logs here (default: a temporary directory)")
     parser.add_argument("--chart-only", action="store_true",
                         help="redraw the chart from the CSVs of --output-prefix")
     parser.add_argument("--skiplocked-worker", action="store_true", help=argparse.SUPPRESS)
@@ -815,9 +828,13 @@ def main() -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, Any]] = {}
     server = 0
-    with tempfile.TemporaryDirectory(prefix="pgque-soak-") as workdir:
+    with ExitStack() as stack:
+        # The workers' logs and counts; --workdir keeps them for a look afterwards.
+        workdir = args.workdir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="pgque-soak-")))
+        workdir.mkdir(parents=True, exist_ok=True)
         for system in args.systems:
-            run, server = run_system(system, args.dsn, settings, prefix, Path(workdir))
+            run, server = run_system(system, args.dsn, settings, prefix, workdir)
             summary[system] = summarize(run, settings)
             print(system, json.dumps(summary[system]), flush=True)
     major = server // 10000
