@@ -178,6 +178,7 @@ class Producer(threading.Thread):
         self.found: set[int] = set()
         self.retries = 0
         self.error: BaseException | None = None
+        self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self._halt = threading.Event()
         self._finish = threading.Event()
@@ -198,7 +199,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         engine = create_engine(self.url, connect_args={"application_name": PRODUCER_APP})
         queue = Queue(QUEUE)
-        started = time.monotonic()
+        started = self.started_at = time.monotonic()
         try:
             for n, k in enumerate(self.keys):
                 if self._halt.is_set() or self._finish.is_set():

@@ -223,7 +223,7 @@ class PgCluster:
             os.chown(path, *self._run_as)
 
     def init_standby(self, primary: PgCluster, name: str, user: str = "postgres",
-                     slot: str | None = None) -> None:
+                     slot: str | None = None, via: tuple[str, int] | None = None) -> None:
         """Create the data directory as a streaming standby of ``primary``.
 
         ``pg_basebackup -R`` copies the primary's data directory and writes the
@@ -232,6 +232,8 @@ class PgCluster:
         is the standby's ``application_name``, the name ``synchronous_standby_names``
         on the primary must give for its commits to wait for this standby. ``slot``:
         an existing replication slot on the primary to stream through, from the copy on.
+        ``via``: the (host, port) to reach the primary at over TCP (a relay, say),
+        instead of its Unix socket.
         """
         self._run(
             "pg_basebackup", "-D", str(self.data_dir), "-R", "--wal-method=stream",
@@ -239,8 +241,8 @@ class PgCluster:
             "--checkpoint=fast", "--no-sync",
             *(() if slot is None else ("--slot", slot)),
             "-d", conninfo.make_conninfo(
-                host=str(primary.base_dir), port=primary.port, user=user,
-                application_name=name,
+                host=via[0] if via else str(primary.base_dir),
+                port=via[1] if via else primary.port, user=user, application_name=name,
             ),
         )
         # The copy brought the primary's settings file; this cluster's port, socket
@@ -284,6 +286,21 @@ class PgCluster:
     def restart(self, mode: StopMode = "fast") -> None:
         """Stop the server with ``mode``, then start it again and wait until it is up."""
         self._pg_ctl("restart", "-m", mode, "-l", str(self.log_path))
+
+    def quit_immediately(self, timeout: float = 30) -> None:
+        """:meth:`stop` ``immediate`` without waiting for pg_ctl to start: SIGQUIT to
+        the postmaster (what ``pg_ctl stop -m immediate`` sends), at once, then wait
+        until the server is down."""
+        pid = self.pid
+        if pid is None:
+            raise RuntimeError(f"no postmaster is running in {self.data_dir}")
+        os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + timeout
+        # The postmaster removes its pid file last, once every child has exited.
+        while (self.data_dir / "postmaster.pid").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postmaster {pid} still running after {timeout}s")
+            time.sleep(0.01)
 
     def kill_postmaster(self, timeout: float = 10) -> None:
         """SIGKILL the postmaster, as a crash would, and wait until its children are gone.

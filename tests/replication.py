@@ -7,15 +7,22 @@ streaming over the primary's Unix socket). With ``synchronous=True`` the primary
 ``synchronous_standby_names`` names the standby, so a commit returns only once the
 standby has flushed it.
 
-:meth:`ReplicatedPair.fail_over` stops the primary with ``pg_ctl stop -m immediate``
-(no shutdown checkpoint, open connections cut: a crash, as far as clients can tell)
-and promotes the standby. :meth:`ReplicatedPair.rebuild_standby` makes the dead node a
-standby of the new primary again, so failovers can go back and forth.
+:meth:`ReplicatedPair.fail_over` stops the primary in ``immediate`` mode (SIGQUIT to
+the postmaster, as ``pg_ctl stop -m immediate`` sends: no shutdown checkpoint, every
+connection cut at once, a crash as far as clients can tell) and promotes the
+standby. :meth:`ReplicatedPair.rebuild_standby` makes the dead node a standby of the
+new primary again, so failovers can go back and forth.
 
 Clients reach the pair the way an application would, through one URL naming both
 nodes, in a fixed order, with ``target_session_attrs=read-write``
 (:meth:`ReplicatedPair.url`): libpq tries each in turn and keeps the one that
 accepts writes.
+
+With ``link_delay=`` the standby streams through a :class:`~delayed_link.DelayedLink`,
+as from another site: each piece of WAL reaches it ``link_delay`` seconds after the
+primary sent it. A failover then cuts the link an instant before it stops the
+primary, as the failure of the primary's site would, and whatever WAL was in flight
+never arrives: asynchronous replication's loss window at its real size.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 import psycopg
+from delayed_link import DelayedLink
 from pgcluster import PgCluster
 from psycopg import conninfo
 from sqlalchemy.engine import URL
@@ -50,7 +58,7 @@ class Failover:
     """What one failover took, and when it happened."""
 
     stop_s: float
-    """``pg_ctl stop -m immediate`` of the primary, until it was down."""
+    """The immediate stop of the primary, until it was down."""
     promote_s: float
     """``pg_ctl promote`` of the standby, until it accepted writes."""
     promote_started: float
@@ -70,7 +78,8 @@ class ReplicatedPair:
     that streams from it (``None`` after a failover, until :meth:`rebuild_standby`).
     """
 
-    def __init__(self, bindir: Path, *, synchronous: bool = True) -> None:
+    def __init__(self, bindir: Path, *, synchronous: bool = True,
+                 link_delay: float | None = None) -> None:
         # Under /tmp: as root the servers run as another OS user (see pgcluster).
         self.nodes = tuple(
             PgCluster(bindir, Path(tempfile.mkdtemp(prefix=f"pgque-node{n}-")),
@@ -78,6 +87,8 @@ class ReplicatedPair:
             for n in range(2)
         )
         self.synchronous = synchronous
+        self.link_delay = link_delay
+        self.link: DelayedLink | None = None
         self.primary = self.nodes[0]
         self.standby: PgCluster | None = self.nodes[1]
 
@@ -90,6 +101,8 @@ class ReplicatedPair:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self.link is not None:
+            self.link.cut()
         for node in self.nodes:
             node.destroy()
 
@@ -127,7 +140,11 @@ class ReplicatedPair:
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                 "WHERE slot_name = %s", (name,))
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (name,))
-        node.init_standby(self.primary, name, REPLICATOR, slot=name)
+        via = None
+        if self.link_delay is not None:
+            self.link = DelayedLink(self.primary.port, self.link_delay)
+            via = ("127.0.0.1", self.link.port)
+        node.init_standby(self.primary, name, REPLICATOR, slot=name, via=via)
         node.start()
         self.standby = node
         # Synchronous only once the standby streams: before that, every commit on the
@@ -158,12 +175,14 @@ class ReplicatedPair:
                 time.sleep(0.05)
 
     def fail_over(self, before_promote: Callable[[], object] | None = None) -> Failover:
-        """Stop the primary at once (``-m immediate``), call ``before_promote`` (the
+        """Stop the primary at once (``immediate``), call ``before_promote`` (the
         standby is still read-only then), then promote the standby."""
         standby = self.standby
         assert standby is not None, "no standby to promote"
         started = time.monotonic()
-        self.primary.stop("immediate")
+        if self.link is not None:
+            self.link.cut()
+        self.primary.quit_immediately()
         stopped = time.monotonic()
         if before_promote is not None:
             before_promote()
