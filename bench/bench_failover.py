@@ -93,6 +93,7 @@ def summary(figures: FailoverFigures) -> dict[str, Any]:
         "failovers": figures.failovers,
         "sent": figures.sent,
         "sent_per_s": figures.extra["sent_per_s"],
+        "commit_ms_p50": figures.extra["commit_ms_p50"],
         "committed_after_failure": figures.committed_after_failure,
         "producer_retries": figures.producer_retries,
         "lost_committed": figures.lost_committed,
