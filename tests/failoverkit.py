@@ -85,8 +85,8 @@ class FailoverFigures:
     """Per failover: from ``pg_ctl promote`` until the worker's ticker held the ticker
     lock on the new primary."""
     catch_up_s: list[float] = field(default_factory=list)
-    """Per failover: from ``pg_ctl promote`` until an event sent once the promotion
-    completed was handled, behind the backlog of the outage."""
+    """Per failover: from ``pg_ctl promote`` until an event sent once the ticker led on
+    the new primary was handled, behind the backlog of the outage."""
     rebuild_s: list[float] = field(default_factory=list)
     """Per rebuild of the dead node as the new primary's standby, until it streamed."""
     extra: dict[str, Any] = field(default_factory=dict)
