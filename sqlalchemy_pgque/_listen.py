@@ -44,35 +44,54 @@ _LIBPQ_KEYWORDS = frozenset(
 
 
 def conninfo_from_url(url: URL) -> str:
-    """A libpq connection string for ``url``, whatever its SQLAlchemy driver."""
-    params: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
-    for key, value in url.query.items():
-        if key in _LIBPQ_KEYWORDS:
-            params[key] = value if isinstance(value, str) else ",".join(value)
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+    """A libpq connection string for ``url``, whatever its SQLAlchemy driver.
+
+    The URL is read as the psycopg dialect reads it, so that its multi-host form
+    (``?host=h1:p1&host=h2:p2``, or ``?host=h1,h2&port=p1,p2``) becomes libpq's
+    ``host=h1,h2 port=p1,p2`` here too; options libpq does not know (another
+    driver's) are left out.
+    """
+    dialect = url.set(drivername="postgresql+psycopg").get_dialect()()
+    _, params = dialect.create_connect_args(url)
+    return psycopg.conninfo.make_conninfo(**{
+        key: value if isinstance(value, str) else
+        ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+        for key, value in params.items()
+        if key in _LIBPQ_KEYWORDS
+    })
 
 
 def url_from_conninfo(conninfo: str) -> URL:
     """The SQLAlchemy ``postgresql+psycopg`` URL of a libpq connection string.
 
     A Unix socket directory as ``host`` goes into the query string, where psycopg
-    reads it back; other libpq options travel there too.
+    reads it back; several hosts (``host=h1,h2 port=p1,p2``) go there as SQLAlchemy's
+    ``host=h1:p1&host=h2:p2``; other libpq options travel there too.
     """
     params = psycopg.conninfo.conninfo_to_dict(conninfo)
     host = str(params.pop("host", "") or "")
-    query = {
+    port = str(params.pop("port", "") or "")
+    query: dict[str, str | tuple[str, ...]] = {
         key: str(value)
         for key, value in params.items()
-        if key not in {"user", "password", "port", "dbname"}
+        if key not in {"user", "password", "dbname"}
     }
-    if host.startswith("/"):
+    if "," in host:
+        hosts = host.split(",")
+        # libpq takes one port for every host, or one per host.
+        ports = port.split(",") if "," in port else [port] * len(hosts)
+        if len(ports) != len(hosts):
+            raise ValueError(f"{len(hosts)} hosts but {len(ports)} ports in {conninfo!r}")
+        query["host"] = tuple(f"{h}:{p}" if p else h for h, p in zip(hosts, ports, strict=True))
+        host = port = ""
+    elif host.startswith("/"):
         query["host"], host = host, ""
     return URL.create(
         "postgresql+psycopg",
         username=str(params["user"]) if params.get("user") else None,
         password=str(params["password"]) if params.get("password") else None,
         host=host or None,
-        port=int(str(params["port"])) if params.get("port") else None,
+        port=int(port) if port else None,
         database=str(params["dbname"]) if params.get("dbname") else None,
         query=query,
     )

@@ -165,7 +165,8 @@ class Producer(threading.Thread):
 
     A failed commit may still have committed (the connection died after the server
     committed): the ``produced`` row, written in the same transaction, tells, so an
-    event is never sent twice. ``confirmed`` holds the keys whose commit returned.
+    event is never sent twice. ``confirmed`` holds the keys whose commit returned,
+    ``found`` those whose commit failed but turned out to have committed.
     """
 
     def __init__(self, url: URL, total: int, rate: float | None = None, first: int = 0) -> None:
@@ -174,22 +175,34 @@ class Producer(threading.Thread):
         self.keys = range(first, first + total)
         self.rate = rate
         self.confirmed: set[int] = set()
-        self.found_after_failure = 0
+        self.found: set[int] = set()
         self.retries = 0
         self.error: BaseException | None = None
+        self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self._halt = threading.Event()
+        self._finish = threading.Event()
+
+    @property
+    def found_after_failure(self) -> int:
+        return len(self.found)
 
     def stop(self) -> None:
+        """Stop at once, even in the middle of retrying an event."""
         self._halt.set()
+
+    def finish(self) -> None:
+        """Stop once the event in progress is known to have committed: every key sent
+        is then in ``confirmed`` or ``found``."""
+        self._finish.set()
 
     def run(self) -> None:
         engine = create_engine(self.url, connect_args={"application_name": PRODUCER_APP})
         queue = Queue(QUEUE)
-        started = time.monotonic()
+        started = self.started_at = time.monotonic()
         try:
             for n, k in enumerate(self.keys):
-                if self._halt.is_set():
+                if self._halt.is_set() or self._finish.is_set():
                     return
                 if self.rate:
                     pause = started + n / self.rate - time.monotonic()
@@ -214,13 +227,13 @@ class Producer(threading.Thread):
             except IntegrityError:
                 # ``produced`` has k: an earlier attempt committed after all, though its
                 # client saw the connection fail (and could not check at the time).
-                self.found_after_failure += 1
+                self.found.add(k)
                 return
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
             if self._committed(engine, k):
-                self.found_after_failure += 1
+                self.found.add(k)
                 return
             self.retries += 1
             time.sleep(delay)

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -162,12 +163,15 @@ class PgCluster:
     :meth:`destroy` (or leaving the ``with`` block) stops it and deletes ``base_dir``.
     """
 
-    def __init__(self, bindir: Path, base_dir: Path, *, also_on: str | None = None) -> None:
+    def __init__(self, bindir: Path, base_dir: Path, *, also_on: str | None = None,
+                 settings: Mapping[str, str] | None = None) -> None:
         """``also_on``: one more address to listen on, trusting clients of its /24 (a
-        host in a network namespace of the test's, say)."""
+        host in a network namespace of the test's, say). ``settings``: more server
+        settings (``{"synchronous_standby_names": "node1"}``); see :meth:`configure`."""
         self.bindir = bindir
         self.base_dir = base_dir
         self.also_on = also_on
+        self.settings = dict(settings or {})
         self.data_dir = base_dir / "data"
         self.log_path = base_dir / "postgresql.log"
         self.port = _free_port()
@@ -213,9 +217,62 @@ class PgCluster:
             f"unix_socket_directories = {_conf_string(str(self.base_dir))}\n"
             "shared_buffers = 16MB\n"
             "max_connections = 100\n"
+            + "".join(f"{key} = {_conf_string(value)}\n" for key, value in self.settings.items())
         )
         if self._run_as is not None:
             os.chown(path, *self._run_as)
+
+    def init_standby(self, primary: PgCluster, name: str, user: str = "postgres",
+                     slot: str | None = None, via: tuple[str, int] | None = None) -> None:
+        """Create the data directory as a streaming standby of ``primary``.
+
+        ``pg_basebackup -R`` copies the primary's data directory and writes the
+        standby's connection to it (``primary_conninfo``, over the primary's Unix
+        socket, as ``user``, a role with REPLICATION) and ``standby.signal``. ``name``
+        is the standby's ``application_name``, the name ``synchronous_standby_names``
+        on the primary must give for its commits to wait for this standby. ``slot``:
+        an existing replication slot on the primary to stream through, from the copy on.
+        ``via``: the (host, port) to reach the primary at over TCP (a relay, say),
+        instead of its Unix socket.
+        """
+        self._run(
+            "pg_basebackup", "-D", str(self.data_dir), "-R", "--wal-method=stream",
+            # The default spread checkpoint on the primary takes minutes when idle.
+            "--checkpoint=fast", "--no-sync",
+            *(() if slot is None else ("--slot", slot)),
+            "-d", conninfo.make_conninfo(
+                host=via[0] if via else str(primary.base_dir),
+                port=via[1] if via else primary.port, user=user, application_name=name,
+            ),
+        )
+        # The copy brought the primary's settings file; this cluster's port, socket
+        # directory and settings replace it (``synchronous_standby_names`` of the
+        # primary must not come along: promoted, the standby would wait for itself).
+        self._write_settings()
+
+    def configure(self, **settings: str) -> None:
+        """Set server settings in this cluster's own settings file, and apply them now
+        (``pg_reload_conf()``) when the server runs; settings that need a restart take
+        effect at the next start. An empty string resets a setting to its default."""
+        for key, value in settings.items():
+            if value:
+                self.settings[key] = value
+            else:
+                self.settings.pop(key, None)
+        self._write_settings()
+        if self.pid is not None:
+            with psycopg.connect(self.dsn(), autocommit=True) as conn:
+                conn.execute("SELECT pg_reload_conf()")
+
+    def promote(self) -> None:
+        """Promote this standby and wait until it accepts writes."""
+        self._pg_ctl("promote")
+
+    def in_recovery(self) -> bool:
+        """Whether the server is a standby (replaying WAL, read-only)."""
+        with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        return bool(row and row[0])
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections (recovering if needed)."""
@@ -229,6 +286,21 @@ class PgCluster:
     def restart(self, mode: StopMode = "fast") -> None:
         """Stop the server with ``mode``, then start it again and wait until it is up."""
         self._pg_ctl("restart", "-m", mode, "-l", str(self.log_path))
+
+    def quit_immediately(self, timeout: float = 30) -> None:
+        """:meth:`stop` ``immediate`` without waiting for pg_ctl to start: SIGQUIT to
+        the postmaster (what ``pg_ctl stop -m immediate`` sends), at once, then wait
+        until the server is down."""
+        pid = self.pid
+        if pid is None:
+            raise RuntimeError(f"no postmaster is running in {self.data_dir}")
+        os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + timeout
+        # The postmaster removes its pid file last, once every child has exited.
+        while (self.data_dir / "postmaster.pid").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postmaster {pid} still running after {timeout}s")
+            time.sleep(0.01)
 
     def kill_postmaster(self, timeout: float = 10) -> None:
         """SIGKILL the postmaster, as a crash would, and wait until its children are gone.
@@ -311,6 +383,14 @@ class PgCluster:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def remove_data(self) -> None:
+        """Delete the data directory of a stopped cluster (to make it again, say as a
+        standby of another); the log stays."""
+        if self.pid is not None:
+            raise RuntimeError(f"the server in {self.data_dir} is running")
+        shutil.rmtree(self.data_dir)
+        (self.base_dir / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
     def destroy(self) -> None:
         """Stop the server at once if it runs, and delete ``base_dir``."""

@@ -490,6 +490,22 @@ def test_listen_connection_from_a_url_of_another_driver(db: Database) -> None:
         assert row.fetchone() == (db.name, "from_url")
 
 
+def test_listen_connection_from_a_multi_host_url_of_another_driver(db: Database) -> None:
+    """The first host is down, as an old primary after a failover: the libpq string
+    made from SQLAlchemy's multi-host form names both hosts, and libpq moves on."""
+    from sqlalchemy_pgque._listen import conninfo_from_url, url_from_conninfo
+
+    params = psycopg.conninfo.conninfo_to_dict(db.dsn)
+    port = str(params.get("port") or 5432)
+    dead = "/nonexistent-pgque-primary"
+    multi_host = psycopg.conninfo.make_conninfo(
+        db.dsn, host=f"{dead},{params['host']}", port=f"{port},{port}")
+    url = url_from_conninfo(multi_host).set(drivername="postgresql+asyncpg")
+    assert url.query["host"][0] == f"{dead}:{port}"
+    with psycopg.connect(conninfo_from_url(url), autocommit=True) as connection:
+        assert connection.execute("SELECT current_database()").fetchone() == (db.name,)
+
+
 @pytest.fixture
 def group(engine: Engine, queue: Queue) -> Queue:
     """Queue ``q`` with the cooperative group ``group`` of members ``a`` and ``b``."""
