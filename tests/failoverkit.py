@@ -140,6 +140,8 @@ def failover_case(pair: ReplicatedPair, log_dir: Path, *, rate: float | None,
                 started = time.monotonic()
                 pair.rebuild_standby()
                 figures.rebuild_s.append(time.monotonic() - started)
+            # How long events flow between failovers: the scenario, not a wait for
+            # anything (the waits below poll for what they need).
             time.sleep(before_first if n == 0 else random.uniform(*between))
             if process is not None:
                 faultkit.wait_for_progress(pair.dsn(DATABASE), kind.consumers, timeout=60)

@@ -155,11 +155,14 @@ def _gone(proc: psutil.Process) -> bool:
 class PgCluster:
     """One PostgreSQL cluster in ``base_dir``, run from the programs in ``bindir``.
 
-    :meth:`init` creates it (trust authentication, UTF8, superuser ``postgres``);
-    :meth:`start`, :meth:`stop`, :meth:`restart` drive it through ``pg_ctl -w``;
-    :meth:`kill_postmaster` crashes it. It listens on a Unix socket in ``base_dir``
-    (:meth:`dsn`) and on ``127.0.0.1`` (:meth:`tcp_dsn`), on one port chosen free at
-    construction and kept across restarts, so clients reconnect to the same address.
+    :meth:`init` creates it (trust authentication, UTF8, superuser ``postgres``), or
+    :meth:`init_standby` as a streaming standby of another cluster (which
+    :meth:`promote` promotes); :meth:`start`, :meth:`stop`, :meth:`restart` drive it
+    through ``pg_ctl -w``; :meth:`kill_postmaster` crashes it; :meth:`quit_immediately`
+    stops it in ``immediate`` mode without waiting for pg_ctl. It listens on a Unix
+    socket in ``base_dir`` (:meth:`dsn`) and on ``127.0.0.1`` (:meth:`tcp_dsn`), on one
+    port chosen free at construction and kept across restarts, so clients reconnect to
+    the same address.
     :meth:`destroy` (or leaving the ``with`` block) stops it and deletes ``base_dir``.
     """
 
@@ -247,7 +250,8 @@ class PgCluster:
         )
         # The copy brought the primary's settings file; this cluster's port, socket
         # directory and settings replace it (``synchronous_standby_names`` of the
-        # primary must not come along: promoted, the standby would wait for itself).
+        # primary must not come along: promoted, this node would wait for a standby
+        # of that name before every commit returned).
         self._write_settings()
 
     def configure(self, **settings: str) -> None:

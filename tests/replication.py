@@ -134,11 +134,8 @@ class ReplicatedPair:
         node.settings.pop("synchronous_standby_names", None)
         with psycopg.connect(self.primary.dsn(), autocommit=True) as conn:
             # A slot keeps the primary's WAL until this standby has it, however far
-            # behind it falls, from the copy on. A new primary has no slots (they are
-            # not replicated), but may keep one of an earlier life of the node.
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = %s", (name,))
+            # behind it falls, from the copy on. (A promoted standby has no slots:
+            # they are not replicated, and pg_basebackup copies none.)
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (name,))
         via = None
         if self.link_delay is not None:

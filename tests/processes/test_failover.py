@@ -15,11 +15,19 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import faultkit
+import psycopg
 import pytest
 from conftest import Server
 from failoverkit import failover_case
 from pgcluster import find_bindir
 from replication import ReplicatedPair
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from sqlalchemy_pgque import Queue
+from sqlalchemy_pgque.errors import _is_transient
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +64,37 @@ def test_synchronous_failover_loses_and_repeats_nothing(
     # was promoted was delivered (failover_case waited for both).
     assert len(figures.ticker_back_s) == len(figures.catch_up_s) == 1, figures
     assert figures.resume_s[0] < RESUME_LIMIT, figures
+
+
+def test_a_standby_refuses_with_errors_that_are_retried(pair: ReplicatedPair) -> None:
+    """What a client meets on a standby, connected to it by a URL without
+    ``target_session_attrs`` or turned away by one with it, is an error the worker's
+    loops and the test's producers back off from and retry: the standby may be
+    promoted any moment."""
+    faultkit.create_database(pair.primary, "ro")
+    faultkit.prepare(pair.dsn("ro"), faultkit.KINDS["single"])
+    standby = pair.standby
+    assert standby is not None and standby.in_recovery()
+    queue = Queue(faultkit.QUEUE)
+    engine = create_engine(standby.url("ro"))
+    failures: list[BaseException] = []
+    try:
+        with pytest.raises(DBAPIError) as sending, Session(engine) as session, \
+                session.begin():
+            queue.send(session, {"k": 1})
+        with pytest.raises(DBAPIError) as receiving, Session(engine) as session, \
+                session.begin():
+            queue.receive(session, "c")
+        failures += [sending.value, receiving.value]
+    finally:
+        engine.dispose()
+    for attrs in ("read-write", "primary"):
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(f"{standby.dsn('ro')} target_session_attrs={attrs}")
+        failures.append(refused.value)
+    # cannot execute nextval() / SELECT FOR UPDATE in a read-only transaction (25006);
+    # session is read-only; server is in hot standby mode
+    assert "read-only transaction" in str(failures[0]), failures
+    assert "read-only transaction" in str(failures[1]), failures
+    assert "read-only" in str(failures[2]) and "hot standby" in str(failures[3]), failures
+    assert all(_is_transient(failure) for failure in failures), failures
