@@ -122,6 +122,10 @@ def test_dlq_list_show_replay_and_purge(db: Database, traffic: Conn) -> None:
 
 def test_tick_runs_one_ticker_pass(db: Database, conn: Conn) -> None:
     make_ticking_queue(conn, "q", "c")
+    # Nothing but the new event may make the CLI's pass tick: a CLI that takes longer to
+    # start than the default ticker_max_lag (3 s, on a loaded machine) met a due idle tick.
+    for param in ("ticker_max_lag", "ticker_idle_period"):
+        conn.execute("select pgque.set_queue_config('q', %s, '1 hour')", (param,))
     assert cli(db, "tick", "q").stdout.strip() == "q: no tick needed"
     send_many(conn, "q", 1)
     assert cli(db, "tick", "q").stdout.strip().startswith("q: tick ")
