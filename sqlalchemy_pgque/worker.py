@@ -588,6 +588,7 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
                         help="SQLAlchemy database URL (default: $DATABASE_URL); rebinds "
                              "every consumer to it")
     parser.add_argument("--direct-url", default=os.environ.get("DIRECT_DATABASE_URL"),
+                        metavar="URL",
                         help="database URL straight to PostgreSQL (or to a pool in session "
                              "mode) for the connections that need a server session of their "
                              "own, when --url goes through a pooler in transaction mode: the "

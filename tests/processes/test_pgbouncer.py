@@ -8,6 +8,7 @@ front of the suite's server; without it the module is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -19,10 +20,11 @@ from conftest import Database, Server
 from consumer_support import HANDLED_TABLE, handled_counts, listening, one_error_line
 from engine_helpers import Conn, wait_until
 from pgbouncer import PgBouncer, find_pgbouncer
-from sqlalchemy import URL, Engine, create_engine
+from sqlalchemy import URL, Engine, create_engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from sqlalchemy_pgque import Consumer, Queue
+from sqlalchemy_pgque import AsyncConsumer, Consumer, Message, Queue
 from sqlalchemy_pgque.ticker import TICKER_LOCK_KEY, Ticker
 
 PGBOUNCER = find_pgbouncer()
@@ -174,6 +176,9 @@ def test_two_workers_behind_pgbouncer_handle_every_event_once_under_one_ticker(
     assert follower.output().count("holding the ticker lock") == 1
 
 
+HANDLED_INSERT = text("INSERT INTO handled (msg_id, retry_count) VALUES (:id, 0)")
+
+
 def handled_by(conn: Conn) -> set[str]:
     return {str(row[0]) for row in conn.execute("SELECT DISTINCT handled_by FROM handled")}
 
@@ -213,6 +218,69 @@ def test_consumers_on_a_pooled_url_alone_poll(
     assert "--url goes through a connection pooler" in output
     assert "poll every poll_interval" in output
     assert "Traceback" not in output and "prepared statement" not in output, output
+
+
+@pytest.mark.usefixtures("group")
+def test_async_members_listen_on_the_direct_url(
+    conn: Conn, db: Database, bouncer: PgBouncer, workers: Any
+) -> None:
+    pooled = bouncer.url(db.name)
+    worker = workers("workers_app:async_cooperative", with_url=False,
+                     extra_args=("--ticker", "--concurrency", "2", "--url", url_text(pooled),
+                                 "--direct-url", url_text(db.url)))
+    wait_until(lambda: listening(conn) == 2, timeout=20, what="two async members listening")
+    ids = produce(pooled, 40)
+    wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=20,
+               what="every event handled once")
+    assert not listening_backends(conn) & pooled_backends(bouncer, db)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.output()
+    output = worker.output()
+    assert "Traceback" not in output and "WARNING" not in output, output
+
+
+async def _run_then_dispose(consumer: AsyncConsumer, engine: AsyncEngine) -> None:
+    try:
+        await consumer.run()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.usefixtures("group")
+def test_async_consumer_given_a_pooled_engine_polls(
+    conn: Conn, db: Database, engine: Engine, bouncer: PgBouncer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pooled: AsyncEngine = create_async_engine(bouncer.url(db.name),
+                                              connect_args={"prepare_threshold": None})
+    consumer = AsyncConsumer(pooled, queue="q", name="group", subconsumer="w",
+                             poll_interval=0.05)
+
+    @consumer.on("*")
+    async def record(msg: Message, session: AsyncSession) -> None:
+        await session.execute(HANDLED_INSERT, {"id": msg.msg_id})
+
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pgque")
+    ticker = Ticker(engine)  # straight to PostgreSQL
+    threads = [threading.Thread(target=ticker.run, kwargs={"install_signal_handlers": False}),
+               threading.Thread(target=asyncio.run, args=(_run_then_dispose(consumer, pooled),))]
+    for thread in threads:
+        thread.start()
+    try:
+        assert consumer.listening.wait(10)
+        ids = produce(bouncer.url(db.name), 20, threads=1)
+        wait_until(lambda: handled_counts(conn) == dict.fromkeys(ids, 1), timeout=20,
+                   what="every event handled once")
+    finally:
+        consumer.stop()
+        ticker.stop()
+        for thread in threads:
+            thread.join(10)
+    assert listening(conn) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("q/group.w: its connection goes through a connection pooler" in m
+               for m in messages), messages
+    assert not any("prepared statement" in m for m in messages), messages
 
 
 @pytest.fixture
