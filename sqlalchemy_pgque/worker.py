@@ -348,10 +348,11 @@ def _check_pooler(engine: Engine, consumers: list[AnyConsumer], *, ticker: bool,
             "transaction mode several tickers lead at once): give --direct-url, a URL "
             "straight to PostgreSQL (or to a pool in session mode: then the same URL)"
         )
-    if rebound:
-        for consumer in consumers:
-            if consumer.listen is True:
-                consumer.listen = False
+    # Those given an engine of their own for their LISTEN in code keep it.
+    polling = [c for c in consumers if rebound and c.listen is True]
+    for consumer in polling:
+        consumer.listen = False
+    if polling:
         log.warning(
             "--url goes through a connection pooler, where a LISTEN in transaction mode "
             "never hears a tick: the consumers poll every poll_interval instead (give "
