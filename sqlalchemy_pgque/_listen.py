@@ -5,6 +5,13 @@ so it cannot come from a pool that hands connections to other work. The connecti
 taken out of the engine's own pool (``detach``) when the engine runs on psycopg, so
 whatever the application configured (connect_args, a ``creator``, connect events)
 applies to it too; other drivers fall back to a libpq string built from the URL.
+
+A LISTEN also needs the connection's server session to itself: through a pooler in
+transaction mode (PgBouncer's usual setting) the LISTEN registers on whichever server
+connection ran it, which then serves other clients, and the notifications never reach
+this one (PgBouncer drops them: "got packet 'A' from server when not linked"). A
+consumer that was not given a connection for its LISTEN explicitly therefore checks
+(``unless_pooled``) and polls instead where it finds a pooler (see ``_pooler.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import psycopg
 from sqlalchemy import URL, Engine
 
 from . import _statements as statements
+from ._pooler import pooler_steps
 from ._runloop import Steps, Waker, adrive, drive
 
 if TYPE_CHECKING:
@@ -118,9 +126,15 @@ def connect_autocommit(engine: Engine) -> psycopg.Connection[Any]:
     return connection
 
 
-def _listening(engine: Any, channels: list[str], connect: Callable[..., Any]) -> Steps[Any]:
+def _listening(engine: Any, channels: list[str], connect: Callable[..., Any],
+               unless_pooled: bool) -> Steps[Any]:
+    """The connection listening on ``channels``; ``None`` (and nothing left open) when
+    ``unless_pooled`` and it goes through a connection pooler."""
     connection = yield from _autocommit_connection(engine, connect)
     try:
+        if unless_pooled and (yield from pooler_steps(connection)):
+            yield connection.close
+            return None
         for channel in channels:
             yield partial(connection.execute, statements.listen(channel))
     except BaseException:
@@ -157,8 +171,12 @@ class Listener:
         self._waker = waker
 
     @classmethod
-    def open(cls, engine: Engine, channels: list[str], waker: Waker) -> Listener:
-        return cls(drive(_listening(engine, channels, psycopg.connect)), waker)
+    def open(cls, engine: Engine, channels: list[str], waker: Waker, *,
+             unless_pooled: bool = False) -> Listener | None:
+        """A connection of ``engine`` listening on ``channels``; ``None`` when
+        ``unless_pooled`` and the connection goes through a connection pooler."""
+        connection = drive(_listening(engine, channels, psycopg.connect, unless_pooled))
+        return None if connection is None else cls(connection, waker)
 
     def listen(self, channel: str) -> None:
         self.connection.execute(statements.listen(channel))
@@ -191,10 +209,12 @@ class AsyncListener:
         self._wake_event = wake_event
 
     @classmethod
-    async def open(cls, engine: AsyncEngine, channels: list[str],
-                   wake_event: asyncio.Event) -> AsyncListener:
+    async def open(cls, engine: AsyncEngine, channels: list[str], wake_event: asyncio.Event,
+                   *, unless_pooled: bool = False) -> AsyncListener | None:
+        """See :meth:`Listener.open`."""
         connect = psycopg.AsyncConnection.connect
-        return cls(await adrive(_listening(engine, channels, connect)), wake_event)
+        connection = await adrive(_listening(engine, channels, connect, unless_pooled))
+        return None if connection is None else cls(connection, wake_event)
 
     async def pending(self) -> list[psycopg.Notify]:
         return [n async for n in self.connection.notifies(timeout=0)]

@@ -348,7 +348,10 @@ DLQ_DELETE: Final = text("DELETE FROM pgque.dead_letter WHERE dl_id = ANY(:ids)"
 QUEUE_NAMES: Final = text("SELECT queue_name FROM pgque.queue ORDER BY queue_name")
 
 
-# -- worker connections (worker.py) --------------------------------------------------
+# -- worker connections (worker.py, _pooler.py) --------------------------------------
+# The server process running the statement: through a connection pooler, not the one
+# the connection announced at login (_pooler.py).
+BACKEND_PID: Final = "SELECT pg_backend_pid()"
 # Run on the DB-API cursor of each new pooled connection (_set_server_keepalives).
 SERVER_KEEPALIVES: Final = (
     "SELECT set_config('tcp_keepalives_idle', '10', false), "

@@ -26,12 +26,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TextIO
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from . import _statements as statements
 from . import admin, schema
 from ._duration import as_seconds
+from ._pooler import on_pool_connect
 from .errors import PgqueError, _first_line, _translate
 from .logs import configure_logging
 
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ArgumentError, ValueError) as exc:
         print(f"error: bad database URL: {_first_line(exc)}", file=sys.stderr)
         return 2
+    # `status --watch` repeats its statements on one connection: psycopg would prepare
+    # them, which a pooler in transaction mode breaks.
+    event.listen(engine.pool, "connect", on_pool_connect)
     try:
         return int(parsed.run(engine, parsed))
     except PgqueError as exc:

@@ -492,6 +492,7 @@ class _ConsumerBase:
         subconsumer: str | None,
         dead_interval: Duration | None,
         shutdown_timeout: Duration | None,
+        listen: Any,
     ) -> None:
         if unknown_handler_policy not in ("nack", "ack"):
             raise ValueError(
@@ -524,8 +525,13 @@ class _ConsumerBase:
         self.subconsumer = subconsumer
         self.dead_interval = dead_interval
         self.shutdown_timeout = shutdown_timeout
+        self.listen = listen
+        """Where the LISTEN connection comes from: ``True`` (the consumer's engine,
+        unless it goes through a connection pooler), an engine, or ``False`` (none:
+        poll). The worker's ``--direct-url`` sets it."""
         self.listening = threading.Event()
-        """Set while the consumer is connected and listening for ticks."""
+        """Set while the consumer is connected and waiting for ticks: listening, or
+        polling where it does not listen."""
         self._handlers: dict[str, _Handler] = {}
         self._stopping = threading.Event()
         self._shutdown = self._new_shutdown()
@@ -656,7 +662,9 @@ class _ConsumerBase:
         """The step calling ``function(session, *args)`` with the batch's sync Session."""
         raise NotImplementedError
 
-    def _open_listener(self, engine: Any) -> Step:
+    def _open_listener(self, engine: Any, unless_pooled: bool) -> Step:
+        """The step opening a LISTEN connection of ``engine``; it gives ``None`` when
+        ``unless_pooled`` and the connection goes through a connection pooler."""
         raise NotImplementedError
 
     def _pause(self, delay: float) -> Step:
@@ -835,28 +843,47 @@ class _ConsumerBase:
     def _consume(self, engine: Any) -> Steps[None]:
         outage = Outage(self.label, log)
         listener: Listener | AsyncListener | None = None
+        # An engine given for the LISTEN is trusted to keep a session; the consumer's
+        # own (the batches') may go through a pooler in transaction mode.
+        listen_engine = engine if self.listen is True else self.listen or None
+        unless_pooled = self.listen is True
         try:
             while not self._stopping.is_set():
                 try:
-                    if listener is None:
-                        listener = yield self._open_listener(engine)
-                        self.listening.set()
-                        log.info("%s: listening on %s", self.label, self.channel)
+                    if listener is None and listen_engine is not None:
+                        listener = yield self._open_listener(listen_engine, unless_pooled)
+                        if listener is None:
+                            listen_engine = None
+                            log.warning(
+                                "%s: its connection goes through a connection pooler, where "
+                                "a LISTEN in transaction mode never hears a tick: polling every "
+                                "%g s instead (to be woken at once, LISTEN on a connection "
+                                "straight to PostgreSQL: Consumer(listen=engine), or the "
+                                "worker's --direct-url)", self.label, self.poll_interval)
+                        else:
+                            self.listening.set()
+                            log.info("%s: listening on %s", self.label, self.channel)
                     _, more = yield from self._batch()
                     outage.succeeded()
                     self.progress_at = time.monotonic()
+                    if listener is None:
+                        self.listening.set()  # polling, and the database answers
                     if not more:
-                        yield partial(listener.wait, self.poll_interval)
+                        if listener is None:
+                            yield self._pause(self.poll_interval)
+                        else:
+                            yield partial(listener.wait, self.poll_interval)
                         self.progress_at = time.monotonic()
                 except _FATAL_ERRORS:
                     raise
                 except _BatchAbandoned:
                     self._log_abandoned()
                 except Exception as exc:
-                    if listener is not None and _listener_in_doubt(exc):
+                    if _listener_in_doubt(exc):
                         self.listening.clear()
-                        yield from closed_quietly(listener)
-                        listener = None
+                        if listener is not None:
+                            yield from closed_quietly(listener)
+                            listener = None
                     yield self._pause(self._failed_round(exc, outage))
         finally:
             self.listening.clear()
@@ -1127,6 +1154,14 @@ class Consumer(_ConsumerBase):
         has been silent this long.
     :param shutdown_timeout: how long :meth:`stop` lets the batch in progress run
         before abandoning it (a :data:`Duration`; ``None``, the default, waits for it).
+    :param listen: where the consumer LISTENs for the queue's ticks between polls.
+        ``True`` (the default): on a connection of its own engine, unless that
+        connection goes through a connection pooler such as PgBouncer, where a LISTEN
+        in transaction mode never hears anything: then it polls every
+        ``poll_interval`` and logs a warning once. An :class:`~sqlalchemy.Engine`: on
+        a connection of that engine, trusted to keep a session of its own (straight to
+        PostgreSQL, or through a pool in session mode), while the batches go through
+        the session factory's. ``False``: it never listens, and polls.
 
     Each batch runs in one short Session and transaction: ``receive``, then each
     message's handler, then ``ack``, then commit. A handler taking ``(msg, session)``
@@ -1169,6 +1204,7 @@ class Consumer(_ConsumerBase):
         subconsumer: str | None = None,
         dead_interval: Duration | None = None,
         shutdown_timeout: Duration | None = None,
+        listen: bool | Engine = True,
     ) -> None:
         if _is_async_factory(session_factory):
             raise TypeError("use AsyncConsumer with an AsyncEngine or async_sessionmaker")
@@ -1178,8 +1214,9 @@ class Consumer(_ConsumerBase):
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
-            shutdown_timeout=shutdown_timeout,
+            shutdown_timeout=shutdown_timeout, listen=listen,
         )
+        self.listen: bool | Engine
         self._waker: Waker | None = None
 
     @property
@@ -1197,7 +1234,8 @@ class Consumer(_ConsumerBase):
         return bind if isinstance(bind, Engine) else None
 
     def use_engine(self, engine: Engine) -> None:
-        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
+        """Bind this consumer's sessions to ``engine`` (and its LISTEN connection, unless
+        ``listen`` names an engine of its own)."""
         self._engine_override = engine
 
     def check(self) -> None:
@@ -1242,9 +1280,10 @@ class Consumer(_ConsumerBase):
     def _on_session(self, session: Any, function: Callable[..., Any], *args: Any) -> Step:
         return partial(function, session, *args)
 
-    def _open_listener(self, engine: Any) -> Step:
+    def _open_listener(self, engine: Any, unless_pooled: bool) -> Step:
         assert self._waker is not None
-        return partial(Listener.open, engine, [self.channel], self._waker)
+        return partial(Listener.open, engine, [self.channel], self._waker,
+                       unless_pooled=unless_pooled)
 
     def _pause(self, delay: float) -> Step:
         return partial(self._stopping.wait, delay)
@@ -1260,6 +1299,7 @@ class AsyncConsumer(_ConsumerBase):
 
     :param session_factory: an ``async_sessionmaker`` or an
         :class:`~sqlalchemy.ext.asyncio.AsyncEngine` to make one from.
+    :param listen: as for :class:`Consumer`, with an ``AsyncEngine``.
 
     The other parameters, the per-batch transaction, the SAVEPOINT around handlers
     taking ``(msg, session)`` and the wake-up and reconnect behaviour are those of
@@ -1280,6 +1320,7 @@ class AsyncConsumer(_ConsumerBase):
         subconsumer: str | None = None,
         dead_interval: Duration | None = None,
         shutdown_timeout: Duration | None = None,
+        listen: bool | AsyncEngine = True,
     ) -> None:
         asyncio_ext = _asyncio_ext()
         if isinstance(session_factory, (Engine, sessionmaker)):
@@ -1291,8 +1332,9 @@ class AsyncConsumer(_ConsumerBase):
             queue=queue, name=name, max_messages=max_messages, poll_interval=poll_interval,
             retry_after=retry_after, unknown_handler_policy=unknown_handler_policy,
             subconsumer=subconsumer, dead_interval=dead_interval,
-            shutdown_timeout=shutdown_timeout,
+            shutdown_timeout=shutdown_timeout, listen=listen,
         )
+        self.listen: bool | AsyncEngine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
 
@@ -1303,7 +1345,8 @@ class AsyncConsumer(_ConsumerBase):
         return bind if isinstance(bind, _asyncio_ext().AsyncEngine) else None
 
     def use_engine(self, engine: AsyncEngine) -> None:
-        """Bind this consumer's sessions (and its LISTEN connection) to ``engine``."""
+        """Bind this consumer's sessions to ``engine`` (and its LISTEN connection, unless
+        ``listen`` names an engine of its own)."""
         self._engine_override = engine
 
     async def check(self) -> None:
@@ -1349,9 +1392,10 @@ class AsyncConsumer(_ConsumerBase):
     def _on_session(self, session: Any, function: Callable[..., Any], *args: Any) -> Step:
         return partial(session.run_sync, function, *args)
 
-    def _open_listener(self, engine: Any) -> Step:
+    def _open_listener(self, engine: Any, unless_pooled: bool) -> Step:
         assert self._wake_event is not None
-        return partial(AsyncListener.open, engine, [self.channel], self._wake_event)
+        return partial(AsyncListener.open, engine, [self.channel], self._wake_event,
+                       unless_pooled=unless_pooled)
 
     def _pause(self, delay: float) -> Step:
         assert self._wake_event is not None

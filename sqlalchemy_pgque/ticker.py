@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from . import _statements as statements
 from . import schema
 from ._listen import Listener, close_quietly, connect_autocommit
+from ._pooler import goes_through_pooler
 from ._runloop import Outage, Waker, blocking_run
 from .errors import (
     EngineNotInstalled,
@@ -79,7 +80,10 @@ def _configuration_error(exc: BaseException) -> Exception | None:
 class Ticker:
     """Ticks every queue of one database and runs its periodic maintenance.
 
-    :param engine: the database; the ticker keeps one dedicated connection from it.
+    :param engine: the database; the ticker keeps one dedicated connection from it,
+        whose server session holds the ticker lock and its LISTEN: straight to
+        PostgreSQL, or through a pool in session mode, never in transaction mode (it
+        logs a warning when it finds a pooler, and leaves synchronous_commit alone).
     :param tick_period: seconds between ``pgque.ticker()`` calls; ``None`` reads
         ``pgque.config.tick_period_ms`` (100 ms by default).
     :param maint_interval: seconds between maintenance rounds (``maint_retry_events()``
@@ -132,6 +136,7 @@ class Ticker:
         self._waker: Waker | None = None
         self._tick_in_one_call = False
         self._tick_in_steps = False
+        self._warned_pooled = False
 
     def __repr__(self) -> str:
         return f"Ticker({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -189,15 +194,27 @@ class Ticker:
             connection: psycopg.Connection[Any] | None = None
             try:
                 connection = connect_autocommit(self.engine)
+                pooled = goes_through_pooler(connection)
+                if pooled:
+                    # Else its statements are prepared on one server connection and run
+                    # on another (PgBouncer before 1.21 or without max_prepared_statements).
+                    connection.prepare_threshold = None
+                    self._warn_pooled()
+                # A pooler keeps application_name with its client (PgBouncer does), so
+                # this one cannot leak to another client.
                 connection.execute(
                     statements.SET_APPLICATION_NAME,
                     (f"sqlalchemy_pgque ticker {os.getpid()}",),
                 )
-                # Nothing this connection commits needs to wait for its WAL flush: a
-                # consumer's ack that depends on a tick commits later and flushes the
-                # WAL past it, and a tick, retry move or rotation lost whole in a crash
-                # is simply done again. The flush was most of a woken tick's latency.
-                connection.execute(statements.SYNCHRONOUS_COMMIT_OFF)
+                if not pooled:
+                    # Nothing this connection commits needs to wait for its WAL flush: a
+                    # consumer's ack that depends on a tick commits later and flushes the
+                    # WAL past it, and a tick, retry move or rotation lost whole in a
+                    # crash is simply done again. The flush was most of a woken tick's
+                    # latency. Never through a pooler: in transaction mode the setting
+                    # stays on a server connection that then commits other clients'
+                    # transactions, which would return before their WAL is flushed.
+                    connection.execute(statements.SYNCHRONOUS_COMMIT_OFF)
                 if self._acquire_lock(connection, outage):
                     self._lead(Listener(connection, waker), outage)
             except Exception as exc:
@@ -213,6 +230,18 @@ class Ticker:
                 self.leading.clear()
                 if connection is not None:
                     close_quietly(connection.close)
+
+    def _warn_pooled(self) -> None:
+        if self._warned_pooled:
+            return
+        self._warned_pooled = True
+        log.warning(
+            "ticker: its connection goes through a connection pooler; the ticker lock, its "
+            "wake-ups (LISTEN) and its session settings need a server session of their own "
+            "for the connection's life: through a pool in transaction mode several tickers "
+            "lead at once, a lock stays behind on a server connection and wake-ups are "
+            "lost. Connect the ticker straight to PostgreSQL or through a pool in session "
+            "mode (the worker: --direct-url)")
 
     def _acquire_lock(self, connection: psycopg.Connection[Any], outage: Outage) -> bool:
         """Wait for the lock on ``connection``; ``False`` when stopped first."""

@@ -3,7 +3,8 @@
 ::
 
     python -m sqlalchemy_pgque.worker myapp.workers:consumer [more:consumers ...]
-        [--url postgresql+psycopg://...] [--ticker] [--concurrency N] [--log-level INFO]
+        [--url postgresql+psycopg://...] [--direct-url postgresql+psycopg://...]
+        [--ticker] [--concurrency N] [--log-level INFO]
 
 Each ``module:attribute`` names a :class:`~sqlalchemy_pgque.Consumer`, an
 :class:`~sqlalchemy_pgque.AsyncConsumer`, or a list of them; each consumer runs in its
@@ -13,6 +14,15 @@ without it each consumer uses the engine its session factory is bound to.
 all those started with it ticks, elected by an advisory lock); ``--tick-period``
 overrides ``pgque.config.tick_period_ms`` and ``--no-wake`` turns off ticking on
 commit wake-ups.
+
+``--direct-url`` (or ``DIRECT_DATABASE_URL``) is for ``--url`` going through a
+connection pooler in transaction mode (PgBouncer): the batches go through ``--url``,
+while the connections that need a server session of their own, each consumer's
+LISTEN and the ticker's (its lock election, wake-ups and settings), connect to
+``--direct-url``, straight to PostgreSQL or to a pool in session mode. Without it,
+when ``--url`` goes through a pooler, the consumers poll every ``poll_interval``
+instead of listening and ``--ticker`` is refused (exit code 2). Connections found to
+go through a pooler never use psycopg's prepared statements.
 
 ``--concurrency N`` runs every cooperative consumer (one given ``subconsumer=``) as N
 subconsumers, ``<subconsumer>-1`` … ``<subconsumer>-N``, each in its own thread (see
@@ -58,10 +68,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
 
 from ._duration import as_seconds
+from ._pooler import goes_through_pooler, prepare_pooled_connection
 from ._runloop import Outage, stop_signals_handled
 from ._statements import SERVER_KEEPALIVES
 from .consumer import AsyncConsumer, Consumer, _check_subscription
@@ -177,39 +190,74 @@ def expand_subconsumers(
 
 @dataclass
 class _Engines:
-    """The engines the worker makes from --url (the sync one also serves checks)."""
+    """The engines the worker makes from --url (the sync one also serves checks) and
+    from --direct-url (the connections that need a server session of their own)."""
 
     url: URL | None
+    direct_url: URL | None = None
     sync: Engine | None = None
     asynchronous: AsyncEngine | None = None
+    direct_sync: Engine | None = None
+    direct_async: AsyncEngine | None = None
     pool_size: int = 5
-    """Connections each engine keeps: one per consumer (their LISTEN connections are
-    separate), so that --concurrency never leaves a subconsumer waiting for one."""
+    """Connections each --url engine keeps: one per consumer (their LISTEN connections
+    are separate), so that --concurrency never leaves a subconsumer waiting for one."""
 
     def sync_engine(self) -> Engine:
         assert self.url is not None
         if self.sync is None:
-            self.sync = create_engine(
-                _sync_url(self.url), pool_size=self.pool_size,
-                connect_args=_connect_args(self.url),
-            )
-            event.listen(self.sync.pool, "connect", _set_server_keepalives)
+            self.sync = _make_engine(self.url, pool_size=self.pool_size)
         return self.sync
 
     def async_engine(self) -> AsyncEngine:
         assert self.url is not None
         if self.asynchronous is None:
-            from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet
-
-            self.asynchronous = create_async_engine(
-                self.url, pool_size=self.pool_size, connect_args=_connect_args(self.url),
-            )
-            event.listen(self.asynchronous.sync_engine.pool, "connect", _set_server_keepalives)
+            self.asynchronous = _make_async_engine(self.url, pool_size=self.pool_size)
         return self.asynchronous
 
+    def direct_sync_engine(self) -> Engine:
+        assert self.direct_url is not None
+        if self.direct_sync is None:
+            self.direct_sync = _make_engine(self.direct_url, pool_size=None)
+        return self.direct_sync
+
+    def direct_async_engine(self) -> AsyncEngine:
+        assert self.direct_url is not None
+        if self.direct_async is None:
+            self.direct_async = _make_async_engine(self.direct_url, pool_size=None)
+        return self.direct_async
+
     def dispose_sync(self) -> None:
-        if self.sync is not None:
-            self.sync.dispose()
+        for engine in (self.sync, self.direct_sync):
+            if engine is not None:
+                engine.dispose()
+
+    async def dispose_async(self) -> None:
+        for engine in (self.asynchronous, self.direct_async):
+            if engine is not None:
+                await engine.dispose()
+
+
+def _pool_args(pool_size: int | None) -> dict[str, Any]:
+    # Without a pool for --direct-url: each of its connections (a LISTEN, the ticker's)
+    # is taken out of the pool for good, so an idle one kept there would only hold a
+    # server connection for nothing.
+    return {"poolclass": NullPool} if pool_size is None else {"pool_size": pool_size}
+
+
+def _make_engine(url: URL, *, pool_size: int | None) -> Engine:
+    engine = create_engine(_sync_url(url), connect_args=_connect_args(url),
+                           **_pool_args(pool_size))
+    event.listen(engine.pool, "connect", _prepare_connection)
+    return engine
+
+
+def _make_async_engine(url: URL, *, pool_size: int | None) -> AsyncEngine:
+    from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet
+
+    engine = create_async_engine(url, connect_args=_connect_args(url), **_pool_args(pool_size))
+    event.listen(engine.sync_engine.pool, "connect", _prepare_connection)
+    return engine
 
 
 def _connect_args(url: URL) -> dict[str, str]:
@@ -218,16 +266,19 @@ def _connect_args(url: URL) -> dict[str, str]:
     return {key: value for key, value in wanted.items() if key not in url.query}
 
 
-def _set_server_keepalives(dbapi_connection: Any, connection_record: object) -> None:
-    # The keepalives of _CLIENT_SETTINGS on the server's side of the connection, so
-    # that a backend left behind by a partitioned worker ends, with its transaction and
-    # locks, instead of holding the consumer's batch until the server's own keepalive
-    # gives up.
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(SERVER_KEEPALIVES)
-    finally:
-        cursor.close()
+def _prepare_connection(dbapi_connection: Any, connection_record: object) -> None:
+    if not prepare_pooled_connection(dbapi_connection):
+        # The keepalives of _CLIENT_SETTINGS on the server's side of the connection, so
+        # that a backend left behind by a partitioned worker ends, with its transaction
+        # and locks, instead of holding the consumer's batch until the server's own
+        # keepalive gives up. Not through a pooler: the server's peer is the pooler
+        # then, and in transaction mode the settings would stay on a server connection
+        # that other clients use.
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(SERVER_KEEPALIVES)
+        finally:
+            cursor.close()
     # Leave no transaction open behind the pool's back (psycopg starts one implicitly).
     dbapi_connection.rollback()
 
@@ -265,6 +316,47 @@ def _bind(consumers: list[AnyConsumer], engines: _Engines) -> None:
                 f"{consumer!r} has no database: give --url or set DATABASE_URL, "
                 "or bind its session factory to an engine"
             )
+        # A consumer told in code not to listen keeps polling.
+        if engines.direct_url is not None and consumer.listen is not False:
+            try:
+                if isinstance(consumer, AsyncConsumer):
+                    consumer.listen = engines.direct_async_engine()
+                else:
+                    consumer.listen = engines.direct_sync_engine()
+            except (ArgumentError, ImportError) as exc:
+                raise ConfigError(f"bad --direct-url: {exc}") from None
+
+
+def _check_pooler(engine: Engine, consumers: list[AnyConsumer], *, ticker: bool,
+                  rebound: bool) -> None:
+    """Without --direct-url: keep what needs a server session of its own off a pooled
+    ``engine``. The ticker cannot do without one (raise :class:`ConfigError`); the
+    consumers, when ``rebound`` to it by --url, poll instead of listening."""
+    connection = engine.raw_connection()
+    try:
+        driver = connection.driver_connection
+        pooled = isinstance(driver, psycopg.Connection) and goes_through_pooler(driver)
+    finally:
+        connection.close()
+    if not pooled:
+        return
+    source = "--url" if rebound else f"the database of {consumers[0]!r}"
+    if ticker:
+        raise ConfigError(
+            f"--ticker: {source} goes through a connection pooler, and the ticker's lock "
+            "election and wake-ups need a server session of their own (through a pool in "
+            "transaction mode several tickers lead at once): give --direct-url, a URL "
+            "straight to PostgreSQL (or to a pool in session mode: then the same URL)"
+        )
+    # Those given an engine of their own for their LISTEN in code keep it.
+    polling = [c for c in consumers if rebound and c.listen is True]
+    for consumer in polling:
+        consumer.listen = False
+    if polling:
+        log.warning(
+            "--url goes through a connection pooler, where a LISTEN in transaction mode "
+            "never hears a tick: the consumers poll every poll_interval instead (give "
+            "--direct-url, a URL straight to PostgreSQL, to wake them at once)")
 
 
 def _check(consumer: AnyConsumer, engines: _Engines) -> None:
@@ -305,6 +397,8 @@ def _start_up(
             try:
                 check()
                 break
+            except ConfigError:
+                raise
             except PgqueError as exc:
                 raise ConfigError(f"{label}: {exc}") from None
             except Exception as exc:
@@ -398,8 +492,7 @@ class _Runner:
         try:
             await asyncio.gather(*(self._run_one_async(c) for c in consumers))
         finally:
-            if self.engines.asynchronous is not None:
-                await self.engines.asynchronous.dispose()
+            await self.engines.dispose_async()
 
     def _spawn(self, name: str, target: Callable[[], object]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -495,6 +588,13 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=os.environ.get("DATABASE_URL"),
                         help="SQLAlchemy database URL (default: $DATABASE_URL); rebinds "
                              "every consumer to it")
+    parser.add_argument("--direct-url", default=os.environ.get("DIRECT_DATABASE_URL"),
+                        metavar="URL",
+                        help="database URL straight to PostgreSQL (or to a pool in session "
+                             "mode) for the connections that need a server session of their "
+                             "own, when --url goes through a pooler in transaction mode: the "
+                             "consumers' LISTEN and the ticker (default: "
+                             "$DIRECT_DATABASE_URL)")
     parser.add_argument("--ticker", action="store_true",
                         help="also tick the database's queues and run their maintenance "
                              "(one process among those started with --ticker ticks)")
@@ -591,6 +691,8 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
     """Load, bind and check the consumers (and the ticker) of the command line."""
     if args.url:
         engines.url = _parse_url(args.url)
+    if args.direct_url:
+        engines.direct_url = _parse_url(args.direct_url)
     if args.metrics_port is not None:
         _import_metrics()  # a missing extra is reported before waiting for the database
     consumers = [c for target in args.targets for c in load_consumers(target)]
@@ -605,10 +707,16 @@ def _prepare(args: argparse.Namespace, engines: _Engines, stopping: threading.Ev
     checks: list[tuple[str, Callable[[], None]]] = [
         (consumer.label, partial(_check, consumer, engines)) for consumer in consumers
     ]
+    rebound = engines.url is not None
+    if engines.direct_url is None and (rebound or args.ticker):
+        engine = engines.sync_engine() if rebound else _ticker_engine(consumers, engines)
+        checks.append(("connection pooler", partial(_check_pooler, engine, consumers,
+                                                    ticker=args.ticker, rebound=rebound)))
     ticker = None
     if args.ticker:
-        ticker = Ticker(_ticker_engine(consumers, engines),
-                        tick_period=args.tick_period, wake=not args.no_wake)
+        ticker_engine = engines.direct_sync_engine() if engines.direct_url is not None \
+            else _ticker_engine(consumers, engines)
+        ticker = Ticker(ticker_engine, tick_period=args.tick_period, wake=not args.no_wake)
         checks.append(("ticker", ticker.check))
     _start_up(checks, args.startup_timeout, stopping)
     runner = _Runner(consumers, ticker, engines)
