@@ -281,6 +281,10 @@ WHERE n.nspname = 'pgque' AND c.relname ~ '^event_\d+_\d+$'
     "skiplocked": "SELECT (pgstattuple('public.jobs')).dead_tuple_count",
 }
 
+# What decides how a DELETE-based table is cleaned up, recorded with the figures.
+SERVER_SETTINGS = ("autovacuum", "autovacuum_naptime", "autovacuum_vacuum_scale_factor",
+                   "autovacuum_vacuum_cost_limit", "shared_buffers")
+
 # The age of the oldest snapshot a backend of this database holds: what VACUUM may not
 # clean beyond. (Counted in transactions; the held one shows as a growing age.)
 XMIN_AGE_SQL = """
@@ -591,6 +595,7 @@ def run_system(system: str, dsn: str | None, settings: Settings, prefix: Path,
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
             server = conn.info.server_version
+            server_settings = {name: _row(conn, f"SHOW {name}")[0] for name in SERVER_SETTINGS}
         if system == "ours":
             setup_ours(db, settings)
         counts_file = workdir / f"{system}-counts.json"
@@ -638,7 +643,7 @@ def run_system(system: str, dsn: str | None, settings: Settings, prefix: Path,
             counts = json.loads(counts_file.read_text())
         return Run(system, sampler.rows, sampler.rotation_times, progress.hold_start,
                    progress.hold_end, progress.send_end, drained_at, sampler.elapsed(),
-                   counts, exit_code), server
+                   counts, exit_code, {"server_settings": server_settings}), server
 
 
 # --- figures and chart -------------------------------------------------------------------
@@ -675,6 +680,7 @@ def summarize(run: Run, settings: Settings) -> dict[str, Any]:
         "worker_rss_max_bytes": max(rss) if rss else None,
         "worker_cpu_s": rows[-1]["worker_cpu_s"],
         "samples": len(rows),
+        **run.extra,
     }
     if run.system == "ours":
         after = _after_rotations(rows)
@@ -781,9 +787,35 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
         print(f"{key:36}" + "".join(f"{summary[s].get(key, '')!s:>16}" for s in systems))
 
 
+@contextmanager
+def private_cluster(major: int) -> Iterator[str]:
+    """A throwaway cluster of PostgreSQL ``major`` at the defaults of its initdb (the
+    tests' PgCluster, with its smaller shared_buffers put back), for a comparison that
+    a shared server's configuration (autovacuum turned off, say) would change."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pgcluster import (  # type: ignore[import-not-found, unused-ignore]  # tests/
+        PgCluster,
+        find_bindir,
+    )
+
+    bindir = find_bindir(major)
+    if bindir is None:
+        sys.exit(f"no PostgreSQL {major} programs found")
+    with PgCluster(bindir, Path(tempfile.mkdtemp(prefix="pgque-soak-cluster-"))) as cluster:
+        cluster.init()
+        cluster.start()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '128MB'")
+        cluster.restart()
+        yield cluster.dsn()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="libpq string of a running server (default: embedded)")
+    parser.add_argument("--major", type=int,
+                        help="run a private cluster of this PostgreSQL major version, at "
+                             "default settings (instead of the embedded server or --dsn)")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second")
     parser.add_argument("--txn-size", type=int, default=250, help="events per transaction")
@@ -833,14 +865,21 @@ def main() -> None:
         workdir = args.workdir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="pgque-soak-")))
         workdir.mkdir(parents=True, exist_ok=True)
+        dsn = args.dsn
+        if args.major is not None:
+            dsn = stack.enter_context(private_cluster(args.major))
         for system in args.systems:
-            run, server = run_system(system, args.dsn, settings, prefix, workdir)
+            run, server = run_system(system, dsn, settings, prefix, workdir)
             summary[system] = summarize(run, settings)
             print(system, json.dumps(summary[system]), flush=True)
     major = server // 10000
+    vacuum_note = ""
+    if any(v.get("server_settings", {}).get("autovacuum") == "off" for v in summary.values()):
+        vacuum_note = ", autovacuum off"
+    holder_note = "old snapshot" if settings.holder == "snapshot" else "transaction with an xid"
     title = (f"{settings.events:,} events, 3 consumers (2 fan-out + group of "
-             f"{settings.group_members}), PostgreSQL {major}; old snapshot held "
-             f"{settings.hold_from:.0%}-{settings.hold_to:.0%} of sends")
+             f"{settings.group_members}), PostgreSQL {major}{vacuum_note};\n{holder_note} "
+             f"held {settings.hold_from:.0%}-{settings.hold_to:.0%} of sends")
     result = {
         **run_facts("soak: dead tuples, table size and worker memory over a long run, "
                     "against a SKIP LOCKED + DELETE job table", server),
