@@ -1,18 +1,22 @@
 """Soak: a million events through rotation, against a SKIP LOCKED + DELETE job table.
 
     .venv/bin/python bench/bench_soak.py                     # embedded PostgreSQL 18
+    .venv/bin/python bench/bench_soak.py --major 15 \\
+        --output-prefix bench/results/soak-pg15              # a private cluster
     .venv/bin/python bench/bench_soak.py --dsn "host=127.0.0.1 user=postgres" \\
-        --output-prefix bench/results/soak-pg15              # a running server
+        --output-prefix bench/results/soak-pg15-autovacuum-off   # a running server
     .venv/bin/python bench/bench_soak.py --events 100000     # a quick trial
     .venv/bin/python bench/bench_soak.py --chart-only        # redraw from the CSVs
 
-Each system gets a fresh scratch database (on its own embedded server by default) and
-the same load: ``--events`` events of ~80 bytes, sent at a steady ``--rate`` in
+Each system gets a fresh scratch database (on its own embedded server by default; with
+``--major`` on a throwaway cluster of that major at initdb's defaults) and the same
+load: ``--events`` events of ~80 bytes, sent at a steady ``--rate`` in
 transactions of ``--txn-size``, each consumed by three consumers: two plain ones
 (fan-out) and a cooperative group of ``--group-members``. While the producer goes from
 ``--hold-from`` to ``--hold-to`` of the events, another session keeps a REPEATABLE
 READ transaction open on an unrelated table: an old snapshot, which holds back the
-horizon VACUUM may clean up to. Handlers only count.
+horizon VACUUM may clean up to (``--holder xid``: a transaction that also wrote, so
+has a transaction id). Handlers only count.
 
 * ``ours``: one queue with a ``--rotation-period`` rotation; one real worker process,
   ``python -m sqlalchemy_pgque.worker bench_soak:consumers --ticker --concurrency N``
@@ -23,7 +27,8 @@ horizon VACUUM may clean up to. Handlers only count.
   with a thread per consumer and ``--group-members`` threads for the group, each
   taking ``--skiplocked-batch`` rows at a time with ``SELECT ... ORDER BY id LIMIT n
   FOR UPDATE SKIP LOCKED`` and ``DELETE ... RETURNING`` in one statement and
-  transaction, polling every 50 ms when empty. Autovacuum at its defaults.
+  transaction, polling every 50 ms when empty. Autovacuum as the server has it (its
+  settings are recorded with the figures).
 
 Every ``--sample-interval`` seconds a row goes to ``<prefix>-<system>.csv``: events
 sent and handled per consumer, dead and live tuples of the queue's tables (the event
@@ -764,7 +769,7 @@ def chart(runs: dict[str, list[dict[str, Any]]], png: Path, title: str) -> None:
     dead_ax.set_ylabel("dead tuples\n(event tables / jobs)")
     size_ax.set_ylabel("total size of the\nsystem's tables (MiB)")
     rss_ax.set_ylabel("worker RSS (MiB)")
-    rss_ax.set_xlabel("minutes (shaded: old snapshot held; dotted: rotations)")
+    rss_ax.set_xlabel("minutes (shaded: the other session's transaction open; dotted: rotations)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
