@@ -1,18 +1,22 @@
 """Soak: a million events through rotation, against a SKIP LOCKED + DELETE job table.
 
     .venv/bin/python bench/bench_soak.py                     # embedded PostgreSQL 18
+    .venv/bin/python bench/bench_soak.py --major 15 \\
+        --output-prefix bench/results/soak-pg15              # a private cluster
     .venv/bin/python bench/bench_soak.py --dsn "host=127.0.0.1 user=postgres" \\
-        --output-prefix bench/results/soak-pg15              # a running server
+        --output-prefix bench/results/soak-pg15-autovacuum-off   # a running server
     .venv/bin/python bench/bench_soak.py --events 100000     # a quick trial
     .venv/bin/python bench/bench_soak.py --chart-only        # redraw from the CSVs
 
-Each system gets a fresh scratch database (on its own embedded server by default) and
-the same load: ``--events`` events of ~80 bytes, sent at a steady ``--rate`` in
+Each system gets a fresh scratch database (on its own embedded server by default; with
+``--major`` on a throwaway cluster of that major at initdb's defaults) and the same
+load: ``--events`` events of ~80 bytes, sent at a steady ``--rate`` in
 transactions of ``--txn-size``, each consumed by three consumers: two plain ones
 (fan-out) and a cooperative group of ``--group-members``. While the producer goes from
 ``--hold-from`` to ``--hold-to`` of the events, another session keeps a REPEATABLE
 READ transaction open on an unrelated table: an old snapshot, which holds back the
-horizon VACUUM may clean up to. Handlers only count.
+horizon VACUUM may clean up to (``--holder xid``: a transaction that also wrote, so
+has a transaction id). Handlers only count.
 
 * ``ours``: one queue with a ``--rotation-period`` rotation; one real worker process,
   ``python -m sqlalchemy_pgque.worker bench_soak:consumers --ticker --concurrency N``
@@ -23,7 +27,8 @@ horizon VACUUM may clean up to. Handlers only count.
   with a thread per consumer and ``--group-members`` threads for the group, each
   taking ``--skiplocked-batch`` rows at a time with ``SELECT ... ORDER BY id LIMIT n
   FOR UPDATE SKIP LOCKED`` and ``DELETE ... RETURNING`` in one statement and
-  transaction, polling every 50 ms when empty. Autovacuum at its defaults.
+  transaction, polling every 50 ms when empty. Autovacuum as the server has it (its
+  settings are recorded with the figures).
 
 Every ``--sample-interval`` seconds a row goes to ``<prefix>-<system>.csv``: events
 sent and handled per consumer, dead and live tuples of the queue's tables (the event
@@ -280,6 +285,10 @@ WHERE n.nspname = 'pgque' AND c.relname ~ '^event_\d+_\d+$'
 """,
     "skiplocked": "SELECT (pgstattuple('public.jobs')).dead_tuple_count",
 }
+
+# What decides how a DELETE-based table is cleaned up, recorded with the figures.
+SERVER_SETTINGS = ("autovacuum", "autovacuum_naptime", "autovacuum_vacuum_scale_factor",
+                   "autovacuum_vacuum_cost_limit", "shared_buffers")
 
 # The age of the oldest snapshot a backend of this database holds: what VACUUM may not
 # clean beyond. (Counted in transactions; the held one shows as a growing age.)
@@ -591,6 +600,7 @@ def run_system(system: str, dsn: str | None, settings: Settings, prefix: Path,
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
             server = conn.info.server_version
+            server_settings = {name: _row(conn, f"SHOW {name}")[0] for name in SERVER_SETTINGS}
         if system == "ours":
             setup_ours(db, settings)
         counts_file = workdir / f"{system}-counts.json"
@@ -638,7 +648,7 @@ def run_system(system: str, dsn: str | None, settings: Settings, prefix: Path,
             counts = json.loads(counts_file.read_text())
         return Run(system, sampler.rows, sampler.rotation_times, progress.hold_start,
                    progress.hold_end, progress.send_end, drained_at, sampler.elapsed(),
-                   counts, exit_code), server
+                   counts, exit_code, {"server_settings": server_settings}), server
 
 
 # --- figures and chart -------------------------------------------------------------------
@@ -675,6 +685,7 @@ def summarize(run: Run, settings: Settings) -> dict[str, Any]:
         "worker_rss_max_bytes": max(rss) if rss else None,
         "worker_cpu_s": rows[-1]["worker_cpu_s"],
         "samples": len(rows),
+        **run.extra,
     }
     if run.system == "ours":
         after = _after_rotations(rows)
@@ -758,7 +769,7 @@ def chart(runs: dict[str, list[dict[str, Any]]], png: Path, title: str) -> None:
     dead_ax.set_ylabel("dead tuples\n(event tables / jobs)")
     size_ax.set_ylabel("total size of the\nsystem's tables (MiB)")
     rss_ax.set_ylabel("worker RSS (MiB)")
-    rss_ax.set_xlabel("minutes (shaded: old snapshot held; dotted: rotations)")
+    rss_ax.set_xlabel("minutes (shaded: the other session's transaction open; dotted: rotations)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
@@ -781,9 +792,35 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
         print(f"{key:36}" + "".join(f"{summary[s].get(key, '')!s:>16}" for s in systems))
 
 
+@contextmanager
+def private_cluster(major: int) -> Iterator[str]:
+    """A throwaway cluster of PostgreSQL ``major`` at the defaults of its initdb (the
+    tests' PgCluster, with its smaller shared_buffers put back), for a comparison that
+    a shared server's configuration (autovacuum turned off, say) would change."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pgcluster import (  # type: ignore[import-not-found, unused-ignore]  # tests/
+        PgCluster,
+        find_bindir,
+    )
+
+    bindir = find_bindir(major)
+    if bindir is None:
+        sys.exit(f"no PostgreSQL {major} programs found")
+    with PgCluster(bindir, Path(tempfile.mkdtemp(prefix="pgque-soak-cluster-"))) as cluster:
+        cluster.init()
+        cluster.start()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '128MB'")
+        cluster.restart()
+        yield cluster.dsn()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="libpq string of a running server (default: embedded)")
+    parser.add_argument("--major", type=int,
+                        help="run a private cluster of this PostgreSQL major version, at "
+                             "default settings (instead of the embedded server or --dsn)")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second")
     parser.add_argument("--txn-size", type=int, default=250, help="events per transaction")
@@ -833,14 +870,21 @@ def main() -> None:
         workdir = args.workdir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="pgque-soak-")))
         workdir.mkdir(parents=True, exist_ok=True)
+        dsn = args.dsn
+        if args.major is not None:
+            dsn = stack.enter_context(private_cluster(args.major))
         for system in args.systems:
-            run, server = run_system(system, args.dsn, settings, prefix, workdir)
+            run, server = run_system(system, dsn, settings, prefix, workdir)
             summary[system] = summarize(run, settings)
             print(system, json.dumps(summary[system]), flush=True)
     major = server // 10000
+    vacuum_note = ""
+    if any(v.get("server_settings", {}).get("autovacuum") == "off" for v in summary.values()):
+        vacuum_note = ", autovacuum off"
+    holder_note = "old snapshot" if settings.holder == "snapshot" else "transaction with an xid"
     title = (f"{settings.events:,} events, 3 consumers (2 fan-out + group of "
-             f"{settings.group_members}), PostgreSQL {major}; old snapshot held "
-             f"{settings.hold_from:.0%}-{settings.hold_to:.0%} of sends")
+             f"{settings.group_members}), PostgreSQL {major}{vacuum_note};\n{holder_note} "
+             f"held {settings.hold_from:.0%}-{settings.hold_to:.0%} of sends")
     result = {
         **run_facts("soak: dead tuples, table size and worker memory over a long run, "
                     "against a SKIP LOCKED + DELETE job table", server),
