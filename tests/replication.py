@@ -171,6 +171,28 @@ class ReplicatedPair:
                     )
                 time.sleep(0.05)
 
+    def wait_replayed(self, timeout: float = 60) -> None:
+        """Until the standby has replayed all WAL the primary has written so far: a
+        synchronous standby confirms commits once their WAL is flushed, before it is
+        applied, so what the primary just created may not be visible there yet."""
+        standby = self.standby
+        assert standby is not None
+        with psycopg.connect(self.primary.dsn(), autocommit=True) as conn:
+            target = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert target is not None
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(standby.dsn(), autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target[0],)
+                ).fetchone()
+                if row is not None and row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"standby has not replayed up to {target[0]} "
+                                       f"after {timeout} s")
+                time.sleep(0.02)
+
     def fail_over(self, before_promote: Callable[[], object] | None = None) -> Failover:
         """Stop the primary at once (``immediate``), call ``before_promote`` (the
         standby is still read-only then), then promote the standby."""

@@ -73,6 +73,7 @@ def test_a_standby_refuses_with_errors_that_are_retried(pair: ReplicatedPair) ->
     promoted any moment."""
     faultkit.create_database(pair.primary, "ro")
     faultkit.prepare(pair.dsn("ro"), faultkit.KINDS["single"])
+    pair.wait_replayed()
     standby = pair.standby
     assert standby is not None and standby.in_recovery()
     queue = Queue(faultkit.QUEUE)
