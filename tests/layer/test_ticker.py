@@ -22,7 +22,7 @@ from engine_helpers import (
     tick,
     wait_until,
 )
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
 from sqlalchemy_pgque import Queue
@@ -144,6 +144,73 @@ def _count(conn: Conn, table: str) -> int:
     row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def latest_tick_time(conn: Conn, queue: str) -> Any:
+    row = conn.execute(
+        "SELECT max(t.tick_time) FROM pgque.tick t JOIN pgque.queue q "
+        "ON q.queue_id = t.tick_queue WHERE q.queue_name = %s", (queue,)).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_wake_ups_are_served_between_the_steps_of_a_pass(
+    conn: Conn, engine: Engine, tickers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass over thousands of queues takes tens of milliseconds; a commit's wake-up
+    that arrives meanwhile is ticked after the step in progress, not after the pass.
+    Here every pass ticks q00..q03 (idle thresholds of a millisecond), one queue a
+    step, and one is held at q01 (a pending rename holds its event sequence, which the
+    step reads) while a commit to w wakes the ticker: w ticks before that pass's q03."""
+    if not is_our_engine(conn):
+        pytest.skip("ticker_step is our engine's")
+    monkeypatch.setattr(ticker_module, "_QUEUES_PER_STEP", 1)
+    names = ["q00", "q01", "q02", "q03"]
+    for name in names:
+        make_queue(conn, name, "c", ticker_max_lag="1 millisecond",
+                   ticker_idle_period="1 millisecond")
+    make_queue(conn, "w", "c", **QUIET)
+    for name in [*names, "w"]:
+        tick(conn, name)
+        tick(conn, name)
+    row = conn.execute("SELECT queue_event_seq FROM pgque.queue WHERE queue_name = 'q01'"
+                       ).fetchone()
+    assert row is not None
+    ticker = tickers(Ticker(engine, tick_period=0.05))
+    assert ticker.leading.wait(10)
+
+    def pass_held_at_q01() -> bool:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%ticker_step%'").fetchone()
+        return row is not None and row[0] > 0
+
+    with engine.connect() as blocker:
+        # Rolled back below: it only holds the sequence's lock meanwhile.
+        blocker.execute(text(f"ALTER SEQUENCE {row[0]} RENAME TO held_by_the_test"))
+        wait_until(pass_held_at_q01, timeout=10, what="a pass held at q01")
+        held_since = latest_tick_time(conn, "q01")
+        w_before = latest_tick_time(conn, "w")
+        with Session(engine) as session, session.begin():
+            Queue("w").send(session, {"n": 1})
+        blocker.rollback()
+    wait_until(lambda: latest_tick_time(conn, "w") > w_before, timeout=10,
+               what="the woken tick of w")
+    w_ticked = latest_tick_time(conn, "w")
+
+    def first_tick_after(queue: str, moment: Any) -> Any:
+        found = conn.execute(
+            "SELECT min(t.tick_time) FROM pgque.tick t JOIN pgque.queue q "
+            "ON q.queue_id = t.tick_queue WHERE q.queue_name = %s AND t.tick_time > %s",
+            (queue, moment)).fetchone()
+        assert found is not None
+        return found[0]
+
+    wait_until(lambda: first_tick_after("q03", held_since) is not None, timeout=10,
+               what="the held pass to reach q03")
+    held_pass_q01 = first_tick_after("q01", held_since)
+    held_pass_q03 = first_tick_after("q03", held_pass_q01)
+    assert held_pass_q01 < w_ticked < held_pass_q03, (held_pass_q01, w_ticked, held_pass_q03)
 
 
 def test_commit_wakes_an_immediate_tick_of_that_queue(
