@@ -323,29 +323,156 @@ SELECT i.queue_name, i.consumer_name, s.sub_role,
  WHERE CAST(:queue AS text) IS NULL OR i.queue_name = :queue
  ORDER BY i.queue_name, i.consumer_name
 """)
-_DEAD_LETTER_COLUMNS = """
-SELECT d.dl_id, q.queue_name, c.co_name, d.dl_time, d.dl_reason, d.ev_id, d.ev_time,
-       d.ev_retry, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3, d.ev_extra4
+_DEAD_LETTER_FROM = """
   FROM pgque.dead_letter d
   JOIN pgque.queue q ON q.queue_id = d.dl_queue_id
   JOIN pgque.consumer c ON c.co_id = d.dl_consumer_id
 """
-DEAD_LETTERS: Final = text(_DEAD_LETTER_COLUMNS + """
- WHERE (CAST(:queue AS text) IS NULL OR q.queue_name = :queue)
+_DEAD_LETTER_COLUMNS = """
+SELECT d.dl_id, q.queue_name, c.co_name, d.dl_time, d.dl_reason, d.ev_id, d.ev_time,
+       d.ev_retry, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3, d.ev_extra4
+""" + _DEAD_LETTER_FROM
+# The dead-letter filters; :reason is a case-insensitive substring of dl_reason (strpos,
+# not LIKE, so that % and _ in what an operator types match themselves).
+_DEAD_LETTER_FILTERS = """
+       (CAST(:queue AS text) IS NULL OR q.queue_name = :queue)
    AND (CAST(:consumer AS text) IS NULL OR c.co_name = :consumer)
    AND (CAST(:type AS text) IS NULL OR d.ev_type = :type)
+   AND (CAST(:reason AS text) IS NULL
+        OR strpos(lower(d.dl_reason), lower(CAST(:reason AS text))) > 0)
    AND (CAST(:since AS timestamptz) IS NULL OR d.dl_time >= :since)
    AND (CAST(:before AS timestamptz) IS NULL OR d.dl_time < :before)
+   AND (CAST(:older_than AS interval) IS NULL
+        OR d.dl_time < now() - CAST(:older_than AS interval))
    AND (CAST(:after_id AS bigint) IS NULL OR d.dl_id > :after_id)
    AND (CAST(:ids AS bigint[]) IS NULL OR d.dl_id = ANY(:ids))
+"""
+DEAD_LETTERS: Final = text(_DEAD_LETTER_COLUMNS + " WHERE" + _DEAD_LETTER_FILTERS + """
  ORDER BY d.dl_id
  LIMIT :limit
 """)
+DEAD_LETTER_COUNT: Final = text(
+    "SELECT count(*)" + _DEAD_LETTER_FROM + " WHERE" + _DEAD_LETTER_FILTERS)
 DEAD_LETTER: Final = text(_DEAD_LETTER_COLUMNS + " WHERE d.dl_id = :id")
 DLQ_REPLAY: Final = text("SELECT pgque.dlq_replay(:id)")
 DLQ_PURGE_QUEUE: Final = text("SELECT pgque.dlq_purge(:queue, CAST(:older_than AS interval))")
 DLQ_DELETE: Final = text("DELETE FROM pgque.dead_letter WHERE dl_id = ANY(:ids)")
+DLQ_DELETE_MATCHING: Final = text(
+    "DELETE FROM pgque.dead_letter d USING pgque.queue q, pgque.consumer c"
+    " WHERE q.queue_id = d.dl_queue_id AND c.co_id = d.dl_consumer_id AND"
+    + _DEAD_LETTER_FILTERS)
 QUEUE_NAMES: Final = text("SELECT queue_name FROM pgque.queue ORDER BY queue_name")
+
+# Events per time bucket of every queue (or :queue), for the dashboard's sparklines: one
+# statement whatever the number of queues. A tick closes in the events between the
+# previous tick's event_seq and its own; the first tick of the window takes that previous
+# tick from before the window, so the first bucket is as full as the others. Buckets are
+# epoch-aligned (floor(epoch / size) * size) like PgQue's throughput(), so two calls agree.
+#
+# Unlike throughput(), the count leaves out the sequence values force_next_tick skips
+# (2 * ticker_max_count + 1001 a forced tick, see 30_ticker.sql): they are the growth of
+# tick_seq_skipped, subtracted as pgque._seq_events does, so a queue ticked at every
+# commit shows its events, not thousands a commit. Where pgque._seq_events keeps a kept
+# PgQue 0.2 quirk (a queue's very first event counts in no distance: the ticks before it
+# record the unused sequence's start value as one skipped value), the plain difference
+# here counts it. tick_seq_skipped exists in this
+# project's engine only: on another PgQue 0.2 install the NATURAL LEFT JOIN finds no
+# column in common and supplies 0 (that install's forced ticks then count as upstream
+# counts them); here it joins on the column and, being LEFT, keeps every tick.
+THROUGHPUT_HISTORY: Final = text("""
+WITH ticks AS NOT MATERIALIZED (
+    SELECT t.tick_queue, t.tick_id, t.tick_time, t.tick_event_seq, tick_seq_skipped
+      FROM pgque.tick t
+      NATURAL LEFT JOIN (SELECT CAST(0 AS bigint) AS tick_seq_skipped) AS fallback
+), bounds AS (
+    SELECT CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
+           * :bucket_seconds AS last_bucket,
+           CAST(extract(epoch FROM now()) AS float8) AS now_epoch
+), in_window AS (
+    SELECT k.tick_queue, k.tick_id, k.tick_time, k.tick_event_seq, k.tick_seq_skipped,
+           lag(k.tick_event_seq) OVER w AS prev_seq,
+           lag(k.tick_seq_skipped) OVER w AS prev_skipped
+      FROM ticks k, bounds b
+     WHERE k.tick_time >= to_timestamp(b.last_bucket - (:buckets - 1) * :bucket_seconds)
+       AND (CAST(:queue AS text) IS NULL
+            OR k.tick_queue = (SELECT queue_id FROM pgque.queue WHERE queue_name = :queue))
+    WINDOW w AS (PARTITION BY k.tick_queue ORDER BY k.tick_id)
+), deltas AS (
+    SELECT i.tick_queue, i.tick_time,
+           i.tick_event_seq - coalesce(i.prev_seq, p.tick_event_seq) AS distance,
+           i.tick_seq_skipped - coalesce(i.prev_skipped, p.tick_seq_skipped) AS skipped
+      FROM in_window i
+      LEFT JOIN LATERAL (
+           SELECT k.tick_event_seq, k.tick_seq_skipped FROM ticks k
+            WHERE i.prev_seq IS NULL AND k.tick_queue = i.tick_queue
+              AND k.tick_id < i.tick_id
+            ORDER BY k.tick_id DESC LIMIT 1) p ON true
+)
+SELECT q.queue_name, b.last_bucket, b.now_epoch,
+       CAST(floor(extract(epoch FROM d.tick_time) / :bucket_seconds) AS bigint)
+       * :bucket_seconds AS bucket,
+       sum(greatest(d.distance - d.skipped, 0)) AS events
+  FROM pgque.queue q
+ CROSS JOIN bounds b
+  LEFT JOIN deltas d ON d.tick_queue = q.queue_id
+ WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
+ GROUP BY q.queue_name, b.last_bucket, b.now_epoch, bucket
+ ORDER BY q.queue_name, bucket
+""")
+# Dead letters per queue since a moment (admin.dlq_growth), on the (queue, time) index.
+DLQ_GROWTH: Final = text("""
+SELECT q.queue_name, count(*) AS dead_letters
+  FROM pgque.dead_letter d
+  JOIN pgque.queue q ON q.queue_id = d.dl_queue_id
+ WHERE d.dl_time >= now() - CAST(:period AS interval)
+ GROUP BY q.queue_name
+""")
+# The queue error_history() reads: its id, its event tables' parent and the clock.
+QUEUE_EVENT_TABLE: Final = text("""
+SELECT q.queue_id, q.queue_data_pfx,
+       CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
+       * :bucket_seconds AS last_bucket
+  FROM pgque.queue q
+ WHERE q.queue_name = :queue
+""")
+
+
+def error_history(event_table: str) -> TextClause:
+    """Dead letters and retries of one queue per time bucket (admin.error_history);
+    ``event_table`` is the queue's event table parent (``queue_data_pfx``), quoted.
+
+    Dead letters by ``dl_time`` (indexed with the queue id). A retry is counted when it
+    comes back: the retry mover (maint_retry_events) re-inserts a nacked event into the
+    queue's event tables with its retry count (ev_retry >= 1) and the mover's own
+    transaction id, and the event is counted at the first tick whose snapshot xmax lies
+    past that id, i.e. the tick that closed it into a batch (within a tick: a mover still
+    running at that tick shows one tick early). Each tick's range of ids is an index
+    range on the event tables' ev_txid, so only the window's events are read.
+    """
+    return text(f"""
+WITH ticks AS (
+    SELECT tick_time, pg_snapshot_xmax(tick_snapshot) AS upto,
+           lag(pg_snapshot_xmax(tick_snapshot)) OVER (ORDER BY tick_id) AS since
+      FROM pgque.tick
+     WHERE tick_queue = :queue_id
+)
+SELECT 'dead_letters' AS kind,
+       CAST(floor(extract(epoch FROM d.dl_time) / :bucket_seconds) AS bigint)
+       * :bucket_seconds AS bucket,
+       count(*) AS events
+  FROM pgque.dead_letter d
+ WHERE d.dl_queue_id = :queue_id AND d.dl_time >= to_timestamp(:first_bucket)
+ GROUP BY bucket
+UNION ALL
+SELECT 'retries',
+       CAST(floor(extract(epoch FROM t.tick_time) / :bucket_seconds) AS bigint)
+       * :bucket_seconds,
+       count(*)
+  FROM ticks t
+  JOIN {event_table} e ON e.ev_txid >= t.since AND e.ev_txid < t.upto
+ WHERE t.tick_time >= to_timestamp(:first_bucket) AND e.ev_retry >= 1
+ GROUP BY 2
+""")
 
 
 # -- worker connections (worker.py, _pooler.py) --------------------------------------
