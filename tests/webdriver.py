@@ -266,6 +266,10 @@ class Browser:
         wire = [{_ELEMENT_KEY: arg.id} if isinstance(arg, Element) else arg for arg in args]
         return self.command("POST", "execute/sync", {"script": script, "args": wire})
 
+    def delete_cookies(self) -> None:
+        """Forget every cookie of the current page's domain."""
+        self.command("DELETE", "cookie")
+
     def set_window_size(self, width: int, height: int) -> None:
         self.command("POST", "window/rect", {"width": width, "height": height})
 

@@ -133,6 +133,14 @@ def test_executes_scripts_with_arguments_and_elements(browser: Browser, site: st
     assert browser.find("body").attribute("data-marked") == "yes"
 
 
+def test_cookies_are_deleted(browser: Browser, site: str) -> None:
+    browser.get(site + "/")
+    browser.execute("document.cookie = 'flavour=oat; path=/';")
+    assert browser.execute("return document.cookie;") == "flavour=oat"
+    browser.delete_cookies()
+    assert browser.execute("return document.cookie;") == ""
+
+
 def test_screenshot_is_a_png_of_the_window(browser: Browser, site: str,
                                            tmp_path: Path) -> None:
     browser.get(site + "/")
