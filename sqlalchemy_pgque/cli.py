@@ -22,6 +22,7 @@ import argparse
 import ipaddress
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -248,11 +249,15 @@ def _dashboard(args: argparse.Namespace) -> int:
     print(f"serving the dashboard on http://{shown}:{args.port}{args.root_path}/ "
           f"({'read-write' if args.allow_writes else 'read-only'}"
           f"{', login required' if auth else ''}); Ctrl-C ends", file=sys.stderr, flush=True)
+    # uvicorn stops cleanly on SIGTERM, then raises the signal again for the handler
+    # it found: a handler that ignores it makes that stop exit 0, as the worker does.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         # log_config=None: uvicorn's records go through the logging set up above.
         uvicorn.run(app, host=args.host, port=args.port, root_path=args.root_path,
                     log_config=None, log_level=args.log_level.lower())
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.dispose()
     return 0
 

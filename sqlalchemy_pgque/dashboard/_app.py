@@ -67,6 +67,9 @@ def build_app(engine_or_url: Engine | str, *, allow_writes: bool, refresh_second
               stale_after: Duration) -> Starlette:
     if refresh_seconds < 0:
         raise ValueError(f"refresh_seconds must be >= 0, got {refresh_seconds}")
+    if auth is not None and not (auth if isinstance(auth, str) else all(auth)):
+        raise ValueError("auth: give a non-empty token, or a (user, password) pair "
+                         "with both set")
     settings = Settings(engine_from(engine_or_url), allow_writes,
                         int(refresh_seconds * 1000), title, as_seconds(stale_after))
     pages = _Pages(settings)
@@ -208,7 +211,7 @@ class _Pages:
 
     async def queue_live(self, request: Request) -> Response:
         """The queue page's refreshing figures: ``admin.queues(queue)`` and
-        ``admin.consumers(queue)``, three statements, where the page reads six."""
+        ``admin.consumers(queue)``, three statements, where the page reads seven."""
         name = unquote(request.path_params["name"])
         try:
             return JSONResponse(await self._read(lambda c: _figures.queue_live(c, name)))

@@ -181,7 +181,7 @@ class QueuePage:
 
 
 def queue_page(connection: Connection, queue: str, stale_after: float) -> QueuePage:
-    """One queue, its consumers and charts: six statements.
+    """One queue, its consumers and charts: seven statements.
     :class:`~sqlalchemy_pgque.QueueNotFound` for an unknown queue."""
     (status,) = admin.queues(connection, queue)
     consumers = admin.consumers(connection, queue)
@@ -207,7 +207,8 @@ def queue_page(connection: Connection, queue: str, stale_after: float) -> QueueP
 
 def queue_live(connection: Connection, queue: str) -> dict[str, Any]:
     """What the queue page's script refreshes: the queue's and its consumers' figures
-    (three statements; the charts move by the minute and wait for a reload)."""
+    (three statements, where the page reads seven; the charts move by the minute and
+    wait for a reload)."""
     (status,) = admin.queues(connection, queue)
     return {
         "queue": QueueRow(status, (), ()).cells(),

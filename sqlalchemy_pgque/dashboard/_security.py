@@ -104,8 +104,6 @@ class Guard:
             self.basic: bytes | None = f"{user}:{password}".encode()
             self.token: bytes | None = None
         else:
-            if not auth:
-                raise ValueError("auth token must not be empty")
             self.basic, self.token = None, auth.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,99 @@
+"""``sqlalchemy-pgque dashboard``, run as a process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from conftest import Database
+from engine_helpers import Conn, send_many, wait_until
+from traffic_helpers import make_ticking_queue
+
+from .conftest import Client, free_port
+
+
+def url_of(db: Database) -> str:
+    return db.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+def answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/api/overview", timeout=5) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def test_the_command_serves_the_dashboard_until_terminated(
+    db: Database, conn: Conn, started: list[subprocess.Popen[str]]
+) -> None:
+    make_ticking_queue(conn, "orders", "billing")
+    send_many(conn, "orders", 7)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sqlalchemy_pgque", "dashboard", "--url", url_of(db),
+         "--port", str(port), "--refresh", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(process)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: answers(base) or process.poll() is not None, timeout=30,
+               what="the dashboard to answer")
+    assert process.poll() is None, process.communicate()
+    page = Client(base).get("/")
+    assert page.status == 200
+    row = page.html.find("tr", data_queue="orders")
+    assert row.field("pending_events") == "7"
+    assert page.html.find("body").attrs["data-refresh-ms"] == "5000"
+    # Read-only unless told otherwise.
+    assert Client(base).post("/dlq/replay", {"id": "1"}).status == 403
+    live = json.loads(Client(base).get("/api/overview").body)
+    assert live["queues"]["orders"]["cells"]["pending_events"] == "7"
+    process.terminate()
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert f"serving the dashboard on http://127.0.0.1:{port}/ (read-only)" in stderr
+
+
+def test_the_command_requires_a_login_for_writes_beyond_this_machine(db: Database) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_pgque", "dashboard", "--url", url_of(db),
+         "--host", "0.0.0.0", "--allow-writes"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "refusing --allow-writes on 0.0.0.0 without --token or --basic-auth" in done.stderr
+
+
+def test_the_command_says_what_to_install_without_the_extra(db: Database) -> None:
+    # The process cannot import Starlette, as where the extra is not installed.
+    program = ("import sys; sys.modules['starlette'] = None; "
+               "from sqlalchemy_pgque.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run(
+        [sys.executable, "-c", program, "dashboard", "--url", url_of(db)],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'sqlalchemy-pgque[dashboard]'" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_the_command_fails_in_one_line_on_a_database_without_the_engine(
+    empty_db: Database
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_pgque", "dashboard", "--url", url_of(empty_db),
+         "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert done.stderr.count("\n") == 1
