@@ -21,7 +21,14 @@ from starlette.routing import Route
 
 from .. import admin
 from .._duration import Duration, as_seconds
-from ..errors import DeadLetterNotFound, PgqueError, QueueNotFound, _first_line, _translate
+from ..errors import (
+    DeadLetterNotFound,
+    PermissionDenied,
+    PgqueError,
+    QueueNotFound,
+    _first_line,
+    _translate,
+)
 from . import _figures, _format
 from ._security import (
     CSRF_FIELD,
@@ -157,6 +164,8 @@ class _Pages:
             return self._error(request, 404, str(exc))
         except _figures.BadFilter as exc:
             return self._error(request, 400, str(exc))
+        except PermissionDenied as exc:
+            return self._error(request, 403, str(exc))
         except PgqueError as exc:
             return self._error(request, 503, str(exc))
         except DBAPIError as exc:

@@ -7,8 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from conftest import Database
+from engine_helpers import Conn, send_many
+from sqlalchemy import Engine, create_engine, event
+from traffic_helpers import dead_letter, make_ticking_queue
 
+from sqlalchemy_pgque import admin
 from sqlalchemy_pgque.dashboard import create_app
 
 from .conftest import Served
@@ -82,3 +86,34 @@ def test_bad_arguments_are_refused(engine: Engine) -> None:
         create_app(engine, refresh_seconds=-1)
     with pytest.raises(ValueError, match="token"):
         create_app(engine, auth="")
+
+
+def test_the_pgque_reader_role_reads_every_page_and_writes_need_more(
+    db: Database, conn: Conn, app_role: str, serve: Serve
+) -> None:
+    make_ticking_queue(conn, "orders", "billing")
+    dead_letter(conn, "orders", "billing", 1, "order.created")
+    send_many(conn, "orders", 3)
+    conn.execute(f'grant pgque_reader to "{app_role}"')
+    reader = create_engine(db.url)
+
+    @event.listens_for(reader, "connect")
+    def act_as_the_role(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f'set role "{app_role}"')
+        dbapi_connection.commit()
+
+    try:
+        entry = admin.dlq_list(reader)[0].id
+        client = serve(create_app(reader, allow_writes=True)).client()
+        for path in ("/", "/api/overview", "/queues/orders", "/api/queues/orders", "/dlq",
+                     f"/dlq/{entry}"):
+            assert client.get(path).status == 200, path
+        token = client.cookie("pgque_csrf") or ""
+        refused = client.post("/dlq/replay", {"csrf_token": token, "id": str(entry),
+                                              "confirm": "yes"})
+        assert refused.status == 403
+        assert "pgque_writer" in refused.html.find(id="error").text
+        assert [e.id for e in admin.dlq_list(reader)] == [entry]
+    finally:
+        reader.dispose()
