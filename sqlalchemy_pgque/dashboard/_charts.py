@@ -44,6 +44,8 @@ class Line:
 class Tick:
     position: float
     label: str
+    anchor: str = "end"
+    """SVG text-anchor: the time labels at the ends stay inside the chart."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def line_chart(title: str, times: Sequence[datetime],
         last = len(times) - 1
         x_ticks = tuple(
             Tick(left + plot_width * index / max(last, 1),
-                 times[index].astimezone().strftime("%H:%M"))
+                 times[index].astimezone().strftime("%H:%M"),
+                 "start" if index == 0 else "end" if index == last else "middle")
             for index in sorted({0, last // 2, last})
         )
     return Chart(title, width, height, left, top, plot_width, plot_height, tuple(lines),

@@ -88,7 +88,7 @@ def rotation_text(status: admin.QueueStatus) -> str:
 @dataclass(frozen=True)
 class Overview:
     rows: tuple[QueueRow, ...]
-    """Queues with problems first, then by name."""
+    """Queues by their worst problem (see :data:`SEVERITY`), then by name."""
     problems: tuple[Problem, ...]
 
 
@@ -113,10 +113,19 @@ def _problems(status: admin.QueueStatus, consumers: Sequence[admin.ConsumerStatu
         found.append(Problem(status.queue, "old-tick",
                              f"latest tick {_format.ago(status.ticker_lag_seconds)}"))
     if new_dead_letters > 0:
+        plural = "" if new_dead_letters == 1 else "s"
         found.append(Problem(status.queue, "dlq-growing",
-                             f"{new_dead_letters} new dead letters in the last "
+                             f"{new_dead_letters} new dead letter{plural} in the last "
                              f"{DLQ_GROWTH_MINUTES} minutes"))
     return tuple(found)
+
+
+# Worst first: a blocked rotation grows the tables until someone acts.
+SEVERITY = ("rotation-blocked", "stuck-consumer", "old-tick", "dlq-growing")
+
+
+def _worst(problems: Sequence[Problem]) -> int:
+    return min((SEVERITY.index(p.kind) for p in problems), default=len(SEVERITY))
 
 
 def overview(connection: Connection, stale_after: float) -> Overview:
@@ -133,8 +142,10 @@ def overview(connection: Connection, stale_after: float) -> Overview:
                            growth.get(status.queue, 0), stale_after))
         for status in statuses
     ]
-    rows.sort(key=lambda row: (not row.problems, row.name))
-    return Overview(tuple(rows), tuple(p for row in rows for p in row.problems))
+    rows.sort(key=lambda row: (_worst(row.problems), row.name))
+    problems = sorted((p for row in rows for p in row.problems),
+                      key=lambda p: SEVERITY.index(p.kind))
+    return Overview(tuple(rows), tuple(problems))
 
 
 def overview_live(connection: Connection) -> dict[str, Any]:
@@ -262,8 +273,7 @@ class DeadLetterFilter:
                 "reason": self.reason, "since": self.since, "before": self.before}
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {value!r}" for name, value in self.given.items()) \
-            or "no filter"
+        return ", ".join(f"{name} {value!r}" for name, value in self.given.items())
 
 
 def _moment(name: str, value: str | None) -> datetime | None:

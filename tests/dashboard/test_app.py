@@ -64,8 +64,9 @@ def test_the_overview_shows_the_admin_figures_problems_first(
     rows = page.find("table", id="queues").find_all("tr", data_queue=None)
     names = [row.attrs["data-queue"] for row in rows]
     assert sorted(names) == sorted(expected)
-    # r (a blocked rotation) and orders (new dead letters) have problems: they come first.
-    assert names[:2] == ["orders", "r"] and "mail" in names[2:]
+    # Queues with problems first, the worst first: r (a blocked rotation), then orders
+    # (new dead letters), then the rest by name.
+    assert names == ["r", "orders", "mail"]
     for row in rows:
         status = expected[row.attrs["data-queue"]]
         assert row.field("pending_events") == shown_count(status.pending_events)
@@ -78,9 +79,12 @@ def test_the_overview_shows_the_admin_figures_problems_first(
     assert by_name["orders"].field("dlq_events") == "2"
     assert [m.text for m in by_name["r"].find_all("mark", **{"class": "blocking"})] == [
         "forgotten"]
-    problems = {(p.attrs["data-queue"], p.attrs["data-problem"])
-                for p in page.find(id="problems").find_all("li")}
-    assert problems == {("r", "rotation-blocked"), ("orders", "dlq-growing")}
+    problems = [(p.attrs["data-queue"], p.attrs["data-problem"], p.text.strip())
+                for p in page.find(id="problems").find_all("li")]
+    assert problems == [
+        ("r", "rotation-blocked",
+         "r: rotation blocked by forgotten: the event tables grow until it moves"),
+        ("orders", "dlq-growing", "orders: 2 new dead letters in the last 10 minutes")]
 
 
 def test_the_overview_names_stuck_consumers_and_old_ticks(
@@ -113,6 +117,14 @@ def test_the_live_endpoint_has_the_figures_and_moves_with_the_traffic(
     assert after["orders"]["cells"]["pending_events"] == "50"
 
 
+def last_point_height(chart: Element, line: str) -> float:
+    """How far above the plot's bottom a line's last point lies, in pixels."""
+    plot = chart.find("rect", **{"class": "plot"})
+    bottom = float(plot.attrs["y"]) + float(plot.attrs["height"]) - 1
+    points = chart.find("polyline", **{"class": line}).attrs["points"].split()
+    return bottom - float(points[-1].split(",")[1])
+
+
 def test_the_queue_page_shows_each_consumer_as_the_admin_api_does(
     traffic: Conn, engine: Engine, read_only: Served
 ) -> None:
@@ -129,7 +141,12 @@ def test_the_queue_page_shows_each_consumer_as_the_admin_api_does(
     slow = next(row for row in rows if row.attrs["data-consumer"] == "orders/slow")
     assert slow.field("batch_id") != "-" and slow.field("batch_age_seconds") != "-"
     assert page.find(id="queue-figures").field("pending_events") == "45"
-    assert len(page.find_all("figure", **{"class": "chart"})) == 2
+    # The charts: this minute's 40 events and 2 dead letters lift their lines' last
+    # points off the bottom; no retries keep that line on it.
+    throughput, errors = page.find_all("figure", **{"class": "chart"})
+    assert last_point_height(throughput, "line-events") > 0
+    assert last_point_height(errors, "line-dead") > 0
+    assert last_point_height(errors, "line-retries") == 0
     live = json.loads(read_only.client().get("/api/queues/orders").body)
     assert live["consumers"]["orders/slow"]["pending_events"] == shown_count(
         expected["orders/slow"].pending_events)
