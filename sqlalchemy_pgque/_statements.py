@@ -364,60 +364,70 @@ DLQ_DELETE_MATCHING: Final = text(
 QUEUE_NAMES: Final = text("SELECT queue_name FROM pgque.queue ORDER BY queue_name")
 
 # Events per time bucket of every queue (or :queue), for the dashboard's sparklines: one
-# statement whatever the number of queues. A tick closes in the events between the
-# previous tick's event_seq and its own; the first tick of the window takes that previous
-# tick from before the window, so the first bucket is as full as the others. Buckets are
-# epoch-aligned (floor(epoch / size) * size) like PgQue's throughput(), so two calls agree.
+# statement whatever the number of queues. Each queue's ticks are read through the tick
+# table's primary key (queue, tick id), in a LATERAL per queue: the plan stays linear in
+# the ticks whether the :queue filter is known or not (the generic plan of a prepared
+# statement, which psycopg makes of a statement run five times on one connection, joined
+# every queue with every tick otherwise: two seconds with 1,000 queues). A tick closes in
+# the events between the previous tick's event_seq and its own; the first tick of the
+# window takes that previous tick from before the window, so the first bucket is as full
+# as the others. Buckets are epoch-aligned (floor(epoch / size) * size) like PgQue's
+# throughput(), so two calls agree.
 #
 # Unlike throughput(), the count leaves out the sequence values force_next_tick skips
 # (2 * ticker_max_count + 1001 a forced tick, see 30_ticker.sql): they are the growth of
-# tick_seq_skipped, subtracted as pgque._seq_events does, so a queue ticked at every
-# commit shows its events, not thousands a commit. Where pgque._seq_events keeps a kept
-# PgQue 0.2 quirk (a queue's very first event counts in no distance: the ticks before it
-# record the unused sequence's start value as one skipped value), the plain difference
-# here counts it. tick_seq_skipped exists in this
-# project's engine only: on another PgQue 0.2 install the NATURAL LEFT JOIN finds no
-# column in common and supplies 0 (that install's forced ticks then count as upstream
-# counts them); here it joins on the column and, being LEFT, keeps every tick.
+# tick_seq_skipped, subtracted, so a queue ticked at every commit shows its events, not
+# thousands a commit. Where pgque._seq_events keeps a PgQue 0.2 quirk (a queue's very
+# first event counts in no distance: the ticks before it record the unused sequence's
+# start value as one skipped value), the plain difference here counts it.
+# tick_seq_skipped exists in this project's engine only: on another PgQue 0.2 install
+# the NATURAL LEFT JOIN finds no column in common and supplies 0 (that install's forced
+# ticks then count as upstream counts them); here it joins on the column and, being
+# LEFT, keeps every tick.
 THROUGHPUT_HISTORY: Final = text("""
 WITH ticks AS NOT MATERIALIZED (
     SELECT t.tick_queue, t.tick_id, t.tick_time, t.tick_event_seq, tick_seq_skipped
       FROM pgque.tick t
       NATURAL LEFT JOIN (SELECT CAST(0 AS bigint) AS tick_seq_skipped) AS fallback
-), bounds AS (
+), bounds AS MATERIALIZED (
     SELECT CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
            * :bucket_seconds AS last_bucket,
            CAST(extract(epoch FROM now()) AS float8) AS now_epoch
-), in_window AS (
-    SELECT k.tick_queue, k.tick_id, k.tick_time, k.tick_event_seq, k.tick_seq_skipped,
-           lag(k.tick_event_seq) OVER w AS prev_seq,
-           lag(k.tick_seq_skipped) OVER w AS prev_skipped
-      FROM ticks k, bounds b
-     WHERE k.tick_time >= to_timestamp(b.last_bucket - (:buckets - 1) * :bucket_seconds)
-       AND (CAST(:queue AS text) IS NULL
-            OR k.tick_queue = (SELECT queue_id FROM pgque.queue WHERE queue_name = :queue))
-    WINDOW w AS (PARTITION BY k.tick_queue ORDER BY k.tick_id)
-), deltas AS (
-    SELECT i.tick_queue, i.tick_time,
-           i.tick_event_seq - coalesce(i.prev_seq, p.tick_event_seq) AS distance,
-           i.tick_seq_skipped - coalesce(i.prev_skipped, p.tick_seq_skipped) AS skipped
-      FROM in_window i
-      LEFT JOIN LATERAL (
-           SELECT k.tick_event_seq, k.tick_seq_skipped FROM ticks k
-            WHERE i.prev_seq IS NULL AND k.tick_queue = i.tick_queue
-              AND k.tick_id < i.tick_id
-            ORDER BY k.tick_id DESC LIMIT 1) p ON true
 )
-SELECT q.queue_name, b.last_bucket, b.now_epoch,
-       CAST(floor(extract(epoch FROM d.tick_time) / :bucket_seconds) AS bigint)
-       * :bucket_seconds AS bucket,
-       sum(greatest(d.distance - d.skipped, 0)) AS events
+SELECT q.queue_name, b.last_bucket, b.now_epoch, h.buckets, h.events
   FROM pgque.queue q
  CROSS JOIN bounds b
-  LEFT JOIN deltas d ON d.tick_queue = q.queue_id
+  LEFT JOIN LATERAL (
+       SELECT array_agg(per_bucket.bucket ORDER BY per_bucket.bucket) AS buckets,
+              array_agg(per_bucket.events ORDER BY per_bucket.bucket) AS events
+         FROM (
+              SELECT CAST(floor(extract(epoch FROM d.tick_time) / :bucket_seconds) AS bigint)
+                     * :bucket_seconds AS bucket,
+                     sum(greatest(d.distance - d.skipped, 0)) AS events
+                FROM (
+                     SELECT w.tick_time,
+                            w.tick_event_seq - coalesce(w.prev_seq, p.tick_event_seq)
+                                AS distance,
+                            w.tick_seq_skipped - coalesce(w.prev_skipped, p.tick_seq_skipped)
+                                AS skipped
+                       FROM (
+                            SELECT k.tick_id, k.tick_time, k.tick_event_seq,
+                                   k.tick_seq_skipped,
+                                   lag(k.tick_event_seq) OVER w AS prev_seq,
+                                   lag(k.tick_seq_skipped) OVER w AS prev_skipped
+                              FROM ticks k
+                             WHERE k.tick_queue = q.queue_id
+                               AND k.tick_time >= to_timestamp(
+                                       b.last_bucket - (:buckets - 1) * :bucket_seconds)
+                            WINDOW w AS (ORDER BY k.tick_id)) w
+                       LEFT JOIN LATERAL (
+                            SELECT k.tick_event_seq, k.tick_seq_skipped FROM ticks k
+                             WHERE w.prev_seq IS NULL AND k.tick_queue = q.queue_id
+                               AND k.tick_id < w.tick_id
+                             ORDER BY k.tick_id DESC LIMIT 1) p ON true) d
+               GROUP BY bucket) per_bucket) h ON true
  WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
- GROUP BY q.queue_name, b.last_bucket, b.now_epoch, bucket
- ORDER BY q.queue_name, bucket
+ ORDER BY q.queue_name
 """)
 # Dead letters per queue since a moment (admin.dlq_growth), on the (queue, time) index.
 DLQ_GROWTH: Final = text("""

@@ -307,26 +307,23 @@ def throughput_history(
         connection, statements.THROUGHPUT_HISTORY, params).all())
     if queue is not None and not rows:
         raise QueueNotFound(f"queue not found: {queue}")
-    counts: dict[str, dict[int, int]] = {}
-    for row in rows:
-        per_bucket = counts.setdefault(row.queue_name, {})
-        if row.bucket is not None:
-            per_bucket[int(row.bucket)] = int(row.events or 0)
     if not rows:
         return {}
     last_bucket, now = int(rows[0].last_bucket), float(rows[0].now_epoch)
     starts = [last_bucket - (buckets - 1 - n) * bucket_seconds for n in range(buckets)]
+    times = [_utc(start) for start in starts]
     # The bucket in progress has lasted now - its start, not a whole bucket.
     lengths = [float(bucket_seconds)] * (buckets - 1) + [
         min(max(now - last_bucket, 1.0), float(bucket_seconds))]
-    return {
-        name: [
-            RatePoint(bucket_start=_utc(start), events=per_bucket.get(start, 0),
-                      events_per_second=per_bucket.get(start, 0) / length)
-            for start, length in zip(starts, lengths, strict=True)
+    history = {}
+    for row in rows:
+        counts = dict(zip(row.buckets or (), row.events or (), strict=True))
+        history[row.queue_name] = [
+            RatePoint(bucket_start=time, events=int(counts.get(start, 0)),
+                      events_per_second=int(counts.get(start, 0)) / length)
+            for start, time, length in zip(starts, times, lengths, strict=True)
         ]
-        for name, per_bucket in counts.items()
-    }
+    return history
 
 
 def error_history(

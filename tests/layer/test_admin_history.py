@@ -109,6 +109,24 @@ def test_throughput_counts_the_events_sent_in_epoch_aligned_buckets(
         admin.throughput_history(engine, bucket_seconds=0)
 
 
+def test_figures_stay_the_same_once_the_statement_is_prepared(
+    conn: Conn, engine: Engine
+) -> None:
+    """psycopg prepares a statement run five times on one connection, and PostgreSQL may
+    then plan it without knowing the parameters: with every queue, or with one."""
+    make_ticking_queue(conn, "a", "c")
+    make_ticking_queue(conn, "b", "c")
+    send_many(conn, "a", 3)
+    tick(conn, "a", force=False)
+    with engine.connect() as connection:
+        for _ in range(8):
+            every = admin.throughput_history(connection)
+            one = admin.throughput_history(connection, queue="b")
+            assert {name: total(points) for name, points in every.items()} == {"a": 4, "b": 1}
+            assert {name: total(points) for name, points in one.items()} == {"b": 1}
+            assert sum(p.dead_letters for p in admin.error_history(connection, "a")) == 0
+
+
 def test_the_first_bucket_counts_the_events_of_a_tick_whose_predecessor_is_older(
     conn: Conn, engine: Engine
 ) -> None:
