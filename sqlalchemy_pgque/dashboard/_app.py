@@ -208,7 +208,7 @@ class _Pages:
             return JSONResponse({"error": _first_line(exc)}, status_code=503)
 
     async def queue(self, request: Request) -> Response:
-        name = unquote(request.path_params["name"])
+        name = request.path_params["name"]  # decoded by the server already
 
         async def page() -> Response:
             figures = await self._read(
@@ -221,7 +221,7 @@ class _Pages:
     async def queue_live(self, request: Request) -> Response:
         """The queue page's refreshing figures: ``admin.queues(queue)`` and
         ``admin.consumers(queue)``, three statements, where the page reads seven."""
-        name = unquote(request.path_params["name"])
+        name = request.path_params["name"]  # decoded by the server already
         try:
             return JSONResponse(await self._read(lambda c: _figures.queue_live(c, name)))
         except QueueNotFound as exc:

@@ -372,3 +372,18 @@ def test_writes_are_refused_when_not_allowed_or_without_the_csrf_token(
     # GET does nothing.
     assert writer.get("/dlq/replay").status == 405
     assert len(admin.dlq_list(engine)) == 6
+
+
+def test_any_queue_name_links_to_its_page(conn: Conn, engine: Engine, read_only: Served) -> None:
+    name = "ops/mail %41 <é>&"
+    make_ticking_queue(conn, name, "c")
+    dead_letter(conn, name, "c", 1, "t")
+    client = read_only.client()
+    row = ok(client.get("/")).find("tr", data_queue=name)
+    page = ok(client.get(row.find("a").attrs["href"]))
+    assert page.find("h1").text == name
+    assert page.find("tr", data_consumer=f"{name}/c")
+    live = page.find("body").attrs["data-live-url"]
+    assert json.loads(client.get(live).body)["queue"]["dlq_events"] == "1"
+    dlq = ok(client.get(row.find(data_field="dlq_events").find("a").attrs["href"]))
+    assert len(listed(dlq)) == 1
