@@ -246,9 +246,13 @@ def _dashboard(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving the dashboard on http://{shown}:{args.port}{args.root_path}/ "
-          f"({'read-write' if args.allow_writes else 'read-only'}"
-          f"{', login required' if auth else ''}); Ctrl-C ends", file=sys.stderr, flush=True)
+    details = ["read-write" if args.allow_writes else "read-only"]
+    if auth:
+        details.append("login required")
+    if args.root_path:
+        details.append(f"links under {args.root_path}")
+    print(f"serving the dashboard on http://{shown}:{args.port}/ ({', '.join(details)}); "
+          "Ctrl-C ends", file=sys.stderr, flush=True)
     # uvicorn stops cleanly on SIGTERM, then raises the signal again for the handler
     # it found: a handler that ignores it makes that stop exit 0, as the worker does.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -131,8 +131,11 @@ class Guard:
             query = urlencode([(k, v) for k, v in parse_qsl(request.url.query) if k != "token"])
             target = request.url.path + (f"?{query}" if query else "")
             response = RedirectResponse(target, status_code=303)
+            # Lax, not Strict: a link to the dashboard from elsewhere (an alert, a chat)
+            # opens it logged in. Only GETs, which change nothing, go out with it from
+            # another site; every POST also needs the Strict CSRF cookie.
             response.set_cookie(TOKEN_COOKIE, given, path=cookie_path(request), httponly=True,
-                                samesite="strict", secure=request.url.scheme == "https")
+                                samesite="lax", secure=request.url.scheme == "https")
             await response(scope, receive, send)
             return
         response = PlainTextResponse(

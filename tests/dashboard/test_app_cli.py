@@ -47,7 +47,7 @@ def test_the_command_serves_the_dashboard_until_terminated(
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "sqlalchemy_pgque", "dashboard", "--url", url_of(db),
-         "--port", str(port), "--refresh", "5"],
+         "--port", str(port), "--refresh", "5", "--root-path", "/ops"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started.append(process)
     base = f"http://127.0.0.1:{port}"
@@ -58,6 +58,8 @@ def test_the_command_serves_the_dashboard_until_terminated(
     assert page.status == 200
     row = page.html.find("tr", data_queue="orders")
     assert row.field("pending_events") == "7"
+    # Behind a proxy that strips /ops, the links keep it.
+    assert row.find("a").attrs["href"] == "/ops/queues/orders"
     assert page.html.find("body").attrs["data-refresh-ms"] == "5000"
     # Read-only unless told otherwise.
     assert Client(base).post("/dlq/replay", {"id": "1"}).status == 403
@@ -66,7 +68,8 @@ def test_the_command_serves_the_dashboard_until_terminated(
     process.terminate()
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 0, stderr
-    assert f"serving the dashboard on http://127.0.0.1:{port}/ (read-only)" in stderr
+    assert (f"serving the dashboard on http://127.0.0.1:{port}/ (read-only, links under /ops)"
+            in stderr)
 
 
 def test_the_command_requires_a_login_for_writes_beyond_this_machine(db: Database) -> None:
