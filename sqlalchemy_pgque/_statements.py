@@ -282,7 +282,10 @@ def listen(channel: str) -> sql.Composed:
 
 # A queue's rotation waits while the oldest cursor's tick may still see the table that
 # would be truncated (the step1 rule of ENGINE.md §4.10): those consumers block it.
-QUEUE_STATUS: Final = text("""
+# The slowest consumer's pending events come from get_consumer_info() in the same
+# statement. With :queue given, both functions are called for that queue alone (their
+# one-argument forms): without it they compute every queue, 0.1 ms a queue.
+_QUEUE_STATUS = """
 SELECT q.queue_name, i.ev_new, i.ev_per_sec,
        extract(epoch FROM i.ticker_lag)::float8 AS ticker_lag,
        q.queue_cur_table, q.queue_ntables,
@@ -299,15 +302,21 @@ SELECT q.queue_name, i.ev_new, i.ev_per_sec,
                 AND q.queue_switch_step2 IS NOT NULL
                 AND q.queue_switch_time + q.queue_rotation_period < now()
                 AND pg_snapshot_xmin(t.tick_snapshot)::text::bigint <= q.queue_switch_step2
-              ORDER BY c.co_name) AS blocked_by
+              ORDER BY c.co_name) AS blocked_by,
+       coalesce(slowest.pending_events, 0) AS slowest_pending
   FROM pgque.queue q
-  JOIN pgque.get_queue_info() i ON i.queue_name = q.queue_name
+  JOIN pgque.get_queue_info({queue}) i ON i.queue_name = q.queue_name
+  LEFT JOIN (SELECT ci.queue_name, max(greatest(ci.pending_events, 0)) AS pending_events
+               FROM pgque.get_consumer_info({queue}) ci
+              GROUP BY ci.queue_name) slowest ON slowest.queue_name = q.queue_name
  WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
  ORDER BY q.queue_name
-""")
+"""
+QUEUE_STATUS: Final = text(_QUEUE_STATUS.format(queue=""))
+QUEUE_STATUS_ONE: Final = text(_QUEUE_STATUS.format(queue="CAST(:queue AS text)"))
 # A cooperative consumer's subconsumers share its sub_id and are named
 # "<consumer>.<subconsumer>"; the cooperative consumer's own row is the coop_main.
-CONSUMER_STATUS: Final = text("""
+_CONSUMER_STATUS = """
 SELECT i.queue_name, i.consumer_name, s.sub_role,
        (SELECT m.co_name FROM pgque.subscription ms
           JOIN pgque.consumer m ON m.co_id = ms.sub_consumer
@@ -316,13 +325,15 @@ SELECT i.queue_name, i.consumer_name, s.sub_role,
        extract(epoch FROM i.lag)::float8 AS lag,
        extract(epoch FROM i.last_seen)::float8 AS last_seen,
        i.pending_events, i.current_batch
-  FROM pgque.get_consumer_info() i
+  FROM pgque.get_consumer_info({queue}) i
   JOIN pgque.queue q ON q.queue_name = i.queue_name
   JOIN pgque.consumer c ON c.co_name = i.consumer_name
   JOIN pgque.subscription s ON s.sub_queue = q.queue_id AND s.sub_consumer = c.co_id
  WHERE CAST(:queue AS text) IS NULL OR i.queue_name = :queue
  ORDER BY i.queue_name, i.consumer_name
-""")
+"""
+CONSUMER_STATUS: Final = text(_CONSUMER_STATUS.format(queue=""))
+CONSUMER_STATUS_ONE: Final = text(_CONSUMER_STATUS.format(queue="CAST(:queue AS text)"))
 _DEAD_LETTER_FROM = """
   FROM pgque.dead_letter d
   JOIN pgque.queue q ON q.queue_id = d.dl_queue_id

@@ -193,15 +193,11 @@ def _read(bind: Engine | Bind, read: Callable[[Connection], T]) -> T:
 def queues(bind: Engine | Bind, queue: str | None = None) -> list[QueueStatus]:
     """Every queue (or just ``queue``), by name; :class:`QueueNotFound` for an unknown
     ``queue``."""
-    def read(connection: Connection) -> list[QueueStatus]:
-        rows = _run(connection, statements.QUEUE_STATUS, {"queue": queue}).all()
-        slowest: dict[str, int] = {}
-        for consumer in _consumers(connection, queue):
-            slowest[consumer.queue] = max(slowest.get(consumer.queue, 0),
-                                          consumer.pending_events)
-        return [_queue_status(row, slowest.get(row.queue_name, 0)) for row in rows]
-
-    result = _read(bind, read)
+    statement = statements.QUEUE_STATUS if queue is None else statements.QUEUE_STATUS_ONE
+    result = _read(bind, lambda connection: [
+        _queue_status(row, int(row.slowest_pending))
+        for row in _run(connection, statement, {"queue": queue})
+    ])
     if queue is not None and not result:
         raise QueueNotFound(f"queue not found: {queue}")
     return result
@@ -233,7 +229,9 @@ def consumers(bind: Engine | Bind, queue: str | None = None) -> list[ConsumerSta
 
 
 def _consumers(connection: Connection, queue: str | None) -> list[ConsumerStatus]:
-    rows = _run(connection, statements.CONSUMER_STATUS, {"queue": queue})
+    statement = (statements.CONSUMER_STATUS if queue is None
+                 else statements.CONSUMER_STATUS_ONE)
+    rows = _run(connection, statement, {"queue": queue})
     result = []
     for row in rows:
         consumer, subconsumer = row.consumer_name, None
