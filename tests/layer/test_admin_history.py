@@ -24,7 +24,7 @@ from engine_helpers import (
     tick,
     wait_until,
 )
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 from traffic_helpers import dead_letter, make_ticking_queue
 
@@ -310,6 +310,36 @@ def test_dlq_replay_and_purge_by_filters(conn: Conn, engine: Engine) -> None:
         admin.dlq_purge(engine)
     with pytest.raises(ValueError, match="not both"):
         admin.dlq_purge(engine, [1], reason="x")
+
+
+def test_the_dashboard_reads_need_only_pgque_reader(
+    conn: Conn, engine: Engine, db: Any, app_role: str
+) -> None:
+    make_ticking_queue(conn, "q", "c")
+    dead_letter(conn, "q", "c", 2, "t", reason="gave up")
+    conn.execute(f'GRANT pgque_reader TO "{app_role}"')
+    reader = create_engine(db.url)
+
+    @event.listens_for(reader, "connect")
+    def act_as_reader(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f'SET ROLE "{app_role}"')
+
+    try:
+        with reader.connect() as connection:
+            assert scalar_of(connection, "SELECT current_user") == app_role
+            assert total(admin.throughput_history(connection)["q"]) == 1 + 2
+            assert sum(p.dead_letters for p in admin.error_history(connection, "q")) == 2
+            assert admin.dlq_growth(connection) == {"q": 2}
+            assert admin.dlq_count(connection, reason="GAVE") == 2
+            assert [q.dlq_events for q in admin.queues(connection)] == [2]
+            assert len(admin.consumers(connection, "q")) == 1
+    finally:
+        reader.dispose()
+
+
+def scalar_of(connection: Any, query: str) -> Any:
+    return connection.exec_driver_sql(query).scalar_one()
 
 
 @contextmanager
