@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -95,7 +96,18 @@ def build_app(engine_or_url: Engine | str, *, allow_writes: bool, refresh_second
     middleware = [Middleware(SecurityHeaders)]
     if auth is not None:
         middleware.append(Middleware(Guard, auth=auth))
-    app = Starlette(routes=routes, middleware=middleware,
+    owns_engine = not isinstance(engine_or_url, Engine)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            # An engine made from a URL is ours to close; a given one is the caller's.
+            if owns_engine:
+                settings.engine.dispose()
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={404: pages.not_found, 405: pages.not_allowed})
     app.state.settings = settings
     return app

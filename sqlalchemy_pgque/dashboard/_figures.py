@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from .. import _statements as statements
 from .. import admin
 from .._duration import as_seconds
 from . import _charts, _format
@@ -27,15 +28,22 @@ DLQ_GROWTH_MINUTES = 10
 DLQ_PAGE_SIZE = 50
 
 
+# A page read that takes longer fails with a page that says so, instead of holding a
+# worker thread, a connection and a snapshot while the database is stuck.
+READ_TIMEOUT = "10s"
+
+
 @contextmanager
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """One short read-only transaction: a page's figures all come from one snapshot
     (REPEATABLE READ), and a read-only transaction cannot change anything whatever
-    the role's rights."""
+    the role's rights. Its first statement sets the transaction's statement timeout."""
     with engine.connect() as connection:
         connection.execution_options(isolation_level="REPEATABLE READ",
                                      postgresql_readonly=True)
         with connection.begin():
+            connection.execute(statements.FIGURES_STATEMENT_TIMEOUT,
+                               {"timeout": READ_TIMEOUT})
             yield connection
 
 
@@ -151,7 +159,7 @@ def overview(connection: Connection, stale_after: float) -> Overview:
 def overview_live(connection: Connection) -> dict[str, Any]:
     """What the overview's script refreshes: the figures and the sparklines, without
     the consumers and the DLQ growth the problems need (three statements instead of
-    the page's five)."""
+    the page's five, plus the timeout each transaction sets)."""
     rates = _rates(connection)
     rows = [QueueRow(status, rates.get(status.queue, ()), ())
             for status in admin.queues(connection)]

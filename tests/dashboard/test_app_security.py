@@ -6,14 +6,15 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import Database
-from engine_helpers import Conn, send_many
+from engine_helpers import Conn, scalar, send_many, wait_until
 from sqlalchemy import Engine, create_engine, event
 from traffic_helpers import dead_letter, make_ticking_queue
 
 from sqlalchemy_pgque import admin
-from sqlalchemy_pgque.dashboard import create_app
+from sqlalchemy_pgque.dashboard import _figures, create_app
 
 from .conftest import Served
 
@@ -117,3 +118,35 @@ def test_the_pgque_reader_role_reads_every_page_and_writes_need_more(
         assert [e.id for e in admin.dlq_list(reader)] == [entry]
     finally:
         reader.dispose()
+
+
+def test_a_read_that_waits_too_long_is_a_page_that_says_so(
+    db: Database, engine: Engine, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_figures, "READ_TIMEOUT", "300ms")
+    client = serve(create_app(engine)).client()
+    with psycopg.connect(db.dsn) as locker:
+        locker.execute("lock table pgque.queue in access exclusive mode")
+        reply = client.get("/")
+        assert reply.status == 503
+        assert "statement timeout" in reply.html.find(id="error").text
+        assert client.get("/api/overview").status == 503
+    assert client.get("/").status == 200
+
+
+def test_an_engine_made_from_a_url_is_closed_when_the_server_stops(
+    db: Database, conn: Conn
+) -> None:
+    url = db.url.update_query_dict({"application_name": "dashboard-under-test"})
+    served = Served(create_app(url.render_as_string(hide_password=False))).start()
+
+    def connections() -> int:
+        return int(scalar(conn, "select count(*) from pg_stat_activity"
+                                " where application_name = 'dashboard-under-test'"))
+
+    try:
+        assert served.client().get("/").status == 200
+        assert connections() == 1  # pooled
+    finally:
+        served.stop()
+    wait_until(lambda: connections() == 0, what="the dashboard's pool to close")
