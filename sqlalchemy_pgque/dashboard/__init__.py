@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .._duration import Duration
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import URL, Engine
     from starlette.applications import Starlette
 
 __all__ = ["MissingExtra", "create_app"]
@@ -34,7 +34,7 @@ class MissingExtra(ImportError):
 
 
 def create_app(
-    engine_or_url: Engine | str,
+    engine_or_url: Engine | str | URL,
     *,
     allow_writes: bool = False,
     refresh_seconds: float = 2.0,
@@ -44,8 +44,9 @@ def create_app(
 ) -> Starlette:
     """The dashboard as a Starlette application (an ASGI callable).
 
-    ``engine_or_url``: an :class:`~sqlalchemy.Engine`, or a database URL (a plain
-    ``postgresql://`` one uses psycopg). The dashboard reads with the ``pgque_reader``
+    ``engine_or_url``: an :class:`~sqlalchemy.Engine` (yours to dispose), or a database
+    URL (a plain ``postgresql://`` one uses psycopg; the engine made for it is disposed
+    when the application shuts down). The dashboard reads with the ``pgque_reader``
     role's rights, each request in one short read-only transaction.
 
     ``allow_writes``: render and accept the dead-letter actions (replay needs

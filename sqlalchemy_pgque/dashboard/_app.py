@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import Connection, Engine, create_engine, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -50,7 +50,7 @@ _STATIC_TYPES = {"dashboard.css": "text/css; charset=utf-8",
                  "dashboard.js": "text/javascript; charset=utf-8"}
 
 
-def engine_from(engine_or_url: Engine | str) -> Engine:
+def engine_from(engine_or_url: Engine | str | URL) -> Engine:
     """The given Engine, or one for the URL (psycopg for a plain ``postgresql://``)."""
     if isinstance(engine_or_url, Engine):
         return engine_or_url
@@ -70,7 +70,7 @@ class Settings:
     stale_after: float
 
 
-def build_app(engine_or_url: Engine | str, *, allow_writes: bool, refresh_seconds: float,
+def build_app(engine_or_url: Engine | str | URL, *, allow_writes: bool, refresh_seconds: float,
               title: str, auth: str | tuple[str, str] | None,
               stale_after: Duration) -> Starlette:
     if refresh_seconds < 0:
@@ -92,7 +92,8 @@ def build_app(engine_or_url: Engine | str, *, allow_writes: bool, refresh_second
         Route("/dlq/purge", pages.purge, methods=["POST"]),
         Route("/static/{file}", pages.static),
     ]
-    # The guard runs first, so that nothing (not even a 404) answers without the login.
+    # Outermost first: every response gets the security headers, the guard's 401 too;
+    # the guard answers before the routes, so nothing (not even a 404) does without it.
     middleware = [Middleware(SecurityHeaders)]
     if auth is not None:
         middleware.append(Middleware(Guard, auth=auth))
@@ -109,7 +110,6 @@ def build_app(engine_or_url: Engine | str, *, allow_writes: bool, refresh_second
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={404: pages.not_found, 405: pages.not_allowed})
-    app.state.settings = settings
     return app
 
 

@@ -100,3 +100,19 @@ def test_the_command_fails_in_one_line_on_a_database_without_the_engine(
          "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("error: ")
     assert done.stderr.count("\n") == 1
+
+
+def test_create_app_says_what_to_install_without_the_extra() -> None:
+    program = (
+        "import sys; sys.modules['jinja2'] = None\n"
+        "import sqlalchemy_pgque.dashboard as dashboard\n"
+        "try:\n"
+        "    dashboard.create_app('postgresql://nobody@127.0.0.1:1/none')\n"
+        "except dashboard.MissingExtra as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("the dashboard needs jinja2: "
+                           "pip install 'sqlalchemy-pgque[dashboard]'\n")

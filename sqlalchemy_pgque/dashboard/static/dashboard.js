@@ -70,11 +70,14 @@
     });
   }
 
+  // Returns how many queues or consumers the page has no row for (new since it loaded).
   function apply(data) {
+    var unseen = 0;
     if (data.queues) {
       Object.keys(data.queues).forEach(function (name) {
         var row = findRow("data-queue", name);
         if (!row) {
+          unseen += 1;
           return;
         }
         var queue = data.queues[name];
@@ -91,9 +94,15 @@
     }
     if (data.consumers) {
       Object.keys(data.consumers).forEach(function (label) {
-        updateCells(findRow("data-consumer", label), data.consumers[label]);
+        var row = findRow("data-consumer", label);
+        if (row) {
+          updateCells(row, data.consumers[label]);
+        } else {
+          unseen += 1;
+        }
       });
     }
+    return unseen;
   }
 
   function say(text) {
@@ -114,10 +123,11 @@
         return response.json();
       })
       .then(function (data) {
-        apply(data);
+        var unseen = apply(data);
         refreshed += 1;
         body.setAttribute("data-refreshed", String(refreshed));
-        say("live, updated " + new Date().toLocaleTimeString());
+        say("live, updated " + new Date().toLocaleTimeString() +
+            (unseen ? "; " + unseen + " new since loaded: refresh to see them" : ""));
       })
       .catch(function (error) {
         say("not updating: " + error.message);
