@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     filters.add_argument("--queue")
     filters.add_argument("--consumer")
     filters.add_argument("--type", help="event type")
+    filters.add_argument("--reason", help="reason contains this (any case)")
     filters.add_argument("--since", type=_moment, metavar="WHEN",
                          help="dead-lettered at or after WHEN: ISO time, or a duration ago "
                               "('1 hour')")
@@ -452,7 +453,7 @@ def _duration(seconds: float) -> str:
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"queue": args.queue, "consumer": args.consumer, "type": args.type,
-            "since": args.since, "before": args.before}
+            "reason": args.reason, "since": args.since, "before": args.before}
 
 
 def _dlq_list(engine: Engine, args: argparse.Namespace) -> int:
@@ -492,7 +493,7 @@ def _dlq_replay(engine: Engine, args: argparse.Namespace) -> int:
     filters = _filters(args)
     if not args.ids and all(value is None for value in filters.values()):
         print("error: give dead-letter ids or a filter (--queue, --consumer, --type, "
-              "--since, --before)", file=sys.stderr)
+              "--reason, --since, --before)", file=sys.stderr)
         return 2
     with engine.begin() as conn:
         schema._require_installed(conn)

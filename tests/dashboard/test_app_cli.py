@@ -7,14 +7,20 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conftest import Database
-from engine_helpers import Conn, send_many, wait_until
-from traffic_helpers import make_ticking_queue
+from engine_helpers import Conn, drain, send_many, tick, wait_until
+from sqlalchemy import Engine
+from traffic_helpers import dead_letter, make_ticking_queue
 
-from .conftest import Client, free_port
+from sqlalchemy_pgque.dashboard import create_app
+
+from .conftest import Client, Served, free_port
+
+Serve = Callable[[Any], Served]
 
 
 def url_of(db: Database) -> str:
@@ -116,3 +122,37 @@ def test_create_app_says_what_to_install_without_the_extra() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("the dashboard needs jinja2: "
                            "pip install 'sqlalchemy-pgque[dashboard]'\n")
+
+
+def test_the_command_line_and_the_page_show_the_same_figures(
+    db: Database, conn: Conn, engine: Engine, serve: Serve
+) -> None:
+    make_ticking_queue(conn, "orders", "fast", "slow")
+    send_many(conn, "orders", 12)
+    tick(conn, "orders", force=False)
+    drain(conn, "orders", "fast")
+    dead_letter(conn, "orders", "fast", 2, "order.created", reason="Timeout in billing")
+    dead_letter(conn, "orders", "fast", 1, "order.paid", reason="boom")
+    client = serve(create_app(engine)).client()
+    status = json.loads(cli(db, "status", "--json").stdout)
+    row = client.get("/").html.find("tr", data_queue="orders")
+    (orders,) = status["queues"]
+    assert row.field("pending_events") == str(orders["pending_events"]) == "15"
+    assert row.field("dlq_events") == str(orders["dlq_events"]) == "3"
+    consumers = client.get("/queues/orders").html
+    for consumer in status["consumers"]:
+        label = f"{consumer['queue']}/{consumer['consumer']}"
+        assert consumers.find("tr", data_consumer=label).field("pending_events") == str(
+            consumer["pending_events"])
+    listed = json.loads(cli(db, "dlq", "list", "--reason", "TIMEOUT", "--json").stdout)
+    page = client.get("/dlq?reason=TIMEOUT").html
+    shown = [int(row.attrs["data-dead-letter"])
+             for row in page.find_all("tr", data_dead_letter=None)]
+    assert shown == [entry["id"] for entry in listed] and len(shown) == 2
+
+
+def cli(db: Database, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "sqlalchemy_pgque", *args, "--url", url_of(db)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done
