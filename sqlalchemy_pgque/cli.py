@@ -246,6 +246,15 @@ def _dashboard(args: argparse.Namespace) -> int:
         print(f"error: {error if error is not None else _first_line(exc.orig or exc)}",
               file=sys.stderr)
         return 2
+    served: Any = app
+    if _is_loopback(args.host):
+        # Only the names of this machine: a web page whose DNS name is rebound to
+        # 127.0.0.1 would otherwise talk to the dashboard as if it were the same site
+        # (read it, and with --allow-writes, take a CSRF token and post it back).
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        served = TrustedHostMiddleware(app, allowed_hosts=[
+            "localhost", "127.0.0.1", "::1", "[::1]", args.host])
     shown = f"[{args.host}]" if ":" in args.host else args.host
     details = ["read-write" if args.allow_writes else "read-only"]
     if auth:
@@ -259,7 +268,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         # log_config=None: uvicorn's records go through the logging set up above.
-        uvicorn.run(app, host=args.host, port=args.port, root_path=args.root_path,
+        uvicorn.run(served, host=args.host, port=args.port, root_path=args.root_path,
                     log_config=None, log_level=args.log_level.lower())
     finally:
         signal.signal(signal.SIGTERM, previous)

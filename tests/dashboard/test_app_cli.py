@@ -67,6 +67,10 @@ def test_the_command_serves_the_dashboard_until_terminated(
     # Behind a proxy that strips /ops, the links keep it.
     assert row.find("a").attrs["href"] == "/ops/queues/orders"
     assert page.html.find("body").attrs["data-refresh-ms"] == "5000"
+    # Only this machine's names: a page whose DNS name was rebound to 127.0.0.1 gets
+    # nothing.
+    assert Client(base).get("/", headers={"Host": "attacker.example"}).status == 400
+    assert Client(base).get("/", headers={"Host": f"localhost:{port}"}).status == 200
     # Read-only unless told otherwise.
     assert Client(base).post("/dlq/replay", {"id": "1"}).status == 403
     live = json.loads(Client(base).get("/api/overview").body)
