@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -34,7 +36,7 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
     for process in processes:
         if process.poll() is None:
             process.terminate()
-            process.wait(timeout=20)
+        process.communicate(timeout=20)  # waits, and closes the pipes
 
 
 def answers(base: str) -> bool:
@@ -80,6 +82,32 @@ def test_the_command_serves_the_dashboard_until_terminated(
     assert process.returncode == 0, stderr
     assert (f"serving the dashboard on http://127.0.0.1:{port}/ (read-only, links under /ops)"
             in stderr)
+
+
+def test_the_command_takes_its_token_from_the_environment(
+    db: Database, started: list[subprocess.Popen[str]]
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sqlalchemy_pgque", "dashboard", "--url", url_of(db),
+         "--port", str(port), "--allow-writes"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PGQUE_DASHBOARD_TOKEN": "from-the-env"})
+    started.append(process)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: Client(base).get("/").status == 401 if port_open(port) else False,
+               timeout=30, what="the dashboard to answer")
+    assert Client(base, headers={"Authorization": "Bearer from-the-env"}).get(
+        "/").status == 200
+    assert Client(base).get("/?token=from-the-env").status == 303
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def test_the_command_requires_a_login_for_writes_beyond_this_machine(db: Database) -> None:
