@@ -154,6 +154,25 @@ def test_forced_ticks_add_no_events(conn: Conn, engine: Engine) -> None:
     assert upstream > 5 * 2000
 
 
+def test_an_install_without_the_skipped_counts_gets_the_sequence_distances(
+    conn: Conn, engine: Engine
+) -> None:
+    """Another PgQue 0.2 install has no tick_seq_skipped column (simulated by dropping
+    ours, after the traffic): the same statement runs and counts as PgQue does, the
+    queue's first event left out and a forced tick's jump counted."""
+    if not is_our_engine(conn):
+        pytest.skip("drops a column of our engine")
+    make_queue(conn, "q", "c")
+    send_many(conn, "q", 3)
+    tick(conn, "q")  # force_next_tick, then ticker
+    max_count = int(scalar(conn, "SELECT queue_ticker_max_count FROM pgque.queue"))
+    ours = total(admin.throughput_history(engine, queue="q")["q"])
+    conn.execute("ALTER TABLE pgque.tick DROP COLUMN tick_seq_skipped")
+    theirs = total(admin.throughput_history(engine, queue="q")["q"])
+    assert ours == 3
+    assert theirs == 3 - 1 + 2 * max_count + 1001
+
+
 @pytest.fixture
 def tickers() -> Iterator[Any]:
     started: list[tuple[Ticker, threading.Thread]] = []
