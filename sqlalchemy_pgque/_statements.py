@@ -448,12 +448,22 @@ SELECT q.queue_name, count(*) AS dead_letters
  WHERE d.dl_time >= now() - CAST(:period AS interval)
  GROUP BY q.queue_name
 """)
-# The queue error_history() reads: its id, its event tables' parent and the clock.
+# The queue error_history() reads: its id, its event tables' parent, the clock, and the
+# xmin of the last tick before the window (:buckets buckets ending with the current
+# one): an event a tick of the window closed in was not visible to that tick, so its
+# transaction id is at least that xmin. Found walking back from the newest tick: as many
+# index entries as the window has ticks.
 QUEUE_EVENT_TABLE: Final = text("""
-SELECT q.queue_id, q.queue_data_pfx,
-       CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
-       * :bucket_seconds AS last_bucket
-  FROM pgque.queue q
+WITH bounds AS MATERIALIZED (
+    SELECT CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
+           * :bucket_seconds AS last_bucket
+)
+SELECT q.queue_id, q.queue_data_pfx, b.last_bucket,
+       (SELECT CAST(pg_snapshot_xmin(t.tick_snapshot) AS text) FROM pgque.tick t
+         WHERE t.tick_queue = q.queue_id
+           AND t.tick_time < to_timestamp(b.last_bucket - (:buckets - 1) * :bucket_seconds)
+         ORDER BY t.tick_id DESC LIMIT 1) AS since_xid
+  FROM pgque.queue q CROSS JOIN bounds b
  WHERE q.queue_name = :queue
 """)
 
@@ -467,8 +477,10 @@ def error_history(event_table: str) -> TextClause:
     queue's event tables with its retry count (ev_retry >= 1) and the mover's own
     transaction id, and the event is counted at the first tick whose snapshot xmax lies
     past that id, i.e. the tick that closed it into a batch (within a tick: a mover still
-    running at that tick shows one tick early). Each tick's range of ids is an index
-    range on the event tables' ev_txid, so only the window's events are read.
+    running at that tick shows one tick early). :since_xid (QUEUE_EVENT_TABLE) bounds
+    the event tables' ev_txid from below, so that where the window is a small part of
+    what they hold, their ev_txid index reads only the window's events (without it: a
+    scan of every event the queue retains, 70 ns an event).
     """
     return text(f"""
 WITH ticks AS (
@@ -492,6 +504,7 @@ SELECT 'retries',
   FROM ticks t
   JOIN {event_table} e ON e.ev_txid >= t.since AND e.ev_txid < t.upto
  WHERE t.tick_time >= to_timestamp(:first_bucket) AND e.ev_retry >= 1
+   AND e.ev_txid >= coalesce(CAST(:since_xid AS xid8), CAST('0' AS xid8))
  GROUP BY 2
 """)
 

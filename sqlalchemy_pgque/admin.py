@@ -353,7 +353,8 @@ def error_history(
 
     def read(connection: Connection) -> tuple[int, dict[tuple[str, int], int]]:
         found = _run(connection, statements.QUEUE_EVENT_TABLE,
-                     {"queue": queue, "bucket_seconds": bucket_seconds}).first()
+                     {"queue": queue, "bucket_seconds": bucket_seconds,
+                      "buckets": buckets}).first()
         if found is None:
             raise QueueNotFound(f"queue not found: {queue}")
         quote = connection.dialect.identifier_preparer.quote
@@ -362,6 +363,7 @@ def error_history(
         rows = _run(connection, statements.error_history(event_table), {
             "queue_id": found.queue_id, "bucket_seconds": bucket_seconds,
             "first_bucket": last_bucket - (buckets - 1) * bucket_seconds,
+            "since_xid": found.since_xid,
         })
         return last_bucket, {(row.kind, int(row.bucket)): int(row.events) for row in rows}
 
