@@ -222,6 +222,24 @@ def test_commit_woken_ticks_add_no_events(
     assert (skipped == 0) is one_call
 
 
+def retry(conn: Conn, count: int, *, later: int) -> None:
+    """``count`` new events of queue ``q`` nacked by ``c`` and brought back by the retry
+    mover, ticked and taken again; ``later`` more nacked for a retry in an hour."""
+    send_many(conn, "q", count + later)
+    tick(conn, "q", force=False)
+    with conn.transaction():
+        rows = receive(conn, "q", "c")
+        assert len(rows) == count + later
+        for row in rows[:count]:
+            nack(conn, row)
+        for row in rows[count:]:
+            nack(conn, row, retry_after="1 hour")
+        scalar(conn, "SELECT pgque.ack(%s)", rows[0][1])
+    assert move_retries(conn) == count
+    tick(conn, "q", force=False)  # closes the retries into a batch
+    assert len(drain(conn, "q", "c")) == count
+
+
 def test_error_history_counts_dead_letters_and_retries_where_they_happened(
     conn: Conn, engine: Engine
 ) -> None:
@@ -233,19 +251,11 @@ def test_error_history_counts_dead_letters_and_retries_where_they_happened(
     # Two of the five dead letters happened twenty minutes ago.
     conn.execute("UPDATE pgque.dead_letter SET dl_time = dl_time - interval '20 minutes'"
                  " WHERE dl_id IN (SELECT dl_id FROM pgque.dead_letter ORDER BY dl_id LIMIT 2)")
-    # Three events nacked for a retry now, one for a retry in an hour.
-    send_many(conn, "q", 4)
-    tick(conn, "q", force=False)
-    with conn.transaction():
-        rows = receive(conn, "q", "c")
-        assert len(rows) == 4
-        for row in rows[:3]:
-            nack(conn, row)
-        nack(conn, rows[3], retry_after="1 hour")
-        scalar(conn, "SELECT pgque.ack(%s)", rows[0][1])
-    assert move_retries(conn) == 3
-    tick(conn, "q", force=False)  # closes the three retries into a batch
-    assert len(drain(conn, "q", "c")) == 3
+    # Two hours ago: two retries (out of the window, with the ticks before it).
+    retry(conn, 2, later=0)
+    move_ticks_back(conn, "q", 7200)
+    # Now: three events nacked for a retry at once, one for a retry in an hour.
+    retry(conn, 3, later=1)
 
     points = admin.error_history(engine, "q", minutes=60, bucket_seconds=60)
     assert len(points) == 60
