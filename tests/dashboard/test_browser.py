@@ -1,10 +1,12 @@
 """The running dashboard driven in headless Chromium (tests/webdriver.py): the overview
 renders its figures, a figure changes by itself after events are sent, a dead letter is
-replayed through the page and delivered again exactly once. Screenshots of the three
-pages go to the test's tmp_path."""
+replayed through the page and delivered again exactly once; mounted under a prefix the
+script and links stay there; a hostile payload is text and runs nothing. Screenshots of
+the three pages go to the test's tmp_path."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 import pytest
 from engine_helpers import Conn, tick
 from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from traffic_helpers import make_ticking_queue
 from webdriver import Browser, missing_binaries
 
@@ -183,3 +187,75 @@ def test_a_dead_letter_replayed_through_the_page_is_delivered_again_exactly_once
     consume(engine, traffic, "orders", "billing", delivered.append)
     assert len(delivered) == 1
 
+
+
+def test_mounted_under_a_prefix_the_script_and_links_work_there(
+    traffic: Conn, engine: Engine, serve: Serve, browser: Browser
+) -> None:
+    prefix = "/ops/pgque"
+    host = serve(Starlette(routes=[
+        Mount(prefix, app=create_app(engine, allow_writes=True, refresh_seconds=0.3))]))
+    browser.get(host.base + prefix + "/")
+    # The stylesheet and the script came from under the prefix, and so does the live
+    # refresh, which answers.
+    browser.wait_until(lambda: browser.find("body").attribute("data-refreshed"),
+                       message="a live refresh")
+    loaded = browser.execute(
+        "return performance.getEntriesByType('resource')"
+        ".filter(function (r) { return r.initiatorType !== 'other'; })"  # the favicon
+        ".map(function (r) { return [r.initiatorType, r.name, r.responseStatus]; });")
+    assert {tuple(entry) for entry in loaded} == {
+        ("link", host.base + prefix + "/static/dashboard.css", 200),
+        ("script", host.base + prefix + "/static/dashboard.js", 200),
+        ("fetch", host.base + prefix + "/api/overview", 200)}
+
+    browser.find('#queues tr[data-queue="orders"] a').click()
+    browser.wait_until(lambda: browser.find_all("#consumers"), message="the queue page")
+    assert browser.url == host.base + prefix + "/queues/orders"
+    # The queue page's own refresh, through the mount: audit's pending events move.
+    audit = '#consumers tr[data-consumer="orders/audit"] [data-field="pending_events"]'
+    before = browser.find(audit).text
+    with engine.begin() as connection:
+        for order_id in range(3000, 3004):
+            ORDERS.send_now(connection, {"order_id": order_id}, type="order.created")
+    tick(traffic, "orders")  # a consumer's pending events are the ticked ones
+    expected = shown_count(next(c for c in admin.consumers(engine, "orders")
+                                if c.label == "orders/audit").pending_events)
+    assert expected != before
+    browser.wait_until(lambda: browser.find(audit).text == expected, timeout=20,
+                       message=f"audit's pending events to read {expected}")
+
+    browser.find('header a[href$="/dlq"]').click()
+    browser.wait_until(lambda: browser.find_all("#dead-letters"), message="the DLQ page")
+    assert browser.url == host.base + prefix + "/dlq"
+
+
+HOSTILE = {"order_id": 666,
+           "note": '<img src=x onerror="window.pgqueInjected = 1">',
+           "gift": "</pre><script>window.pgqueInjected = 2</script>"}
+
+
+def test_a_hostile_payload_and_reason_are_shown_as_text_and_run_nothing(
+    traffic: Conn, engine: Engine, dashboard: Served, browser: Browser
+) -> None:
+    with engine.begin() as connection:
+        ORDERS.send_now(connection, HOSTILE, type="order.paid")
+
+    def refuse(message: Message) -> None:
+        raise CardDeclined("<img src=y onerror='window.pgqueInjected = 3'> declined")
+
+    consume(engine, traffic, "orders", "billing", refuse)
+    (entry,) = [e for e in admin.dlq_list(engine, "orders") if e.payload == HOSTILE]
+
+    browser.get(dashboard.base + "/dlq?queue=orders")
+    row = browser.find(f'#dead-letters tr[data-dead-letter="{entry.id}"]')
+    assert "<img src=y onerror='window.pgqueInjected = 3'> declined" in row.text
+    assert browser.find_all("main img") == [] and len(browser.find_all("script")) == 1
+    row.find(f'a[href="/dlq/{entry.id}"]').click()
+    payload = browser.wait_until(lambda: browser.find_all("#payload"),
+                                 message="the entry page")[0]
+    assert json.loads(payload.text) == HOSTILE
+    # Pretty-printed, as stored (jsonb orders the keys).
+    assert payload.text == json.dumps(json.loads(payload.text), indent=2)
+    assert browser.find_all("main img") == [] and len(browser.find_all("script")) == 1
+    assert browser.execute("return window.pgqueInjected === undefined;") is True
