@@ -118,7 +118,14 @@ class Browser:
         self.process: subprocess.Popen[bytes] | None = None
         self.session: str | None = None
         try:
-            self._start_driver(start_timeout)
+            for attempt in range(3):
+                try:
+                    self._start_driver(start_timeout)
+                    break
+                except ChildProcessError:
+                    # Most likely the free port was taken before chromedriver bound it.
+                    if attempt == 2:
+                        raise
             self._start_session(javascript, width, height)
         except BaseException:
             self.close()
@@ -139,8 +146,8 @@ class Browser:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"chromedriver exited with {self.process.returncode}: "
-                                   f"{self._log_tail()}")
+                raise ChildProcessError(f"chromedriver exited with {self.process.returncode}: "
+                                        f"{self._log_tail()}")
             try:
                 if self._request("GET", "/status", timeout=2).get("ready"):
                     return

@@ -6,11 +6,13 @@ from __future__ import annotations
 import http.server
 import os
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import webdriver
 from webdriver import Browser, WebDriverError, missing_binaries
 
 pytestmark = pytest.mark.skipif(missing_binaries() is not None,
@@ -184,3 +186,18 @@ def test_close_stops_chromedriver_and_removes_the_profile(site: str) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         browser.get(site + "/")
     browser.close()  # a second close does nothing
+
+
+def test_a_driver_that_cannot_start_is_reported_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def profiles() -> set[str]:
+        return {name for name in os.listdir(tempfile.gettempdir())
+                if name.startswith("pgque-chromium-")}
+
+    before = profiles()
+    # An executable that exits at once, as chromedriver does when its port is taken.
+    monkeypatch.setattr(webdriver, "CHROMEDRIVER", "/bin/false")
+    with pytest.raises(ChildProcessError, match="chromedriver exited with 1"):
+        Browser()
+    assert profiles() == before
