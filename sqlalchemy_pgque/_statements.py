@@ -440,13 +440,16 @@ SELECT q.queue_name, b.last_bucket, b.now_epoch, h.buckets, h.events
  WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
  ORDER BY q.queue_name
 """)
-# Dead letters per queue since a moment (admin.dlq_growth), on the (queue, time) index.
+# Dead letters per queue since a moment (admin.dlq_growth): a range of the (queue, time)
+# index per queue, so a DLQ of millions of old entries costs no more than an empty one.
 DLQ_GROWTH: Final = text("""
-SELECT q.queue_name, count(*) AS dead_letters
-  FROM pgque.dead_letter d
-  JOIN pgque.queue q ON q.queue_id = d.dl_queue_id
- WHERE d.dl_time >= now() - CAST(:period AS interval)
- GROUP BY q.queue_name
+SELECT q.queue_name, recent.dead_letters
+  FROM pgque.queue q
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS dead_letters FROM pgque.dead_letter d
+        WHERE d.dl_queue_id = q.queue_id
+          AND d.dl_time >= now() - CAST(:period AS interval)) recent
+ WHERE recent.dead_letters > 0
 """)
 # The queue error_history() reads: its id, its event tables' parent, the clock, and the
 # xmin of the last tick before the window (:buckets buckets ending with the current
