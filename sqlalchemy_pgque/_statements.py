@@ -282,7 +282,10 @@ def listen(channel: str) -> sql.Composed:
 
 # A queue's rotation waits while the oldest cursor's tick may still see the table that
 # would be truncated (the step1 rule of ENGINE.md §4.10): those consumers block it.
-QUEUE_STATUS: Final = text("""
+# The slowest consumer's pending events come from get_consumer_info() in the same
+# statement. With :queue given, both functions are called for that queue alone (their
+# one-argument forms): without it they compute every queue, 0.05-0.1 ms a queue.
+_QUEUE_STATUS = """
 SELECT q.queue_name, i.ev_new, i.ev_per_sec,
        extract(epoch FROM i.ticker_lag)::float8 AS ticker_lag,
        q.queue_cur_table, q.queue_ntables,
@@ -299,15 +302,21 @@ SELECT q.queue_name, i.ev_new, i.ev_per_sec,
                 AND q.queue_switch_step2 IS NOT NULL
                 AND q.queue_switch_time + q.queue_rotation_period < now()
                 AND pg_snapshot_xmin(t.tick_snapshot)::text::bigint <= q.queue_switch_step2
-              ORDER BY c.co_name) AS blocked_by
+              ORDER BY c.co_name) AS blocked_by,
+       coalesce(slowest.pending_events, 0) AS slowest_pending
   FROM pgque.queue q
-  JOIN pgque.get_queue_info() i ON i.queue_name = q.queue_name
+  JOIN pgque.get_queue_info({queue}) i ON i.queue_name = q.queue_name
+  LEFT JOIN (SELECT ci.queue_name, max(greatest(ci.pending_events, 0)) AS pending_events
+               FROM pgque.get_consumer_info({queue}) ci
+              GROUP BY ci.queue_name) slowest ON slowest.queue_name = q.queue_name
  WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
  ORDER BY q.queue_name
-""")
+"""
+QUEUE_STATUS: Final = text(_QUEUE_STATUS.format(queue=""))
+QUEUE_STATUS_ONE: Final = text(_QUEUE_STATUS.format(queue="CAST(:queue AS text)"))
 # A cooperative consumer's subconsumers share its sub_id and are named
 # "<consumer>.<subconsumer>"; the cooperative consumer's own row is the coop_main.
-CONSUMER_STATUS: Final = text("""
+_CONSUMER_STATUS = """
 SELECT i.queue_name, i.consumer_name, s.sub_role,
        (SELECT m.co_name FROM pgque.subscription ms
           JOIN pgque.consumer m ON m.co_id = ms.sub_consumer
@@ -316,36 +325,191 @@ SELECT i.queue_name, i.consumer_name, s.sub_role,
        extract(epoch FROM i.lag)::float8 AS lag,
        extract(epoch FROM i.last_seen)::float8 AS last_seen,
        i.pending_events, i.current_batch
-  FROM pgque.get_consumer_info() i
+  FROM pgque.get_consumer_info({queue}) i
   JOIN pgque.queue q ON q.queue_name = i.queue_name
   JOIN pgque.consumer c ON c.co_name = i.consumer_name
   JOIN pgque.subscription s ON s.sub_queue = q.queue_id AND s.sub_consumer = c.co_id
  WHERE CAST(:queue AS text) IS NULL OR i.queue_name = :queue
  ORDER BY i.queue_name, i.consumer_name
-""")
-_DEAD_LETTER_COLUMNS = """
-SELECT d.dl_id, q.queue_name, c.co_name, d.dl_time, d.dl_reason, d.ev_id, d.ev_time,
-       d.ev_retry, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3, d.ev_extra4
+"""
+CONSUMER_STATUS: Final = text(_CONSUMER_STATUS.format(queue=""))
+CONSUMER_STATUS_ONE: Final = text(_CONSUMER_STATUS.format(queue="CAST(:queue AS text)"))
+_DEAD_LETTER_FROM = """
   FROM pgque.dead_letter d
   JOIN pgque.queue q ON q.queue_id = d.dl_queue_id
   JOIN pgque.consumer c ON c.co_id = d.dl_consumer_id
 """
-DEAD_LETTERS: Final = text(_DEAD_LETTER_COLUMNS + """
- WHERE (CAST(:queue AS text) IS NULL OR q.queue_name = :queue)
+_DEAD_LETTER_COLUMNS = """
+SELECT d.dl_id, q.queue_name, c.co_name, d.dl_time, d.dl_reason, d.ev_id, d.ev_time,
+       d.ev_retry, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3, d.ev_extra4
+""" + _DEAD_LETTER_FROM
+# The dead-letter filters; :reason is a case-insensitive substring of dl_reason (strpos,
+# not LIKE, so that % and _ in what an operator types match themselves).
+_DEAD_LETTER_FILTERS = """
+       (CAST(:queue AS text) IS NULL OR q.queue_name = :queue)
    AND (CAST(:consumer AS text) IS NULL OR c.co_name = :consumer)
    AND (CAST(:type AS text) IS NULL OR d.ev_type = :type)
+   AND (CAST(:reason AS text) IS NULL
+        OR strpos(lower(d.dl_reason), lower(CAST(:reason AS text))) > 0)
    AND (CAST(:since AS timestamptz) IS NULL OR d.dl_time >= :since)
    AND (CAST(:before AS timestamptz) IS NULL OR d.dl_time < :before)
+   AND (CAST(:older_than AS interval) IS NULL
+        OR d.dl_time < now() - CAST(:older_than AS interval))
    AND (CAST(:after_id AS bigint) IS NULL OR d.dl_id > :after_id)
    AND (CAST(:ids AS bigint[]) IS NULL OR d.dl_id = ANY(:ids))
+"""
+DEAD_LETTERS: Final = text(_DEAD_LETTER_COLUMNS + " WHERE" + _DEAD_LETTER_FILTERS + """
  ORDER BY d.dl_id
  LIMIT :limit
 """)
+DEAD_LETTER_COUNT: Final = text(
+    "SELECT count(*)" + _DEAD_LETTER_FROM + " WHERE" + _DEAD_LETTER_FILTERS)
 DEAD_LETTER: Final = text(_DEAD_LETTER_COLUMNS + " WHERE d.dl_id = :id")
 DLQ_REPLAY: Final = text("SELECT pgque.dlq_replay(:id)")
 DLQ_PURGE_QUEUE: Final = text("SELECT pgque.dlq_purge(:queue, CAST(:older_than AS interval))")
 DLQ_DELETE: Final = text("DELETE FROM pgque.dead_letter WHERE dl_id = ANY(:ids)")
+DLQ_DELETE_MATCHING: Final = text(
+    "DELETE FROM pgque.dead_letter d USING pgque.queue q, pgque.consumer c"
+    " WHERE q.queue_id = d.dl_queue_id AND c.co_id = d.dl_consumer_id AND"
+    + _DEAD_LETTER_FILTERS)
 QUEUE_NAMES: Final = text("SELECT queue_name FROM pgque.queue ORDER BY queue_name")
+
+# Events per time bucket of every queue (or :queue), for the dashboard's sparklines: one
+# statement whatever the number of queues. Each queue's ticks are read through the tick
+# table's primary key (queue, tick id), in a LATERAL per queue: the plan stays linear in
+# the ticks whether the :queue filter is known or not (the generic plan of a prepared
+# statement, which psycopg makes of a statement run five times on one connection, joined
+# every queue with every tick otherwise: two seconds with 1,000 queues). A tick closes in
+# the events between the previous tick's event_seq and its own; the first tick of the
+# window takes that previous tick from before the window, so the first bucket is as full
+# as the others. Buckets are epoch-aligned (floor(epoch / size) * size) like PgQue's
+# throughput(), so two calls agree.
+#
+# Unlike throughput(), the count leaves out the sequence values force_next_tick skips
+# (2 * ticker_max_count + 1001 a forced tick, see 30_ticker.sql): they are the growth of
+# tick_seq_skipped, subtracted, so a queue ticked at every commit shows its events, not
+# thousands a commit. Where pgque._seq_events keeps a PgQue 0.2 quirk (a queue's very
+# first event counts in no distance: the ticks before it record the unused sequence's
+# start value as one skipped value), the plain difference here counts it.
+# tick_seq_skipped exists in this project's engine only: on another PgQue 0.2 install
+# the NATURAL LEFT JOIN finds no column in common and supplies 0 (that install's forced
+# ticks then count as upstream counts them); here it joins on the column and, being
+# LEFT, keeps every tick.
+THROUGHPUT_HISTORY: Final = text("""
+WITH ticks AS NOT MATERIALIZED (
+    SELECT t.tick_queue, t.tick_id, t.tick_time, t.tick_event_seq, tick_seq_skipped
+      FROM pgque.tick t
+      NATURAL LEFT JOIN (SELECT CAST(0 AS bigint) AS tick_seq_skipped) AS fallback
+), bounds AS MATERIALIZED (
+    SELECT CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
+           * :bucket_seconds AS last_bucket,
+           CAST(extract(epoch FROM now()) AS float8) AS now_epoch
+)
+SELECT q.queue_name, b.last_bucket, b.now_epoch, h.buckets, h.events
+  FROM pgque.queue q
+ CROSS JOIN bounds b
+  LEFT JOIN LATERAL (
+       SELECT array_agg(per_bucket.bucket ORDER BY per_bucket.bucket) AS buckets,
+              array_agg(per_bucket.events ORDER BY per_bucket.bucket) AS events
+         FROM (
+              SELECT CAST(floor(extract(epoch FROM d.tick_time) / :bucket_seconds) AS bigint)
+                     * :bucket_seconds AS bucket,
+                     sum(greatest(d.distance - d.skipped, 0)) AS events
+                FROM (
+                     SELECT w.tick_time,
+                            w.tick_event_seq - coalesce(w.prev_seq, p.tick_event_seq)
+                                AS distance,
+                            w.tick_seq_skipped - coalesce(w.prev_skipped, p.tick_seq_skipped)
+                                AS skipped
+                       FROM (
+                            SELECT k.tick_id, k.tick_time, k.tick_event_seq,
+                                   k.tick_seq_skipped,
+                                   lag(k.tick_event_seq) OVER w AS prev_seq,
+                                   lag(k.tick_seq_skipped) OVER w AS prev_skipped
+                              FROM ticks k
+                             WHERE k.tick_queue = q.queue_id
+                               AND k.tick_time >= to_timestamp(
+                                       b.last_bucket - (:buckets - 1) * :bucket_seconds)
+                            WINDOW w AS (ORDER BY k.tick_id)) w
+                       LEFT JOIN LATERAL (
+                            SELECT k.tick_event_seq, k.tick_seq_skipped FROM ticks k
+                             WHERE w.prev_seq IS NULL AND k.tick_queue = q.queue_id
+                               AND k.tick_id < w.tick_id
+                             ORDER BY k.tick_id DESC LIMIT 1) p ON true) d
+               GROUP BY bucket) per_bucket) h ON true
+ WHERE CAST(:queue AS text) IS NULL OR q.queue_name = :queue
+ ORDER BY q.queue_name
+""")
+# Dead letters per queue since a moment (admin.dlq_growth): a range of the (queue, time)
+# index per queue, so a DLQ of millions of old entries costs no more than an empty one.
+DLQ_GROWTH: Final = text("""
+SELECT q.queue_name, recent.dead_letters
+  FROM pgque.queue q
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS dead_letters FROM pgque.dead_letter d
+        WHERE d.dl_queue_id = q.queue_id
+          AND d.dl_time >= now() - CAST(:period AS interval)) recent
+ WHERE recent.dead_letters > 0
+""")
+# The queue error_history() reads: its id, its event tables' parent, the clock, and the
+# xmin of the last tick before the window (:buckets buckets ending with the current
+# one): an event a tick of the window closed in was not visible to that tick, so its
+# transaction id is at least that xmin. Found walking back from the newest tick: as many
+# index entries as the window has ticks.
+QUEUE_EVENT_TABLE: Final = text("""
+WITH bounds AS MATERIALIZED (
+    SELECT CAST(floor(extract(epoch FROM now()) / :bucket_seconds) AS bigint)
+           * :bucket_seconds AS last_bucket
+)
+SELECT q.queue_id, q.queue_data_pfx, b.last_bucket,
+       (SELECT CAST(pg_snapshot_xmin(t.tick_snapshot) AS text) FROM pgque.tick t
+         WHERE t.tick_queue = q.queue_id
+           AND t.tick_time < to_timestamp(b.last_bucket - (:buckets - 1) * :bucket_seconds)
+         ORDER BY t.tick_id DESC LIMIT 1) AS since_xid
+  FROM pgque.queue q CROSS JOIN bounds b
+ WHERE q.queue_name = :queue
+""")
+
+
+def error_history(event_table: str) -> TextClause:
+    """Dead letters and retries of one queue per time bucket (admin.error_history);
+    ``event_table`` is the queue's event table parent (``queue_data_pfx``), quoted.
+
+    Dead letters by ``dl_time`` (indexed with the queue id). A retry is counted when it
+    comes back: the retry mover (maint_retry_events) re-inserts a nacked event into the
+    queue's event tables with its retry count (ev_retry >= 1) and the mover's own
+    transaction id, and the event is counted at the first tick whose snapshot xmax lies
+    past that id, i.e. the tick that closed it into a batch (within a tick: a mover still
+    running at that tick shows one tick early). :since_xid (QUEUE_EVENT_TABLE) bounds
+    the event tables' ev_txid from below, so that where the window is a small part of
+    what they hold, their ev_txid index reads only the window's events (without it: a
+    scan of every event the queue retains, 70 ns an event).
+    """
+    return text(f"""
+WITH ticks AS (
+    SELECT tick_time, pg_snapshot_xmax(tick_snapshot) AS upto,
+           lag(pg_snapshot_xmax(tick_snapshot)) OVER (ORDER BY tick_id) AS since
+      FROM pgque.tick
+     WHERE tick_queue = :queue_id
+)
+SELECT 'dead_letters' AS kind,
+       CAST(floor(extract(epoch FROM d.dl_time) / :bucket_seconds) AS bigint)
+       * :bucket_seconds AS bucket,
+       count(*) AS events
+  FROM pgque.dead_letter d
+ WHERE d.dl_queue_id = :queue_id AND d.dl_time >= to_timestamp(:first_bucket)
+ GROUP BY bucket
+UNION ALL
+SELECT 'retries',
+       CAST(floor(extract(epoch FROM t.tick_time) / :bucket_seconds) AS bigint)
+       * :bucket_seconds,
+       count(*)
+  FROM ticks t
+  JOIN {event_table} e ON e.ev_txid >= t.since AND e.ev_txid < t.upto
+ WHERE t.tick_time >= to_timestamp(:first_bucket) AND e.ev_retry >= 1
+   AND e.ev_txid >= coalesce(CAST(:since_xid AS xid8), CAST('0' AS xid8))
+ GROUP BY 2
+""")
 
 
 # -- worker connections (worker.py, _pooler.py) --------------------------------------

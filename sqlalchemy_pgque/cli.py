@@ -9,6 +9,7 @@
     sqlalchemy-pgque dlq list|show|replay|purge ...
     sqlalchemy-pgque tick [QUEUE]
     sqlalchemy-pgque worker myapp.workers:consumer --ticker   # = python -m sqlalchemy_pgque.worker
+    sqlalchemy-pgque dashboard [--host 127.0.0.1] [--port 8580] [--allow-writes] ...
 
 Exit codes: 0 done (``status --check``: everything within the thresholds); 1 a check
 over its threshold, or a refused confirmation; 2 a usage or connection problem, a
@@ -18,8 +19,10 @@ missing engine or a missing role, told in one line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not parsed.url:
         print("error: give --url or set DATABASE_URL", file=sys.stderr)
         return 2
+    if parsed.command == "dashboard":
+        return _dashboard(parsed)
     try:
         engine = create_engine(parsed.url)
     except (ArgumentError, ValueError) as exc:
@@ -134,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     filters.add_argument("--queue")
     filters.add_argument("--consumer")
     filters.add_argument("--type", help="event type")
+    filters.add_argument("--reason", help="reason contains this (any case)")
     filters.add_argument("--since", type=_moment, metavar="WHEN",
                          help="dead-lettered at or after WHEN: ISO time, or a duration ago "
                               "('1 hour')")
@@ -159,6 +165,26 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--queue", help="with --older-than: only this queue")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(run=_dlq_purge)
+
+    dashboard = commands.add_parser(
+        "dashboard", parents=[url],
+        help="serve the web dashboard (needs: pip install 'sqlalchemy-pgque[dashboard]')")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1: this machine only)")
+    dashboard.add_argument("--port", type=int, default=8580)
+    dashboard.add_argument("--allow-writes", action="store_true",
+                           help="offer replay and purge of dead letters (default: read-only)")
+    dashboard.add_argument("--token", default=os.environ.get("PGQUE_DASHBOARD_TOKEN"),
+                           help="require this token: 'Authorization: Bearer TOKEN', or open "
+                                "the page once with ?token=TOKEN (default: "
+                                "$PGQUE_DASHBOARD_TOKEN)")
+    dashboard.add_argument("--basic-auth", metavar="USER:PASSWORD",
+                           default=os.environ.get("PGQUE_DASHBOARD_BASIC_AUTH"),
+                           help="require HTTP basic auth (default: $PGQUE_DASHBOARD_BASIC_AUTH)")
+    dashboard.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
+                           help="how often the pages refresh their figures (0: never)")
+    dashboard.add_argument("--root-path", default="", metavar="PATH",
+                           help="the path a reverse proxy serves the dashboard under")
     return parser
 
 
@@ -169,6 +195,94 @@ def _moment(value: str) -> datetime:
     except ValueError:
         return datetime.now(timezone.utc) - timedelta(seconds=as_seconds(value))
     return moment if moment.tzinfo else moment.astimezone()
+
+
+# -- dashboard -------------------------------------------------------------------------
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    hint = "pip install 'sqlalchemy-pgque[dashboard]'"
+    try:
+        import uvicorn
+
+        from .dashboard import MissingExtra, create_app
+        from .dashboard._app import engine_from
+    except ImportError as exc:
+        print(f"error: the dashboard needs {exc.name}: {hint}", file=sys.stderr)
+        return 2
+    if args.token and args.basic_auth:
+        print("error: give --token or --basic-auth, not both", file=sys.stderr)
+        return 2
+    auth: str | tuple[str, str] | None = args.token or None
+    if args.basic_auth:
+        user, colon, password = args.basic_auth.partition(":")
+        if not (user and colon and password):
+            print("error: --basic-auth takes USER:PASSWORD", file=sys.stderr)
+            return 2
+        auth = (user, password)
+    if args.allow_writes and auth is None and not _is_loopback(args.host):
+        print(f"error: refusing --allow-writes on {args.host} without --token or "
+              "--basic-auth: anyone who can reach the port could replay or purge dead "
+              "letters", file=sys.stderr)
+        return 2
+    try:
+        engine = engine_from(args.url)
+    except (ArgumentError, ValueError) as exc:
+        print(f"error: bad database URL: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        # Fail now, in one line, rather than on the first page.
+        _with_engine_check(engine, lambda conn: None)
+        app = create_app(engine, allow_writes=args.allow_writes,
+                         refresh_seconds=args.refresh, auth=auth)
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PgqueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DBAPIError as exc:
+        error = _translate(exc)
+        print(f"error: {error if error is not None else _first_line(exc.orig or exc)}",
+              file=sys.stderr)
+        return 2
+    served: Any = app
+    if _is_loopback(args.host):
+        # Only the names of this machine: a web page whose DNS name is rebound to
+        # 127.0.0.1 would otherwise talk to the dashboard as if it were the same site
+        # (read it, and with --allow-writes, take a CSRF token and post it back).
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        served = TrustedHostMiddleware(app, allowed_hosts=[
+            "localhost", "127.0.0.1", "::1", "[::1]", args.host])
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    details = ["read-write" if args.allow_writes else "read-only"]
+    if auth:
+        details.append("login required")
+    if args.root_path:
+        details.append(f"links under {args.root_path}")
+    print(f"serving the dashboard on http://{shown}:{args.port}/ ({', '.join(details)}); "
+          "Ctrl-C ends", file=sys.stderr, flush=True)
+    # uvicorn stops cleanly on SIGTERM, then raises the signal again for the handler
+    # it found: a handler that ignores it makes that stop exit 0, as the worker does.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        # log_config=None: uvicorn's records go through the logging set up above.
+        uvicorn.run(served, host=args.host, port=args.port, root_path=args.root_path,
+                    log_config=None, log_level=args.log_level.lower())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.dispose()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- engine ----------------------------------------------------------------------------
@@ -348,7 +462,7 @@ def _duration(seconds: float) -> str:
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"queue": args.queue, "consumer": args.consumer, "type": args.type,
-            "since": args.since, "before": args.before}
+            "reason": args.reason, "since": args.since, "before": args.before}
 
 
 def _dlq_list(engine: Engine, args: argparse.Namespace) -> int:
@@ -388,7 +502,7 @@ def _dlq_replay(engine: Engine, args: argparse.Namespace) -> int:
     filters = _filters(args)
     if not args.ids and all(value is None for value in filters.values()):
         print("error: give dead-letter ids or a filter (--queue, --consumer, --type, "
-              "--since, --before)", file=sys.stderr)
+              "--reason, --since, --before)", file=sys.stderr)
         return 2
     with engine.begin() as conn:
         schema._require_installed(conn)
