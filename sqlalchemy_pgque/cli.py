@@ -340,6 +340,10 @@ def _status(engine: Engine, args: argparse.Namespace) -> int:
         if args.watch <= 0:
             print("error: --watch needs a positive number of seconds", file=sys.stderr)
             return 2
+        # The screen says Ctrl-C ends it: Python installs that only when SIGINT was not
+        # ignored at start, and a process started in the background by a
+        # non-interactive shell (a script's `cmd &`) inherits it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:
             queues, consumers = _read_status(engine, args.queue)
             # Home and clear, then draw: the table refreshes in place.

@@ -136,10 +136,13 @@ def test_tick_runs_one_ticker_pass(db: Database, conn: Conn) -> None:
 
 
 def test_watch_refreshes_in_place_until_interrupted(db: Database, traffic: Conn) -> None:
+    """Ctrl-C ends it, also when started with SIGINT ignored, as a script's ``cmd &``
+    starts it (Python then installs no KeyboardInterrupt of its own)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "sqlalchemy_pgque", "status", "--watch", "0.2",
          "--url", db.url.render_as_string(hide_password=False)],
         stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     assert process.stdout is not None
     screens = 0
