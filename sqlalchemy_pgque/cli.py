@@ -158,11 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("ids", nargs="*", type=int, help="dead-letter ids (or use filters)")
     replay.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     replay.set_defaults(run=_dlq_replay)
-    purge = actions.add_parser("purge", parents=[url], help="delete dead letters for good")
-    purge.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+    purge = actions.add_parser("purge", parents=[url, filters],
+                               help="delete dead letters for good")
+    purge.add_argument("ids", nargs="*", type=int, help="dead-letter ids (or use filters)")
     purge.add_argument("--older-than", type=as_seconds, metavar="DURATION",
                        help="those dead-lettered longer ago than DURATION")
-    purge.add_argument("--queue", help="with --older-than: only this queue")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(run=_dlq_purge)
 
@@ -524,18 +524,25 @@ def _dlq_replay(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def _dlq_purge(engine: Engine, args: argparse.Namespace) -> int:
-    if bool(args.ids) == (args.older_than is not None):
-        print("error: give dead-letter ids or --older-than (one of them)", file=sys.stderr)
+    filters = {name: value for name, value in _filters(args).items() if value is not None}
+    if args.older_than is not None:
+        filters["older_than"] = args.older_than
+    if bool(args.ids) == bool(filters):
+        print("error: give dead-letter ids or filters (--older-than, --queue, --consumer, "
+              "--type, --reason, --since, --before), one of them", file=sys.stderr)
         return 2
-    what = (f"{len(args.ids)} dead letters" if args.ids else
-            f"the dead letters older than {_duration(args.older_than)}"
-            + (f" of queue {args.queue}" if args.queue else " of every queue"))
+    if args.ids:
+        what = f"{len(args.ids)} dead letters"
+    else:
+        described = ", ".join(
+            f"{name.replace('_', ' ')} {_duration(value) if name == 'older_than' else value}"
+            for name, value in filters.items())
+        what = f"the dead letters matching {described}"
     if not _confirm(args.yes, f"delete {what} for good?"):
         return 1
     with engine.begin() as conn:
         schema._require_installed(conn)
-        purged = admin.dlq_purge(conn, args.ids or None, older_than=args.older_than,
-                                 queue=args.queue)
+        purged = admin.dlq_purge(conn, args.ids or None, **filters)
     print(f"purged {purged} dead letters")
     return 0
 

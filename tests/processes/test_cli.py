@@ -118,6 +118,15 @@ def test_dlq_list_show_replay_and_purge(db: Database, traffic: Conn) -> None:
     assert json.loads(cli(db, "dlq", "list", "--json").stdout) == []
     nothing = cli(db, "dlq", "purge", "--older-than", "1 day", "--yes")
     assert nothing.returncode == 0 and nothing.stdout.strip() == "purged 0 dead letters"
+    assert cli(db, "dlq", "purge", "--yes").returncode == 2  # neither ids nor filters
+
+    # Filters as `dlq list` takes them: only the matching entries go.
+    dead_letter(traffic, "orders", "fast", 2, "order.created", reason="SMTP 550")
+    dead_letter(traffic, "mail", "sender", 1, "mail.send", reason="smtp timeout")
+    by_reason = cli(db, "dlq", "purge", "--queue", "orders", "--reason", "smtp", "--yes")
+    assert by_reason.stdout.strip() == "purged 2 dead letters", by_reason.stderr
+    left = json.loads(cli(db, "dlq", "list", "--json").stdout)
+    assert [(e["queue"], e["reason"]) for e in left] == [("mail", "smtp timeout")]
 
 
 def test_tick_runs_one_ticker_pass(db: Database, conn: Conn) -> None:
