@@ -189,11 +189,14 @@ def test_close_stops_chromedriver_and_removes_the_profile(site: str) -> None:
 
 
 def test_a_driver_that_cannot_start_is_reported_and_leaves_nothing_behind(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # A temporary directory of the test's own: other browsers (another test run on the
+    # machine) come and go in the shared one.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
     def profiles() -> set[str]:
-        return {name for name in os.listdir(tempfile.gettempdir())
-                if name.startswith("pgque-chromium-")}
+        return {name for name in os.listdir(tmp_path) if name.startswith("pgque-chromium-")}
 
     before = profiles()
     # An executable that exits at once, as chromedriver does when its port is taken.
