@@ -13,7 +13,7 @@ import re
 from datetime import timedelta
 from typing import Final, TypeAlias
 
-__all__ = ["Duration", "as_seconds"]
+__all__ = ["Duration", "as_seconds", "short"]
 
 Duration: TypeAlias = float | timedelta | str
 """A duration: seconds, a ``timedelta``, or text in PostgreSQL's interval style such as
@@ -76,3 +76,18 @@ def as_seconds(value: Duration) -> float:
     if not math.isfinite(seconds):
         raise ValueError(f"not a duration: {value!r} is not finite")
     return seconds
+
+
+def short(seconds: float) -> str:
+    """``0.4s``, ``12s``, ``3m04s``, ``2h01m``, ``3d04h``: short and readable, as the
+    command line and the dashboard print ages and lags."""
+    if seconds < 10:
+        return f"{max(seconds, 0.0):.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"

@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from . import _statements as statements
 from . import admin, schema
 from ._duration import as_seconds
+from ._duration import short as short_duration
 from ._pooler import on_pool_connect
 from .errors import PgqueError, _first_line, _translate
 from .logs import configure_logging
@@ -70,18 +71,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     event.listen(engine.pool, "connect", on_pool_connect)
     try:
         return int(parsed.run(engine, parsed))
-    except PgqueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DBAPIError as exc:
-        error = _translate(exc)
-        print(f"error: {error if error is not None else _first_line(exc.orig or exc)}",
-              file=sys.stderr)
+    except (PgqueError, DBAPIError) as exc:
+        print(f"error: {_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
     finally:
         engine.dispose()
+
+
+def _error_line(exc: Exception) -> str:
+    """What a command prints of a library or database error: one line, the library's
+    named error where the database's error has one."""
+    if isinstance(exc, DBAPIError):
+        error = _translate(exc)
+        return str(error) if error is not None else _first_line(exc.orig or exc)
+    return str(exc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,16 +240,8 @@ def _dashboard(args: argparse.Namespace) -> int:
         _with_engine_check(engine, lambda conn: None)
         app = create_app(engine, allow_writes=args.allow_writes,
                          refresh_seconds=args.refresh, auth=auth)
-    except MissingExtra as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PgqueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DBAPIError as exc:
-        error = _translate(exc)
-        print(f"error: {error if error is not None else _first_line(exc.orig or exc)}",
-              file=sys.stderr)
+    except (MissingExtra, PgqueError, DBAPIError) as exc:
+        print(f"error: {_error_line(exc)}", file=sys.stderr)
         return 2
     served: Any = app
     if _is_loopback(args.host):
@@ -384,15 +381,15 @@ def _over_thresholds(queues: list[admin.QueueStatus], consumers: list[admin.Cons
         if args.max_tick_age is not None and not q.ticker_paused and (
                 q.ticker_lag_seconds is None or q.ticker_lag_seconds > args.max_tick_age):
             age = "never ticked" if q.ticker_lag_seconds is None \
-                else f"last tick {_duration(q.ticker_lag_seconds)} ago"
-            over.append(f"{q.queue}: {age} > {_duration(args.max_tick_age)}")
+                else f"last tick {short_duration(q.ticker_lag_seconds)} ago"
+            over.append(f"{q.queue}: {age} > {short_duration(args.max_tick_age)}")
     for c in consumers:
         if c.cooperative:
             continue  # judged by its subconsumers
         if args.max_lag is not None and c.lag_seconds is not None \
                 and c.lag_seconds > args.max_lag:
-            over.append(f"{c.label}: lag {_duration(c.lag_seconds)} > "
-                        f"{_duration(args.max_lag)}")
+            over.append(f"{c.label}: lag {short_duration(c.lag_seconds)} > "
+                        f"{short_duration(args.max_lag)}")
         if args.max_pending is not None and c.pending_events > args.max_pending:
             over.append(f"{c.label}: {c.pending_events} pending events > {args.max_pending}")
     return over
@@ -409,10 +406,10 @@ def _print_status(queues: list[admin.QueueStatus], consumers: list[admin.Consume
                  "ROTATED", "ROTATION BLOCKED BY"], [
         [q.queue, q.pending_events, q.events_not_ticked,
          "-" if q.events_per_second is None else f"{q.events_per_second:.1f}",
-         "never" if q.ticker_lag_seconds is None else f"{_duration(q.ticker_lag_seconds)} ago"
+         "never" if q.ticker_lag_seconds is None else f"{short_duration(q.ticker_lag_seconds)} ago"
          + (" (paused)" if q.ticker_paused else ""),
          q.dlq_events, f"{q.current_table + 1}/{q.tables}",
-         f"{_duration(q.seconds_since_rotation)} ago"
+         f"{short_duration(q.seconds_since_rotation)} ago"
          + (" (step 2 pending)" if q.rotation_pending_step2 else ""),
          ", ".join(q.rotation_blocked_by) or "-"]
         for q in queues
@@ -421,10 +418,10 @@ def _print_status(queues: list[admin.QueueStatus], consumers: list[admin.Consume
     _table(out, ["QUEUE", "CONSUMER", "LAG", "LAST SEEN", "PENDING", "BATCH", "BATCH AGE"], [
         [c.queue, c.consumer + (f".{c.subconsumer}" if c.subconsumer else "")
          + (" (cooperative)" if c.cooperative else ""),
-         "-" if c.lag_seconds is None else _duration(c.lag_seconds),
-         f"{_duration(c.last_seen_seconds)} ago", c.pending_events,
+         "-" if c.lag_seconds is None else short_duration(c.lag_seconds),
+         f"{short_duration(c.last_seen_seconds)} ago", c.pending_events,
          "-" if c.batch_id is None else c.batch_id,
-         "-" if c.batch_age_seconds is None else _duration(c.batch_age_seconds)]
+         "-" if c.batch_age_seconds is None else short_duration(c.batch_age_seconds)]
         for c in consumers
     ], empty="no consumers")
 
@@ -445,20 +442,6 @@ def _table(out: TextIO, header: list[str], rows: list[list[Any]], empty: str) ->
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int) or (isinstance(value, str) and value.isdigit())
-
-
-def _duration(seconds: float) -> str:
-    """``0.4s``, ``12s``, ``3m04s``, ``2h01m``, ``3d04h``: short and readable."""
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 # -- dead letters ----------------------------------------------------------------------
@@ -535,7 +518,7 @@ def _dlq_purge(engine: Engine, args: argparse.Namespace) -> int:
         what = f"{len(args.ids)} dead letters"
     else:
         described = ", ".join(
-            f"{name.replace('_', ' ')} {_duration(value) if name == 'older_than' else value}"
+            f"{name.replace('_', ' ')} {short_duration(value) if name == 'older_than' else value}"
             for name, value in filters.items())
         what = f"the dead letters matching {described}"
     if not _confirm(args.yes, f"delete {what} for good?"):

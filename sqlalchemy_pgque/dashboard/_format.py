@@ -7,21 +7,13 @@ import json
 from datetime import datetime
 from typing import Any
 
+from .._duration import short
+
 
 def duration(seconds: float | None, never: str = "-") -> str:
-    """``0.4s``, ``12s``, ``3m04s``, ``2h01m``, ``3d04h``, as the command line prints."""
-    if seconds is None:
-        return never
-    if seconds < 10:
-        return f"{max(seconds, 0.0):.1f}s"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+    """``0.4s``, ``12s``, ``3m04s``, ``2h01m``, ``3d04h``, as the command line prints;
+    ``never`` for ``None``."""
+    return never if seconds is None else short(seconds)
 
 
 def ago(seconds: float | None, never: str = "never") -> str:
