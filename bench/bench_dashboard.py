@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import threading
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -48,6 +47,9 @@ from sqlalchemy import Engine, create_engine, event
 
 from sqlalchemy_pgque import admin
 from sqlalchemy_pgque._listen import url_from_conninfo
+
+# asgi_server: uvicorn in a thread, as the dashboard's tests serve it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 SIZES = (100, 1000)
 SHOWN = "d0001"
@@ -229,35 +231,6 @@ def measure_admin(engine: Engine, runs: int) -> dict[str, object]:
     return {label: timed(runs, engine, read(call)) for label, call in reads.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def served(engine: Engine) -> Iterator[str]:
-    import uvicorn
-
-    from sqlalchemy_pgque.dashboard import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-
-
 def measure_pages(engine: Engine, runs: int) -> dict[str, object]:
     with engine.begin() as conn:
         entry = admin.dlq_list(conn, limit=1)[0].id
@@ -270,7 +243,11 @@ def measure_pages(engine: Engine, runs: int) -> dict[str, object]:
         "dlq entry": f"/dlq/{entry}",
     }
     result: dict[str, object] = {}
-    with served(engine) as base:
+    from asgi_server import served
+
+    from sqlalchemy_pgque.dashboard import create_app
+
+    with served(create_app(engine), lifespan="off") as base:
         for label, path in paths.items():
             sizes: list[int] = []
 

@@ -27,19 +27,16 @@ import argparse
 import logging
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import uvicorn
 from sqlalchemy import Connection, Engine, create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from asgi_server import served  # noqa: E402
 from webdriver import Browser, missing_binaries  # noqa: E402
 
 from sqlalchemy_pgque import Message, Queue, schema  # noqa: E402
@@ -255,26 +252,6 @@ def make_demo(engine: Engine) -> None:
         maintain(connection)
 
 
-@contextmanager
-def served(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the dashboard did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-
 def shoot(browser: Browser, url: str, ready: str, target: Path, max_height: int = 1400,
           prepare: Callable[[Browser], None] | None = None) -> None:
     """Open ``url``, wait for the CSS selector ``ready``, size the window to the page
@@ -308,7 +285,7 @@ def main(argv: list[str]) -> int:
             make_demo(engine)
             # No live refresh: a figure caught mid-highlight would smear the picture.
             app = create_app(engine, allow_writes=True, refresh_seconds=0)
-            with served(app) as base, Browser() as browser:
+            with served(app, lifespan="off") as base, Browser() as browser:
                 shoot(browser, base + "/", "#queues tr[data-queue]",
                       args.out / "dashboard-overview.png")
                 shoot(browser, base + "/queues/orders", "#consumers tr[data-consumer]",

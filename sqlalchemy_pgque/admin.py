@@ -299,11 +299,7 @@ def throughput_history(
     this project's engine; against another PgQue install, forced ticks count as there.
     :class:`QueueNotFound` for an unknown ``queue``.
     """
-    if bucket_seconds < 1:
-        raise ValueError(f"bucket_seconds must be >= 1, got {bucket_seconds}")
-    if minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
-    buckets = max(ceil(minutes * 60 / bucket_seconds), 1)
+    buckets = _bucket_count(minutes, bucket_seconds)
     params = {"queue": queue, "bucket_seconds": bucket_seconds, "buckets": buckets}
     rows = _read(bind, lambda connection: _run(
         connection, statements.THROUGHPUT_HISTORY, params).all())
@@ -312,7 +308,7 @@ def throughput_history(
     if not rows:
         return {}
     last_bucket, now = int(rows[0].last_bucket), float(rows[0].now_epoch)
-    starts = [last_bucket - (buckets - 1 - n) * bucket_seconds for n in range(buckets)]
+    starts = _bucket_starts(last_bucket, buckets, bucket_seconds)
     times = [_utc(start) for start in starts]
     # The bucket in progress has lasted now - its start, not a whole bucket.
     lengths = [float(bucket_seconds)] * (buckets - 1) + [
@@ -349,11 +345,7 @@ def error_history(
     rotation keeps them; a retry still waiting for its time is not counted yet. PgQue's
     ``error_rate()`` counts the waiting ones instead, by due time.
     """
-    if bucket_seconds < 1:
-        raise ValueError(f"bucket_seconds must be >= 1, got {bucket_seconds}")
-    if minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
-    buckets = max(ceil(minutes * 60 / bucket_seconds), 1)
+    buckets = _bucket_count(minutes, bucket_seconds)
 
     def read(connection: Connection) -> tuple[int, dict[tuple[str, int], int]]:
         found = _run(connection, statements.QUEUE_EVENT_TABLE,
@@ -375,8 +367,7 @@ def error_history(
     return [
         ErrorPoint(bucket_start=_utc(start), retries=counts.get(("retries", start), 0),
                    dead_letters=counts.get(("dead_letters", start), 0))
-        for start in (last_bucket - (buckets - 1 - n) * bucket_seconds
-                      for n in range(buckets))
+        for start in _bucket_starts(last_bucket, buckets, bucket_seconds)
     ]
 
 
@@ -388,6 +379,20 @@ def dlq_growth(bind: Engine | Bind, *, minutes: float = 10) -> dict[str, int]:
     rows = _read(bind, lambda connection: _run(
         connection, statements.DLQ_GROWTH, {"period": f"{minutes * 60} seconds"}).all())
     return {row.queue_name: int(row.dead_letters) for row in rows}
+
+
+def _bucket_count(minutes: float, bucket_seconds: int) -> int:
+    """How many buckets of ``bucket_seconds`` cover the last ``minutes`` (at least one)."""
+    if bucket_seconds < 1:
+        raise ValueError(f"bucket_seconds must be >= 1, got {bucket_seconds}")
+    if minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    return max(ceil(minutes * 60 / bucket_seconds), 1)
+
+
+def _bucket_starts(last_bucket: int, buckets: int, bucket_seconds: int) -> list[int]:
+    """The epoch starts of ``buckets`` buckets, oldest first, ending with ``last_bucket``."""
+    return [last_bucket - (buckets - 1 - n) * bucket_seconds for n in range(buckets)]
 
 
 def _utc(epoch_seconds: int) -> datetime:

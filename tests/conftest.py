@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from sqlalchemy.engine import URL
 
 from sqlalchemy_pgque import schema
 from sqlalchemy_pgque._listen import url_from_conninfo
+from sqlalchemy_pgque.ticker import Ticker
 
 
 @dataclass(frozen=True)
@@ -248,3 +250,22 @@ def workers(tmp_path: Path, db: Database) -> Iterator[Any]:
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def tickers() -> Iterator[Any]:
+    """``tickers(Ticker(...))`` runs a ticker in a thread; every one is stopped (and
+    must have ended) at the test's end."""
+    started: list[tuple[Ticker, threading.Thread]] = []
+
+    def start(ticker: Ticker) -> Ticker:
+        thread = threading.Thread(target=ticker.run, daemon=True)
+        thread.start()
+        started.append((ticker, thread))
+        return ticker
+
+    yield start
+    for ticker, thread in started:
+        ticker.stop()
+        thread.join(10)
+        assert not thread.is_alive()

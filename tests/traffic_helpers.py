@@ -32,6 +32,20 @@ def make_ticking_queue(conn: Conn, queue: str, *consumers: str) -> None:
     subscribe(conn, queue, *consumers)
 
 
+def orders_and_mail(conn: Conn) -> None:
+    """What the status tools are shown: orders, where 'fast' drained 40 events and
+    'slow' has them all to do, 2 dead letters of fast's and 3 events not ticked yet;
+    mail, idle."""
+    make_ticking_queue(conn, "orders", "fast", "slow")
+    make_ticking_queue(conn, "mail", "sender")
+    send_many(conn, "orders", 40)
+    tick(conn, "orders", force=False)
+    assert len(drain(conn, "orders", "fast")) == 40
+    dead_letter(conn, "orders", "fast", 2, "order.created", reason="boom")
+    drain(conn, "mail", "sender")
+    send_many(conn, "orders", 3)
+
+
 def dead_letter(conn: Conn, queue: str, consumer: str, count: int, type_: str,
                 reason: str = "handler gave up") -> None:
     """Dead-letter ``count`` new events the way a consumer does: event_dead in its batch."""

@@ -4,9 +4,6 @@ over HTTP with urllib, plus a small HTML tree to read the pages with."""
 from __future__ import annotations
 
 import http.cookiejar
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,7 +14,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
+
+import asgi_server
 
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
          "source", "track", "wbr"}
@@ -148,34 +147,8 @@ def _lower(headers: Any) -> dict[str, str]:
     return {name.lower(): value for name, value in headers}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Served:
+class Served(asgi_server.Served):
     """An ASGI application served by uvicorn in a thread of the test process."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="dashboard", daemon=True)
-
-    def start(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn stopped before it served"
-            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
     def client(self, **kwargs: Any) -> Client:
         return Client(self.base, **kwargs)

@@ -9,9 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from engine_helpers import Conn, drain, receive, send, send_many, tick
+from engine_helpers import Conn, receive, send, send_many, tick
 from sqlalchemy import Engine
-from traffic_helpers import dead_letter, make_ticking_queue, rotation_blocked_by_a_stopped_consumer
+from traffic_helpers import (
+    dead_letter,
+    make_ticking_queue,
+    orders_and_mail,
+    rotation_blocked_by_a_stopped_consumer,
+)
 
 from sqlalchemy_pgque import Message, admin
 from sqlalchemy_pgque.consumer import Consumer
@@ -29,15 +34,8 @@ def traffic(conn: Conn) -> Conn:
     open, 2 dead letters of fast's, 3 events not ticked; mail: idle; r: rotation
     blocked by 'forgotten'."""
     rotation_blocked_by_a_stopped_consumer(conn)
-    make_ticking_queue(conn, "orders", "fast", "slow")
-    make_ticking_queue(conn, "mail", "sender")
-    send_many(conn, "orders", 40)
-    tick(conn, "orders", force=False)
-    assert len(drain(conn, "orders", "fast")) == 40
-    dead_letter(conn, "orders", "fast", 2, "order.created", reason="boom")
-    drain(conn, "mail", "sender")
+    orders_and_mail(conn)
     receive(conn, "orders", "slow")  # autocommit: the batch stays open
-    send_many(conn, "orders", 3)
     return conn
 
 

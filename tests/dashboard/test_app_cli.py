@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from conftest import Database
 from engine_helpers import Conn, drain, send_many, tick, wait_until
+from pgcluster import _free_port as free_port
 from sqlalchemy import Engine
 from traffic_helpers import dead_letter, make_ticking_queue
 
 from sqlalchemy_pgque.dashboard import create_app
 
-from .conftest import Client, Served, free_port
+from .conftest import Client, Served
 
 Serve = Callable[[Any], Served]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from engine_helpers import Conn, drain, make_queue, send_many, tick
-from sqlalchemy import Engine, event
+from queue_helpers import captured_statements
+from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -68,25 +68,11 @@ def test_mounted_under_a_prefix_every_link_and_form_stays_under_it(
     assert live.status == 200 and "orders" in live.body
 
 
-@contextmanager
-def counting(engine: Engine) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
-
 def statements_per_page(engine: Engine, served: Served, paths: list[str]) -> dict[str, int]:
     client = served.client()
     costs = {}
     for path in paths:
-        with counting(engine) as statements:
+        with captured_statements(engine) as statements:
             assert client.get(path).status == 200, path
         costs[path] = len(statements)
     return costs

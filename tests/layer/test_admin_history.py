@@ -4,9 +4,6 @@ dashboard's DLQ filters, against a real database with real traffic."""
 from __future__ import annotations
 
 import itertools
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -24,6 +21,7 @@ from engine_helpers import (
     tick,
     wait_until,
 )
+from queue_helpers import captured_statements
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 from traffic_helpers import dead_letter, make_ticking_queue
@@ -174,23 +172,6 @@ def test_an_install_without_the_skipped_counts_gets_the_sequence_distances(
     theirs = total(admin.throughput_history(engine, queue="q")["q"])
     assert ours == 3
     assert theirs == 3 - 1 + 2 * max_count + 1001
-
-
-@pytest.fixture
-def tickers() -> Iterator[Any]:
-    started: list[tuple[Ticker, threading.Thread]] = []
-
-    def start(ticker: Ticker) -> Ticker:
-        thread = threading.Thread(target=ticker.run, daemon=True)
-        thread.start()
-        started.append((ticker, thread))
-        return ticker
-
-    yield start
-    for ticker, thread in started:
-        ticker.stop()
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("one_call", [True, False], ids=["tick_now", "two_calls"])
@@ -376,20 +357,6 @@ def scalar_of(connection: Any, query: str) -> Any:
     return connection.exec_driver_sql(query).scalar_one()
 
 
-@contextmanager
-def statements_sent(engine: Engine) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(*args: Any) -> None:
-        seen.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-
-
 @pytest.mark.parametrize("read", [
     lambda bind: admin.queues(bind),
     lambda bind: admin.consumers(bind),
@@ -411,7 +378,7 @@ def test_a_read_is_a_fixed_number_of_statements_whatever_the_number_of_queues(
                 dead_letter(conn, name, "c", 1, "t")
                 send_many(conn, name, 2)
                 tick(conn, name, force=False)
-        with statements_sent(engine) as seen, engine.connect() as connection:
+        with captured_statements(engine) as seen, engine.connect() as connection:
             result = read(connection)
         assert result or result == 0
         return len(seen)

@@ -7,7 +7,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,23 +35,6 @@ def tick_ids(conn: Conn, queue: str = "q") -> list[int]:
     return [int(r[0]) for r in conn.execute(
         "SELECT t.tick_id FROM pgque.tick t JOIN pgque.queue q ON q.queue_id = t.tick_queue "
         "WHERE q.queue_name = %s ORDER BY t.tick_id", (queue,))]
-
-
-@pytest.fixture
-def tickers() -> Iterator[Any]:
-    started: list[tuple[Ticker, threading.Thread]] = []
-
-    def start(ticker: Ticker) -> Ticker:
-        thread = threading.Thread(target=ticker.run, daemon=True)
-        thread.start()
-        started.append((ticker, thread))
-        return ticker
-
-    yield start
-    for ticker, thread in started:
-        ticker.stop()
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 def test_periodic_ticks_follow_queue_thresholds(conn: Conn, engine: Engine, tickers: Any) -> None:

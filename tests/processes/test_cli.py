@@ -12,7 +12,12 @@ import psycopg
 import pytest
 from conftest import Database
 from engine_helpers import Conn, drain, scalar, send_many, tick
-from traffic_helpers import dead_letter, make_ticking_queue, rotation_blocked_by_a_stopped_consumer
+from traffic_helpers import (
+    dead_letter,
+    make_ticking_queue,
+    orders_and_mail,
+    rotation_blocked_by_a_stopped_consumer,
+)
 
 from sqlalchemy_pgque import schema
 
@@ -29,16 +34,8 @@ def cli(db: Database, *args: str, url: str | None = None,
 
 @pytest.fixture
 def traffic(db: Database, conn: Conn) -> Conn:
-    """orders: 'fast' drained 40 events, 'slow' has them all to do, 3 not ticked yet,
-    2 dead letters; mail: idle."""
-    make_ticking_queue(conn, "orders", "fast", "slow")
-    make_ticking_queue(conn, "mail", "sender")
-    send_many(conn, "orders", 40)
-    tick(conn, "orders", force=False)
-    assert len(drain(conn, "orders", "fast")) == 40
-    dead_letter(conn, "orders", "fast", 2, "order.created", reason="boom")
-    drain(conn, "mail", "sender")
-    send_many(conn, "orders", 3)
+    """See :func:`orders_and_mail`."""
+    orders_and_mail(conn)
     return conn
 
 
