@@ -36,20 +36,21 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from _common import run_facts, scratch_database
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine
 
 from sqlalchemy_pgque import admin
 from sqlalchemy_pgque._listen import url_from_conninfo
 
-# asgi_server: uvicorn in a thread, as the dashboard's tests serve it.
+# From the tests: asgi_server (uvicorn in a thread) and queue_helpers (statement capture).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from queue_helpers import captured_statements
 
 SIZES = (100, 1000)
 SHOWN = "d0001"
@@ -176,25 +177,11 @@ def add_retries(dsn: str) -> None:
         conn.execute(f"SELECT pgque.ticker('{SHOWN}')")
 
 
-@contextmanager
-def counting(engine: Engine) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(*args: Any) -> None:
-        seen.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-
-
 def timed(runs: int, engine: Engine, call: Callable[[], object]) -> dict[str, object]:
     call()  # warm: connection pool, compiled statements, server caches
     seconds, statements = [], 0
     for _ in range(runs):
-        with counting(engine) as seen:
+        with captured_statements(engine) as seen:
             started = time.perf_counter()
             call()
             seconds.append(time.perf_counter() - started)
